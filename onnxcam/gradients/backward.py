@@ -1,0 +1,68 @@
+"""Reverse-mode differentiation of an ONNX graph, emitted as more ONNX.
+
+Only the nodes on a path from the source tensor (the target layer) to the score tensor are
+differentiated, in reverse topological order; gradient contributions to a tensor are summed, as in
+tinygrad's ``gradient.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcam.errors import LayerError, UnsupportedOperatorError
+from onnxcam.gradients.emitter import Emitter
+from onnxcam.gradients.rules import RULES
+
+
+def path_nodes(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> list[gs.Node]:
+    """Nodes on some path from ``source`` to ``target``, in topological order.
+
+    ``graph.nodes`` must already be topologically sorted.
+    """
+    downstream = {source.name}
+    forward = []
+    for node in graph.nodes:
+        if any(t.name in downstream for t in node.inputs):
+            forward.append(node)
+            downstream.update(t.name for t in node.outputs)
+    upstream = {target.name}
+    on_path = []
+    for node in reversed(forward):
+        if any(t.name in upstream for t in node.outputs):
+            on_path.append(node)
+            upstream.update(t.name for t in node.inputs if t.name in downstream)
+    return on_path[::-1]
+
+
+def unsupported_nodes(nodes: list[gs.Node]) -> list[gs.Node]:
+    return [node for node in nodes if node.op not in RULES]
+
+
+def backward(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor, seed: gs.Tensor,
+             dtype=np.float32) -> gs.Tensor:
+    """Append the subgraph computing ``d<seed, target>/d source`` and return that tensor."""
+    nodes = path_nodes(graph, source, target)
+    if not nodes and source is not target:
+        raise LayerError(f"score tensor '{target.name}' does not depend on layer '{source.name}': "
+                         "choose a layer before the score")
+    for node in unsupported_nodes(nodes):
+        raise UnsupportedOperatorError(
+            f"no gradient rule for operator {node.op} (node '{node.name}') on the path from "
+            f"'{source.name}' to '{target.name}': choose a layer after it")
+    wanted = {source.name}
+    for node in nodes:
+        wanted.update(t.name for t in node.outputs)
+    em = Emitter(graph, wanted=wanted, dtype=dtype)
+    grads: dict[str, list[gs.Tensor]] = {target.name: [seed]}
+    for node in reversed(nodes):
+        dys = [em.sum_all(grads[t.name]) if t.name in grads else None for t in node.outputs]
+        if all(dy is None for dy in dys):
+            continue
+        dxs = RULES[node.op](em, node, dys)
+        for tensor, dx in zip(node.inputs, dxs):
+            if dx is not None and tensor.name in wanted:
+                grads.setdefault(tensor.name, []).append(dx)
+    if source.name not in grads:
+        raise LayerError(f"the score '{target.name}' has no gradient path to layer '{source.name}'")
+    return em.sum_all(grads[source.name])

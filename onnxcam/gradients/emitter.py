@@ -1,0 +1,109 @@
+"""The small vocabulary that gradient rules use to append standard ONNX nodes to a graph.
+
+Rules never touch protobuf: they call ``em.op("Mul", a, b)`` and get a tensor back. Constants are
+created in the dtype of the tensor they combine with, so float16 models stay float16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcam.errors import UnsupportedOperatorError
+
+Tensor = gs.Tensor
+
+
+class Emitter:
+    """Appends nodes to ``graph`` with unique, recognisable names (prefix ``onnxcam_grad``)."""
+
+    def __init__(self, graph: gs.Graph, wanted: set[str] | None = None, dtype=np.float32,
+                 prefix: str = "onnxcam_grad"):
+        self.graph = graph
+        self.dtype = np.dtype(dtype)
+        self.prefix = prefix
+        self._wanted = wanted if wanted is not None else set()
+        self._count = 0
+        self._shapes: dict[str, Tensor] = {}
+
+    # -- naming ---------------------------------------------------------------------------------
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}/{hint}_{self._count}"
+
+    def wants(self, tensor: Tensor) -> bool:
+        """True when the backward pass needs the gradient of ``tensor`` (it depends on the layer)."""
+        return tensor.name in self._wanted
+
+    # -- nodes ----------------------------------------------------------------------------------
+    def op(self, op_type: str, *inputs, outputs: int = 1, **attrs):
+        """Append one node; inputs may be tensors, NumPy arrays or None (an omitted optional input)."""
+        ins = [self._as_tensor(t) for t in inputs]
+        outs = [gs.Variable(self._name(f"{op_type}_out")) for _ in range(outputs)]
+        node = gs.Node(op=op_type, name=self._name(op_type), attrs=attrs, inputs=ins, outputs=outs)
+        self.graph.nodes.append(node)
+        return outs[0] if outputs == 1 else outs
+
+    def _as_tensor(self, value) -> Tensor:
+        if value is None:
+            return gs.Variable.empty()
+        if isinstance(value, gs.Tensor):
+            return value
+        return gs.Constant(self._name("const"), np.asarray(value))
+
+    def const(self, value, dtype=None) -> gs.Constant:
+        """A constant in the gradient's float dtype unless told otherwise."""
+        return gs.Constant(self._name("const"), np.asarray(value, dtype=dtype or self.dtype))
+
+    def ints(self, values: Sequence[int]) -> gs.Constant:
+        return gs.Constant(self._name("ints"), np.asarray(list(values), dtype=np.int64))
+
+    # -- common compositions ----------------------------------------------------------------------
+    def shape(self, x: Tensor) -> Tensor:
+        """``Shape(x)``, emitted once per tensor."""
+        if x.name not in self._shapes:
+            self._shapes[x.name] = self.op("Shape", x)
+        return self._shapes[x.name]
+
+    def reshape_like(self, dy: Tensor, x: Tensor) -> Tensor:
+        return self.op("Reshape", dy, self.shape(x))
+
+    def zeros_like(self, x: Tensor) -> Tensor:
+        return self.op("ConstantOfShape", self.shape(x),
+                       value=gs.Constant(self._name("zero"), np.zeros(1, dtype=self.dtype)))
+
+    def reduce_sum(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> Tensor:
+        return self.op("ReduceSum", x, self.ints(axes), keepdims=int(keepdims))
+
+    def where(self, cond: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return self.op("Where", cond, a, b)
+
+    def mask(self, cond: Tensor, dy: Tensor) -> Tensor:
+        """``dy`` where ``cond`` holds, else 0."""
+        return self.where(cond, dy, self.const(0.0))
+
+    def unbroadcast(self, dy: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Sum ``dy`` (shaped like the broadcast result ``y``) back to the shape of operand ``x``."""
+        x_shape, y_shape = static_shape(x), static_shape(y)
+        lead = len(y_shape) - len(x_shape)
+        axes = list(range(lead)) + [lead + i for i, d in enumerate(x_shape)
+                                    if d == 1 and y_shape[lead + i] != 1]
+        if axes:
+            dy = self.reduce_sum(dy, axes, keepdims=True)
+        if not axes and x_shape == y_shape:
+            return dy
+        return self.reshape_like(dy, x)
+
+    def sum_all(self, parts: Sequence[Tensor]) -> Tensor:
+        return parts[0] if len(parts) == 1 else self.op("Sum", *parts)
+
+
+def static_shape(t: Tensor) -> list:
+    """The inferred shape of a tensor; rules need at least its rank."""
+    if t.shape is None:
+        raise UnsupportedOperatorError(
+            f"tensor '{t.name}' has no inferred shape: its gradient needs one; "
+            "re-export the model with static shapes (or run onnx shape inference on it)")
+    return list(t.shape)

@@ -1,0 +1,94 @@
+"""Finding things in a prepared graph: the pre-softmax logits, the candidate target layers, and a
+layer or tensor the user named."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from onnxcam.errors import LayerError
+
+#: Ops that only move or relabel data between the logits and the model's output.
+PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
+#: Output squashing whose input is the score to differentiate (method.md: pre-softmax logits).
+SQUASHING = {"Softmax", "LogSoftmax", "Sigmoid"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A tensor that can serve as the CAM's target layer."""
+
+    tensor: str
+    node: str  # the producing node's name
+    op: str
+    shape: tuple
+
+
+def find_logits(graph: gs.Graph) -> gs.Tensor:
+    """The pre-softmax score tensor behind the model's first output."""
+    if not graph.outputs:
+        raise LayerError("the model has no outputs: nothing to explain")
+    tensor = graph.outputs[0]
+    while len(tensor.inputs) == 1:
+        producer = tensor.inputs[0]
+        if producer.op in SQUASHING:
+            return producer.inputs[0]
+        if producer.op not in PASS_THROUGH:
+            break
+        tensor = producer.inputs[0]
+    return graph.outputs[0]
+
+
+def _spatial(shape) -> bool:
+    return (shape is not None and len(shape) == 4
+            and all(isinstance(d, int) and d >= 2 for d in shape[2:]))
+
+
+def dominates(graph: gs.Graph, tensor: gs.Tensor, target: gs.Tensor) -> bool:
+    """True when every path from the graph inputs to ``target`` passes through ``tensor``."""
+    reached = {t.name for t in graph.inputs if t.name != tensor.name}
+    for node in graph.nodes:  # topologically sorted
+        if any(t.name in reached for t in node.inputs):
+            reached.update(t.name for t in node.outputs if t.name != tensor.name)
+    return target.name not in reached
+
+
+def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
+    """Rank-4 activations with spatial size >= 2 that every input-to-score path passes through,
+    in graph order; the last one is the automatic choice."""
+    ancestors = _ancestors(score)
+    found = []
+    for node in graph.nodes:
+        for out in node.outputs:
+            if out.name in ancestors and _spatial(out.shape) and dominates(graph, out, score):
+                found.append(Candidate(out.name, node.name, node.op, tuple(out.shape)))
+    return found
+
+
+def _ancestors(tensor: gs.Tensor) -> set[str]:
+    seen, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        for node in t.inputs:
+            stack.extend(node.inputs)
+    return seen
+
+
+def resolve_tensor(graph: gs.Graph, name: str, what: str = "layer") -> gs.Tensor:
+    """A tensor by its own name or by the name of the node that produces it."""
+    tensors = graph.tensors()
+    if name in tensors and not isinstance(tensors[name], gs.Constant):
+        return tensors[name]
+    for node in graph.nodes:
+        if node.name == name and node.outputs:
+            return node.outputs[0]
+    names = [n for n, t in tensors.items() if not isinstance(t, gs.Constant)]
+    names += [node.name for node in graph.nodes if node.name]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f"nearest names: {', '.join(close)}" if close else "run 'onnxcam inspect MODEL' to list the layers"
+    raise LayerError(f"no {what} named '{name}' in the model: {hint}")

@@ -1,0 +1,165 @@
+"""Loading a model and bringing it to the one form the gradient rules are written for.
+
+Exported models come in every vintage: initializers listed as inputs, opset 7, a batch of 1 baked
+into Reshape constants, stale value_info. Preparation normalises all of it once, so the rewriter
+and the rule table stay small.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+from onnx import helper, shape_inference, version_converter
+
+from onnxcam.errors import ModelError
+
+#: The opset the rules are written for: ScatterElements(reduction="add") needs 16,
+#: LayerNormalization 17. Newer models keep their own opset.
+OPSET_FLOOR = 17
+BATCH_DIM = "N"
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read and validate a model from a path (external data included) or take a ModelProto."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+        where = "the given ModelProto"
+    else:
+        path = Path(model)
+        where = f"model '{path}'"
+        if not path.exists():
+            raise ModelError(f"{where} does not exist: check the path")
+        if path.is_dir():
+            raise ModelError(f"{where} is a directory: give the path of an .onnx file")
+        if path.stat().st_size == 0:
+            raise ModelError(f"{where} is an empty file: re-export the model")
+        try:
+            proto = onnx.load(str(path), load_external_data=True)
+        except onnx.checker.ValidationError as exc:
+            raise ModelError(f"{where} has invalid external data ({_first_line(exc)}): "
+                             "keep external data files inside the model's folder") from None
+        except (OSError, FileNotFoundError) as exc:
+            raise ModelError(f"{where} could not be read ({_first_line(exc)}): "
+                             "check the file and its external data files") from None
+        except Exception as exc:  # protobuf DecodeError and friends
+            raise ModelError(f"{where} is not a valid ONNX file ({type(exc).__name__}): "
+                             "re-export it or check that the download completed") from None
+    if not proto.graph.node:
+        raise ModelError(f"{where} is not a valid ONNX model (its graph has no nodes): "
+                         "check that it is an exported model")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelError(f"{where} fails the ONNX checker ({_first_line(exc)}): re-export it") from None
+    return proto
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def prepare_model(model: onnx.ModelProto, dynamic_batch: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` with initializers out of the inputs, opset >= OPSET_FLOOR, a symbolic
+    batch dimension, and fresh shape inference."""
+    model = _copy(model)
+    _drop_initializer_inputs(model)
+    if model_opset(model) < OPSET_FLOOR:
+        model = _upgrade_opset(model)
+    if dynamic_batch:
+        _make_batch_dynamic(model)
+    return infer_shapes(model)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    names = {init.name for init in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in names]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+
+
+def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.ir_version = max(model.ir_version, 4)
+    try:
+        upgraded = version_converter.convert_version(model, OPSET_FLOOR)
+    except Exception as exc:
+        raise ModelError(f"the model's opset {model_opset(model)} could not be upgraded to "
+                         f"{OPSET_FLOOR} ({_first_line(exc)}): re-export it with opset "
+                         f">= {OPSET_FLOOR}") from None
+    upgraded.ir_version = max(upgraded.ir_version, helper.find_min_ir_version_for(
+        list(upgraded.opset_import)))
+    return upgraded
+
+
+def _make_batch_dynamic(model: onnx.ModelProto) -> None:
+    """Symbolic dim 0 on every input and output; fix Reshapes that hard-code a batch of 1."""
+    graph = model.graph
+    shapes = _inferred_shapes(model)
+    was_one = {name for name, shape in shapes.items() if shape and shape[0] == 1}
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 1:
+            dims[0].Clear()
+            dims[0].dim_param = BATCH_DIM
+    del graph.value_info[:]  # stale static shapes would make the runtime fold Shape() to batch 1
+    constants = {init.name: init for init in graph.initializer}
+    constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[0] not in was_one:
+            continue
+        _copy_batch_in_reshape(graph, node, constants, constant_nodes)
+
+
+def _copy_batch_in_reshape(graph, node, constants, constant_nodes) -> None:
+    from onnx import numpy_helper
+
+    name = node.input[1]
+    if name in constants:
+        target = numpy_helper.to_array(constants[name])
+    elif name in constant_nodes:
+        target = numpy_helper.to_array(helper.get_attribute_value(constant_nodes[name].attribute[0]))
+    else:
+        return  # computed shapes follow the batch already
+    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+    if target.ndim != 1 or target.size == 0 or target[0] != 1 or allowzero:
+        return
+    fixed = target.copy()
+    fixed[0] = 0  # 0 = copy the input's dim 0
+    new_name = f"{name}__onnxcam_batch"
+    graph.initializer.append(numpy_helper.from_array(fixed, new_name))
+    node.input[1] = new_name
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    inferred = infer_shapes(model)
+    shapes = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                                  for d in tensor_type.shape.dim]
+    return shapes
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"ONNX shape inference failed on the model ({_first_line(exc)}): "
+                         "re-export it with static shapes") from None

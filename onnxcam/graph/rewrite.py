@@ -1,0 +1,148 @@
+"""The rewriter: one exported model in, one model out that also returns the target layer's
+activation, the gradient of a score with respect to it, and the pre-softmax logits.
+
+Inputs of the rewritten model: the original inputs, plus ``onnxcam_seed``, the cotangent of the
+score (for class scores, shape [N, classes]: a one-hot row picks a class, any weights a weighted
+sum of classes). Outputs: the original outputs, then ``onnxcam_activation`` (A),
+``onnxcam_gradient`` (d<seed, score>/dA, shaped like A) and ``onnxcam_logits`` ([N, classes]).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcam.errors import LayerError, UnsupportedOperatorError
+from onnxcam.graph.locate import Candidate, candidate_layers, find_logits, resolve_tensor
+from onnxcam.graph.prepare import BATCH_DIM, load_model, prepare_model
+from onnxcam.gradients.backward import backward, path_nodes, unsupported_nodes
+
+SEED = "onnxcam_seed"
+ACTIVATION = "onnxcam_activation"
+GRADIENT = "onnxcam_gradient"
+LOGITS = "onnxcam_logits"
+
+
+@dataclass(frozen=True)
+class GradientModel:
+    """A rewritten model and what the runtime needs to know to feed it."""
+
+    model: onnx.ModelProto
+    layer: str
+    score: str                       # tensor the seed differentiates ("onnxcam_logits" for classes)
+    input_name: str
+    input_shape: tuple
+    activation_shape: tuple
+    seed_shape: tuple
+    num_classes: int | None
+    candidates: tuple[Candidate, ...] = field(default=())
+
+    @property
+    def is_class_score(self) -> bool:
+        return self.score == LOGITS
+
+
+def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str | None = None,
+                         score: str | None = None) -> GradientModel:
+    """Rewrite ``model`` so one run returns A, dScore/dA and the logits for a batch of inputs.
+
+    ``layer``: tensor or node name of the target layer (default: the last candidate).
+    ``score``: a tensor name for neuron-level CAMs (default: the pre-softmax logits).
+    """
+    prepared = prepare_model(load_model(model))
+    graph = gs.import_onnx(prepared)
+    graph.toposort()
+    if len(graph.inputs) != 1:
+        names = ", ".join(t.name for t in graph.inputs)
+        raise LayerError(f"the model has {len(graph.inputs)} inputs ({names}): onnxcam explains "
+                         "single-input image models")
+    dtype = graph.inputs[0].dtype or np.float32
+
+    logits = _expose_logits(graph, find_logits(graph))
+    candidates = tuple(candidate_layers(graph, logits))
+    target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
+    source = _choose_layer(graph, layer, candidates)
+    seed = gs.Variable(SEED, dtype=dtype, shape=_batched(target.shape))
+    graph.inputs.append(seed)
+    try:
+        gradient = backward(graph, source, target, seed, dtype=dtype)
+    except UnsupportedOperatorError as exc:
+        raise UnsupportedOperatorError(f"{exc}{_later_layers_hint(graph, source, target, candidates)}") from None
+
+    graph.outputs.append(_named_identity(graph, source, ACTIVATION, dtype, source.shape))
+    graph.outputs.append(_named_identity(graph, gradient, GRADIENT, dtype, source.shape))
+    graph.outputs.append(logits)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+    rewritten = gs.export_onnx(graph)
+    rewritten.ir_version = prepared.ir_version
+    rewritten.metadata_props.extend(prepared.metadata_props)
+    onnx.checker.check_model(rewritten, full_check=True)
+    input_shape = tuple(graph.inputs[0].shape or ())
+    return GradientModel(
+        model=rewritten, layer=source.name, score=target.name,
+        input_name=graph.inputs[0].name, input_shape=input_shape,
+        activation_shape=tuple(source.shape or ()), seed_shape=tuple(seed.shape or ()),
+        num_classes=_num_classes(logits), candidates=candidates)
+
+
+def _batched(shape) -> list | None:
+    if shape is None:
+        return None
+    shape = list(shape)
+    if shape:
+        shape[0] = BATCH_DIM
+    return shape
+
+
+def _expose_logits(graph: gs.Graph, logits: gs.Tensor) -> gs.Tensor:
+    """A graph output ``onnxcam_logits`` of shape [N, classes], flattening e.g. [N, C, 1, 1]."""
+    rank = len(logits.shape) if logits.shape is not None else 2
+    op = "Identity" if rank == 2 else "Flatten"
+    attrs = {} if rank == 2 else {"axis": 1}
+    out = gs.Variable(LOGITS, dtype=logits.dtype or np.float32, shape=[BATCH_DIM, _classes(logits)])
+    graph.nodes.append(gs.Node(op=op, name=f"onnxcam/{LOGITS}", attrs=attrs, inputs=[logits],
+                               outputs=[out]))
+    return out
+
+
+def _classes(logits: gs.Tensor):
+    if logits.shape is None or len(logits.shape) < 2:
+        return "classes"
+    dims = list(logits.shape[1:])
+    if all(isinstance(d, int) for d in dims):
+        return int(np.prod(dims))
+    return "classes"
+
+
+def _num_classes(logits: gs.Tensor) -> int | None:
+    n = logits.shape[1] if logits.shape else None
+    return n if isinstance(n, int) else None
+
+
+def _choose_layer(graph: gs.Graph, layer: str | None, candidates) -> gs.Tensor:
+    if layer is not None:
+        return resolve_tensor(graph, layer)
+    if not candidates:
+        raise LayerError("the model has no suitable target layer (a 4-D activation with spatial "
+                         "size >= 2 that every path to the logits passes through): name one with "
+                         "--layer")
+    return graph.tensors()[candidates[-1].tensor]
+
+
+def _named_identity(graph: gs.Graph, tensor: gs.Tensor, name: str, dtype, shape) -> gs.Variable:
+    out = gs.Variable(name, dtype=dtype, shape=_batched(shape))
+    graph.nodes.append(gs.Node(op="Identity", name=f"onnxcam/{name}", inputs=[tensor], outputs=[out]))
+    return out
+
+
+def _later_layers_hint(graph, source, target, candidates) -> str:
+    """Candidate layers whose own path to the score has a rule for every operator."""
+    tensors = graph.tensors()
+    usable = [c.tensor for c in candidates if c.tensor != source.name
+              and not unsupported_nodes(path_nodes(graph, tensors[c.tensor], target))]
+    return f"; layers with a supported path: {', '.join(usable[-5:])}" if usable else ""

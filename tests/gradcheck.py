@@ -1,0 +1,121 @@
+"""The gradient checker: onnxcam's gradient (ONNX Runtime, float32) against float64 central finite
+differences of the *forward* graph, evaluated by ONNX's reference evaluator.
+
+Directional derivatives along random directions test every element at once:
+<grad, v> must equal (f(A + h v) - f(A - h v)) / 2h with f(A) = <seed, score(A)>.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.utils import Extractor
+
+from onnxcam.graph.prepare import infer_shapes, prepare_model
+from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, SEED, build_gradient_model
+
+
+class GradientMismatch(AssertionError):
+    pass
+
+
+def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float64 copy of a float32 model, so the reference evaluator computes in double."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float64),
+                                                        attr.t.name))
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.DOUBLE
+    del graph.value_info[:]
+    return model
+
+
+def tail_model(prepared: onnx.ModelProto, layer: str, score: str) -> onnx.ModelProto:
+    """The forward subgraph from ``layer`` to ``score``."""
+    return Extractor(infer_shapes(prepared)).extract_model([layer], [score])
+
+
+def onnxcam_gradient(model, inputs: np.ndarray, seed: np.ndarray, layer=None, score=None):
+    gm = build_gradient_model(model, layer=layer, score=score)
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    activation, gradient = session.run([ACTIVATION, GRADIENT], {gm.input_name: inputs, SEED: seed})
+    return gm, activation, gradient
+
+
+def check_gradient(model, inputs: np.ndarray, layer: str | None = None, score: str | None = None,
+                   seed: np.ndarray | None = None, directions: int = 4, rtol: float = 1e-4,
+                   rng_seed: int = 0) -> float:
+    """Largest relative error of onnxcam's gradient over random directions; raises
+    GradientMismatch when it exceeds ``rtol``."""
+    rng = np.random.default_rng(rng_seed)
+    prepared = prepare_model(model if isinstance(model, onnx.ModelProto) else onnx.load(model))
+    gm = build_gradient_model(prepared, layer=layer, score=score)
+    score_name = gm.score
+    if seed is None:
+        shape = _score_shape(prepared, gm, score_name, inputs)
+        seed = rng.standard_normal(shape).astype(np.float32)
+    _, activation, gradient = onnxcam_gradient(prepared, inputs, seed, layer=layer, score=score)
+    reference = _reference_function(prepared, gm, score_name, inputs)
+    a0 = activation.astype(np.float64)
+    seed64 = seed.astype(np.float64)
+    h = 1e-6 * max(float(np.abs(a0).max()), 1.0)
+    worst = 0.0
+    for _ in range(directions):
+        v = rng.standard_normal(a0.shape)
+        numeric = (np.sum(seed64 * reference(a0 + h * v)) - np.sum(seed64 * reference(a0 - h * v))) / (2 * h)
+        analytic = float(np.sum(gradient.astype(np.float64) * v))
+        scale = max(abs(numeric), np.abs(gradient).max() * np.sqrt(v.size) * 1e-3, 1e-12)
+        worst = max(worst, abs(analytic - numeric) / scale)
+    if not np.isfinite(worst) or worst > rtol:
+        raise GradientMismatch(f"gradient at '{gm.layer}' differs from finite differences: "
+                               f"relative error {worst:.3g} > {rtol}")
+    return worst
+
+
+def _score_shape(prepared, gm, score_name, inputs):
+    session = ort.InferenceSession(_with_output(prepared, score_name).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    if score_name == "onnxcam_logits":
+        out = session.run(None, {gm.input_name: inputs})[-1]
+        return (out.shape[0], int(np.prod(out.shape[1:])))
+    return session.run([score_name], {gm.input_name: inputs})[0].shape
+
+
+def _with_output(model, name):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    if name not in [o.name for o in model.graph.output] and name != "onnxcam_logits":
+        model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return model
+
+
+def _reference_function(prepared, gm, score_name, inputs):
+    """float64 A -> score, through the forward graph only."""
+    from onnxcam.graph.locate import find_logits
+    import onnx_graphsurgeon as gs
+
+    if score_name == "onnxcam_logits":
+        graph = gs.import_onnx(prepared)
+        score_name = find_logits(graph).name
+    if gm.layer == gm.input_name:
+        evaluator = ReferenceEvaluator(to_float64(_with_output(prepared, score_name)))
+    else:
+        evaluator = ReferenceEvaluator(to_float64(tail_model(prepared, gm.layer, score_name)))
+
+    def score(a: np.ndarray) -> np.ndarray:
+        out = evaluator.run([score_name], {gm.layer: a})[0]
+        return out.reshape(out.shape[0], -1) if gm.is_class_score else out
+
+    return score

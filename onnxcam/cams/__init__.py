@@ -1,0 +1,12 @@
+"""Class activation maps from a target layer's activation and gradient moments."""
+
+from .methods import (METHODS, CamMethod, CamResult, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM,
+                      SmoothGradCAMPlusPlus, XGradCAM, canonical_method_name, get_method)
+from .moments import GradientMoments, MomentAccumulator
+from .postprocess import normalize, upsample_bilinear
+
+__all__ = [
+    "METHODS", "CamMethod", "CamResult", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM",
+    "SmoothGradCAMPlusPlus", "XGradCAM", "canonical_method_name", "get_method",
+    "GradientMoments", "MomentAccumulator", "normalize", "upsample_bilinear",
+]

@@ -1,0 +1,73 @@
+"""The formulas of docs/method.md as vectorised float64 NumPy, with no validation.
+
+Shapes: activation and moments (N,K,h,w), weights (N,K), maps (N,h,w).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPATIAL = (-2, -1)
+
+
+def relu(values: np.ndarray) -> np.ndarray:
+    """ReLU that yields +0.0, never -0.0 (adding 0.0 guarantees it), so a flat map is exactly zero."""
+    return np.maximum(values, 0.0) + 0.0
+
+
+def plusplus_weights(activation: np.ndarray, d1: np.ndarray, d2: np.ndarray, d3: np.ndarray,
+                     numerator: str = "D2", denominator: str = "sum") -> np.ndarray:
+    """Grad-CAM++ channel weights w_k = sum_ij alpha_kij * ReLU(D1_kij).
+
+    alpha = top / (2*D2 + third) with top = D2 (or D1, the paper as printed) and third
+    = (sum_ab A_kab) * D3_kij ("sum", eq. 19) or sum_ab A_kab * D3_kab ("weighted", torchcam).
+    alpha is 0 where the denominator is 0, so zero gradients give zero weights, not NaN.
+    """
+    if denominator == "sum":
+        third = activation.sum(axis=SPATIAL, keepdims=True) * d3
+    else:
+        third = (activation * d3).sum(axis=SPATIAL, keepdims=True)
+    denominator_values = 2.0 * d2 + third
+    top = d2 if numerator == "D2" else d1
+    top, denominator_values = np.broadcast_arrays(top, denominator_values)
+    alpha = np.divide(top, denominator_values, out=np.zeros(top.shape),
+                      where=denominator_values != 0)
+    return (alpha * relu(d1)).sum(axis=SPATIAL)
+
+
+def gradcam_weights(d1: np.ndarray) -> np.ndarray:
+    """Grad-CAM weights: the spatial mean of the gradient."""
+    return d1.mean(axis=SPATIAL)
+
+
+def xgradcam_weights(activation: np.ndarray, d1: np.ndarray) -> np.ndarray:
+    """XGrad-CAM weights sum_ij (A_kij / sum_ab A_kab) g_kij; 0 for a channel whose sum is 0."""
+    activation_sum = activation.sum(axis=SPATIAL)
+    weighted = (activation * d1).sum(axis=SPATIAL)
+    return np.divide(weighted, activation_sum, out=np.zeros(weighted.shape),
+                     where=activation_sum != 0)
+
+
+def select_channels(values: np.ndarray, feature_maps: tuple[int, ...] | None) -> np.ndarray:
+    """Keep the chosen channels (axis 1) for the final sum; all of them when None."""
+    return values if feature_maps is None else values[:, list(feature_maps)]
+
+
+def weighted_map(weights: np.ndarray, activation: np.ndarray,
+                 feature_maps: tuple[int, ...] | None = None) -> np.ndarray:
+    """L = ReLU(sum_{k in K'} w_k A^k)."""
+    return relu(np.einsum("nk,nkhw->nhw", select_channels(weights, feature_maps),
+                          select_channels(activation, feature_maps)))
+
+
+def location_map(contributions: np.ndarray, feature_maps: tuple[int, ...] | None = None) -> np.ndarray:
+    """L = ReLU(sum_{k in K'} c_kij) for per-location contributions (LayerCAM, HiResCAM)."""
+    return relu(select_channels(contributions, feature_maps).sum(axis=1))
+
+
+def plusplus_map(activation: np.ndarray, d1: np.ndarray, d2: np.ndarray, d3: np.ndarray,
+                 numerator: str = "D2", denominator: str = "sum",
+                 feature_maps: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The Grad-CAM++ map and its weights; Smooth Grad-CAM++ is this on averaged moments."""
+    weights = plusplus_weights(activation, d1, d2, d3, numerator, denominator)
+    return weighted_map(weights, activation, feature_maps), weights

@@ -1,0 +1,132 @@
+"""Gradient moments D1, D2, D3 (means of g, g^2, g^3 per image) over noisy samples.
+
+Smooth Grad-CAM++ needs only these running means, so the noisy batch can be fed chunk by chunk
+and memory stays bounded by one chunk, not by the number of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .formulas import plusplus_map
+from .options import PlusPlusSettings, check_feature_maps_in_range
+
+
+def _as_4d(name: str, values: np.ndarray) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 4:
+        raise ValueError(f"{name} must have shape (B, K, h, w), got {array.shape}")
+    return array
+
+
+@dataclass(frozen=True)
+class GradientMoments:
+    """Per-image means over samples: d1 = mean g, d2 = mean g^2, d3 = mean g^3, each (N,K,h,w).
+
+    mean_map (N,h,w) is the mean of per-sample Grad-CAM++ maps ('maps' averaging), else None;
+    map_settings records the Grad-CAM++ choices those per-sample maps were made with.
+    """
+
+    d1: np.ndarray
+    d2: np.ndarray
+    d3: np.ndarray
+    count: np.ndarray
+    mean_map: np.ndarray | None = None
+    map_settings: PlusPlusSettings | None = None
+
+    @classmethod
+    def from_gradients(cls, gradients: np.ndarray) -> "GradientMoments":
+        """Moments of a single sample per image (no noise): d1 = g, d2 = g^2, d3 = g^3."""
+        g = _as_4d("gradients", gradients)
+        return cls(d1=g, d2=g * g, d3=g * g * g, count=np.ones(len(g), dtype=np.int64))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.d1.shape
+
+
+class MomentAccumulator:
+    """Running means of g, g^2, g^3 per image over noisy samples, fed chunk by chunk,
+    so memory is bounded by a chunk, not by the number of samples.
+
+    With keep_maps it also averages each sample's own Grad-CAM++ map (made from that sample's
+    activation and gradient with ``denominator``, ``numerator`` and ``feature_maps``): the 'maps'
+    variant of Smooth Grad-CAM++, which cannot be rebuilt from the moments afterwards.
+    Sums are kept in float64 and divided once in result().
+    """
+
+    def __init__(self, n_images: int, keep_maps: bool = False, denominator: str = "sum", *,
+                 numerator: str = "D2", feature_maps: Sequence[int] | None = None) -> None:
+        if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
+            raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+        self.n_images = int(n_images)
+        self.keep_maps = bool(keep_maps)
+        self.settings = PlusPlusSettings.checked(numerator, denominator, feature_maps)
+        self._count = np.zeros(self.n_images, dtype=np.int64)
+        self._sums: np.ndarray | None = None      # (3, N, K, h, w): sums of g, g^2, g^3
+        self._map_sum: np.ndarray | None = None   # (N, h, w) when keep_maps
+
+    def add(self, rows: np.ndarray, gradients: np.ndarray, activations: np.ndarray | None = None) -> None:
+        """Add B samples: rows (B,) names each sample's image; gradients and activations (B,K,h,w).
+
+        activations (of the noisy samples themselves) are needed only with keep_maps.
+        """
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+            raise ValueError(f"rows must be a 1-D integer array, got dtype {rows.dtype} shape {rows.shape}")
+        g = _as_4d("gradients", gradients)
+        if len(g) != len(rows):
+            raise ValueError(f"rows has {len(rows)} entries but gradients has {len(g)} samples")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_images):
+            raise ValueError(f"rows must lie in 0..{self.n_images - 1}, got {rows.min()}..{rows.max()}")
+        if self.keep_maps:
+            if activations is None:
+                raise ValueError("keep_maps needs the noisy samples' activations in add()")
+            activations = _as_4d("activations", activations)
+            if activations.shape != g.shape:
+                raise ValueError(f"activations {activations.shape} and gradients {g.shape} differ in shape")
+        self._allocate(g.shape[1:])
+        if not rows.size:
+            return
+        g2 = g * g
+        g3 = g2 * g
+        sample_maps = self._sample_maps(activations, g, g2, g3) if self.keep_maps else None
+        for row in np.unique(rows):
+            chosen = rows == row
+            self._sums[0, row] += g[chosen].sum(axis=0)
+            self._sums[1, row] += g2[chosen].sum(axis=0)
+            self._sums[2, row] += g3[chosen].sum(axis=0)
+            if sample_maps is not None:
+                self._map_sum[row] += sample_maps[chosen].sum(axis=0)
+        self._count += np.bincount(rows, minlength=self.n_images)
+
+    def result(self) -> GradientMoments:
+        """The means so far; every image must have at least one sample."""
+        missing = np.flatnonzero(self._count == 0)
+        if self._sums is None or missing.size:
+            raise ValueError(f"no samples were added for image(s) {missing.tolist()}")
+        per_image = self._count.astype(np.float64)
+        d1, d2, d3 = self._sums / per_image[None, :, None, None, None]
+        mean_map = self._map_sum / per_image[:, None, None] if self.keep_maps else None
+        return GradientMoments(d1=d1, d2=d2, d3=d3, count=self._count.copy(), mean_map=mean_map,
+                               map_settings=self.settings if self.keep_maps else None)
+
+    def _allocate(self, sample_shape: tuple[int, ...]) -> None:
+        if self._sums is None:
+            check_feature_maps_in_range(self.settings.feature_maps, sample_shape[0])
+            self._sums = np.zeros((3, self.n_images) + tuple(sample_shape))
+            if self.keep_maps:
+                self._map_sum = np.zeros((self.n_images,) + tuple(sample_shape[1:]))
+        elif self._sums.shape[2:] != tuple(sample_shape):
+            raise ValueError(
+                f"gradients of shape (K,h,w)={tuple(sample_shape)} differ from earlier chunks "
+                f"{self._sums.shape[2:]}"
+            )
+
+    def _sample_maps(self, activations, g, g2, g3) -> np.ndarray:
+        maps, _ = plusplus_map(activations, g, g2, g3, self.settings.numerator,
+                               self.settings.denominator, self.settings.feature_maps)
+        return maps

@@ -1,0 +1,46 @@
+"""Bringing a target-layer map to the input's size and range: bilinear upsampling, min-max."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axis_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights along one axis, half-pixel centres, edges clamped (as PIL)."""
+    source = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    source = np.clip(source, 0.0, in_size - 1)
+    lower = np.floor(source).astype(np.intp)
+    upper = np.minimum(lower + 1, in_size - 1)
+    return lower, upper, source - lower
+
+
+def upsample_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (N,h,w) or (h,w) maps to size = (H, W) -- height first, unlike PIL's (W, H).
+
+    Bilinear with half-pixel centres and clamped edges, like PIL's BILINEAR when enlarging and
+    torch's align_corners=False. Meant for enlarging; shrinking samples without antialiasing
+    (PIL widens its filter there). Returns float32.
+    """
+    values = np.asarray(maps, dtype=np.float64)
+    if values.ndim not in (2, 3) or 0 in values.shape[-2:]:
+        raise ValueError(f"maps must have shape (h, w) or (N, h, w) with h, w > 0, got {values.shape}")
+    height, width = (int(side) for side in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be two positive integers (H, W), got {size!r}")
+    top, bottom, row_weight = _axis_taps(values.shape[-2], height)
+    left, right, column_weight = _axis_taps(values.shape[-1], width)
+    row_weight = row_weight[:, None]
+    rows = values[..., top, :] * (1.0 - row_weight) + values[..., bottom, :] * row_weight
+    out = rows[..., left] * (1.0 - column_weight) + rows[..., right] * column_weight
+    return out.astype(np.float32)
+
+
+def normalize(maps: np.ndarray) -> np.ndarray:
+    """Min-max each (h,w) map to [0, 1]; a constant map (a flat CAM) becomes all zeros, not NaN."""
+    values = np.asarray(maps, dtype=np.float64)
+    if values.ndim < 2:
+        raise ValueError(f"maps must have shape (h, w) or (N, h, w), got {values.shape}")
+    low = values.min(axis=(-2, -1), keepdims=True)
+    spread = values.max(axis=(-2, -1), keepdims=True) - low
+    out = np.divide(values - low, spread, out=np.zeros(values.shape), where=spread > 0)
+    return out.astype(np.float32)

@@ -1,0 +1,53 @@
+"""Blending a coloured relevance map over the image it explains."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from onnxcam.errors import OptionError
+from onnxcam.imaging.colormap import apply_colormap
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float in [0, 1], or an OptionError saying what it means."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise OptionError(
+            f"overlay alpha {alpha!r} is outside [0, 1]; use 0 for the image only, 1 for the map only (e.g. 0.5)"
+        )
+    return value
+
+
+def resize_map(map01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (h, w) float map to ``size`` = (width, height) with bilinear interpolation.
+
+    Done on a 32-bit float "F" image, so the map is not quantised to 8 bits before colouring.
+    """
+    values = np.asarray(map01, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"a relevance map must be 2-D (H, W), got shape {values.shape}")
+    width, height = size
+    if values.shape == (height, width):
+        return values
+    resized = Image.fromarray(np.ascontiguousarray(values)).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def overlay(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, colormap: str = "turbo") -> Image.Image:
+    """Return ``(1 - alpha) * image + alpha * colormap(map)`` as an RGB image of the image's size.
+
+    ``map01`` holds values in [0, 1] (clipped otherwise) at any resolution; it is stretched over
+    the whole image, matching the no-crop preprocessing.
+    """
+    weight = check_alpha(alpha)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    colours = apply_colormap(resize_map(map01, rgb.size), colormap).astype(np.float32)
+    pixels = np.asarray(rgb, dtype=np.float32)
+    blended = (1.0 - weight) * pixels + weight * colours
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))

@@ -7,11 +7,14 @@ Directional derivatives along random directions test every element at once:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 from onnx.utils import Extractor
 
 from onnxcam.graph.prepare import infer_shapes, prepare_model
@@ -20,6 +23,45 @@ from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, SEED, build_gradient_mod
 
 class GradientMismatch(AssertionError):
     pass
+
+
+class Erf(OpRun):
+    """The reference Erf computes in float32 (otypes="f"): redone here in float64."""
+
+    def _run(self, x):
+        return (np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype),)
+
+
+class LRN(OpRun):
+    """The reference LRN loops over the batch axis where it means channels (onnx 1.23): redone
+    here from the operator spec; ``test_lrn_reference_matches_onnxruntime`` checks it."""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        channels = x.shape[1]
+        before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+        squares = x ** 2
+        window = np.zeros_like(x)
+        for c in range(channels):
+            window[:, c] = squares[:, max(0, c - before):min(channels, c + after + 1)].sum(axis=1)
+        return ((x / (bias + alpha / size * window) ** beta).astype(x.dtype),)
+
+
+class Gelu(OpRun):
+    """The reference runs Gelu's function body, whose constants round to float32."""
+
+    def _run(self, x, approximate="none"):
+        if approximate == "tanh":
+            inner = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+            return ((0.5 * x * (1 + np.tanh(inner))).astype(x.dtype),)
+        erf = np.vectorize(math.erf, otypes=[np.float64])(x / math.sqrt(2))
+        return ((0.5 * x * (1 + erf)).astype(x.dtype),)
+
+
+FLOAT64_OPS = [Erf, LRN, Gelu]
+
+
+def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
+    return ReferenceEvaluator(model, new_ops=FLOAT64_OPS)
 
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -110,9 +152,9 @@ def _reference_function(prepared, gm, score_name, inputs):
         graph = gs.import_onnx(prepared)
         score_name = find_logits(graph).name
     if gm.layer == gm.input_name:
-        evaluator = ReferenceEvaluator(to_float64(_with_output(prepared, score_name)))
+        evaluator = reference_evaluator(to_float64(_with_output(prepared, score_name)))
     else:
-        evaluator = ReferenceEvaluator(to_float64(tail_model(prepared, gm.layer, score_name)))
+        evaluator = reference_evaluator(to_float64(tail_model(prepared, gm.layer, score_name)))
 
     def score(a: np.ndarray) -> np.ndarray:
         out = evaluator.run([score_name], {gm.layer: a})[0]

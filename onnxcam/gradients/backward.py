@@ -35,6 +35,32 @@ def path_nodes(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> list[gs
     return on_path[::-1]
 
 
+#: Ops that are linear in their path inputs when every other input is a constant (affine for
+#: Conv/Gemm/Add with a bias, which leaves the gradient unchanged).
+LINEAR_OPS = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
+              "Concat", "Split", "Slice", "Gather", "Expand", "Pad", "Neg", "Add", "Sub", "Sum",
+              "Conv", "Gemm", "MatMul", "AveragePool", "GlobalAveragePool", "ReduceMean",
+              "ReduceSum", "BatchNormalization", "Cast", "Resize"}
+BILINEAR_OPS = {"Mul", "Div", "Gemm", "MatMul", "Conv"}  # linear only with a constant partner
+
+
+def path_is_linear(nodes: list[gs.Node], source: gs.Tensor) -> bool:
+    """True when the score is an affine function of the source tensor, so its gradient is the same
+    for every input (method.md: the noisy gradient passes are then provably unnecessary)."""
+    on_path = {source.name} | {t.name for node in nodes for t in node.outputs}
+    for node in nodes:
+        path_inputs = [t for t in node.inputs if t.name in on_path]
+        if node.op not in LINEAR_OPS | {"Mul", "Div"}:
+            return False
+        if node.op in BILINEAR_OPS and len(path_inputs) > 1:
+            return False
+        if node.op == "Div" and node.inputs[1].name in on_path:
+            return False
+        if node.op == "Pad" and len(node.inputs) > 2 and node.inputs[2].name in on_path:
+            return False
+    return True
+
+
 def unsupported_nodes(nodes: list[gs.Node]) -> list[gs.Node]:
     return [node for node in nodes if node.op not in RULES]
 

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxcam.errors import LayerError, UnsupportedOperatorError
 from onnxcam.graph.locate import Candidate, candidate_layers, find_logits, resolve_tensor
 from onnxcam.graph.prepare import BATCH_DIM, load_model, prepare_model
-from onnxcam.gradients.backward import backward, path_nodes, unsupported_nodes
+from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
 
 SEED = "onnxcam_seed"
 ACTIVATION = "onnxcam_activation"
@@ -40,6 +40,7 @@ class GradientModel:
     seed_shape: tuple
     num_classes: int | None
     candidates: tuple[Candidate, ...] = field(default=())
+    path_is_linear: bool = False     # score is linear in A: the gradient does not depend on the input
 
     @property
     def is_class_score(self) -> bool:
@@ -68,6 +69,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     source = _choose_layer(graph, layer, candidates)
     seed = gs.Variable(SEED, dtype=dtype, shape=_batched(target.shape))
     graph.inputs.append(seed)
+    linear = path_is_linear(path_nodes(graph, source, target), source)
     try:
         gradient = backward(graph, source, target, seed, dtype=dtype)
     except UnsupportedOperatorError as exc:
@@ -87,7 +89,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         model=rewritten, layer=source.name, score=target.name,
         input_name=graph.inputs[0].name, input_shape=input_shape,
         activation_shape=tuple(source.shape or ()), seed_shape=tuple(seed.shape or ()),
-        num_classes=_num_classes(logits), candidates=candidates)
+        num_classes=_num_classes(logits), candidates=candidates, path_is_linear=linear)
 
 
 def _batched(shape) -> list | None:

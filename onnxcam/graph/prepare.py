@@ -72,12 +72,35 @@ def prepare_model(model: onnx.ModelProto, dynamic_batch: bool = True) -> onnx.Mo
     """A copy of ``model`` with initializers out of the inputs, opset >= OPSET_FLOOR, a symbolic
     batch dimension, and fresh shape inference."""
     model = _copy(model)
+    weights = _detach_weights(model)
     _drop_initializer_inputs(model)
     if model_opset(model) < OPSET_FLOOR:
         model = _upgrade_opset(model)
     if dynamic_batch:
         _make_batch_dynamic(model)
-    return infer_shapes(model)
+    model = infer_shapes(model)
+    _attach_weights(model, weights)
+    return model
+
+
+#: Initializers above this many bytes are set aside while the model is converted and inferred:
+#: those passes serialise the whole model several times and only need the weights' shapes.
+DETACH_BYTES = 1 << 16
+
+
+def _detach_weights(model: onnx.ModelProto) -> dict[str, bytes]:
+    detached = {}
+    for init in model.graph.initializer:
+        if init.HasField("raw_data") and len(init.raw_data) > DETACH_BYTES:
+            detached[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    return detached
+
+
+def _attach_weights(model: onnx.ModelProto, detached: dict[str, bytes]) -> None:
+    for init in model.graph.initializer:
+        if init.name in detached:
+            init.raw_data = detached[init.name]
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,0 +1,200 @@
+"""Models exported from PyTorch with the op patterns of modern classifiers: onnxcam's gradient at
+the target layer must match torch.autograd. Skipped where torch is not installed
+(``pip install torch==2.13.0`` takes a CPU build)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, SEED, build_gradient_model
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+pytestmark = pytest.mark.torch
+
+
+class Classifier(nn.Module):
+    """``body`` produces the target activation, ``head`` maps it to logits."""
+
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def conv_bn(cin, cout, k=3, stride=1, groups=1, act=nn.ReLU):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), act())
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, gate=nn.Sigmoid):
+        super().__init__()
+        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // 4, 1), nn.ReLU(),
+                                nn.Conv2d(c // 4, c, 1), gate())
+
+    def forward(self, x):
+        return x * self.fc(x)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3: expand, depthwise, hard-sigmoid SE, project, residual."""
+
+    def __init__(self, c, expand=3):
+        super().__init__()
+        e = c * expand
+        self.block = nn.Sequential(conv_bn(c, e, 1, act=nn.Hardswish), conv_bn(e, e, 3, groups=e, act=nn.Hardswish),
+                                   SqueezeExcite(e, gate=nn.Hardsigmoid), nn.Conv2d(e, c, 1, bias=False),
+                                   nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, channels-last LayerNorm, MLP with GELU, residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.mlp(self.norm(y)).permute(0, 3, 1, 2)
+        return x + y
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, c, growth=6, layers=2):
+        super().__init__()
+        self.layers = nn.ModuleList(conv_bn(c + i * growth, growth) for i in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], dim=1)
+        return x
+
+
+class ChannelsLastNorm(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def gap_linear(c, classes=10):
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
+
+
+def squeeze_excitation():
+    return Classifier(conv_bn(3, 16, stride=2), nn.Sequential(SqueezeExcite(16), conv_bn(16, 24), gap_linear(24)))
+
+
+def inverted_residual_hardswish():
+    return Classifier(conv_bn(3, 8, stride=2, act=nn.Hardswish),
+                      nn.Sequential(InvertedResidual(8), InvertedResidual(8), gap_linear(8)))
+
+
+def layernorm_gelu():
+    return Classifier(nn.Conv2d(3, 16, 4, stride=4),
+                      nn.Sequential(ChannelsLastNorm(16), ConvNeXtBlock(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                    nn.LayerNorm(16), nn.Linear(16, 10)))
+
+
+def conv1x1_classifier():
+    return Classifier(nn.Sequential(conv_bn(3, 16, stride=2), nn.MaxPool2d(3, 2, ceil_mode=True)),
+                      nn.Sequential(nn.Dropout(0.5), nn.Conv2d(16, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                    nn.Flatten(), nn.Softmax(dim=1)))
+
+
+def densenet_concat():
+    return Classifier(nn.Sequential(conv_bn(3, 12, stride=2), nn.MaxPool2d(2)),
+                      nn.Sequential(DenseBlock(12), nn.BatchNorm2d(24), nn.ReLU(),
+                                    nn.AvgPool2d(2), DenseBlock(24), gap_linear(36)))
+
+
+PATTERNS = {
+    "squeeze-excitation": (squeeze_excitation, 17),
+    "inverted-residual-hardswish": (inverted_residual_hardswish, 17),
+    "layernorm-gelu-opset17": (layernorm_gelu, 17),
+    "layernorm-gelu-opset20": (layernorm_gelu, 20),
+    "conv1x1-classifier": (conv1x1_classifier, 17),
+    "densenet-concat": (densenet_concat, 17),
+}
+
+
+def _randomise_batchnorm(model, generator):
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.2, generator=generator)
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.normal_(0, 0.2, generator=generator)
+
+
+def export(model, opset) -> bytes:
+    buffer = io.BytesIO()
+    torch.onnx.export(model, torch.zeros(1, 3, 32, 32), buffer, input_names=["input"], output_names=["output"],
+                      opset_version=opset, dynamo=False, dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+    return buffer.getvalue()
+
+
+def _layer_tensor(gm, onnx_bytes, x, activation) -> str:
+    """The ONNX tensor holding the torch body's output: the candidate whose values equal it."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(onnx_bytes)
+    for candidate in reversed(gm.candidates):
+        if tuple(candidate.shape[1:]) != tuple(activation.shape[1:]):
+            continue
+        probe = onnx.ModelProto.FromString(gm.model.SerializeToString())
+        probe.graph.output.append(helper.make_tensor_value_info(candidate.tensor, onnx.TensorProto.FLOAT, None))
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        seed = np.zeros([x.shape[0], gm.num_classes], np.float32)
+        value = session.run([candidate.tensor], {gm.input_name: x, SEED: seed})[0]
+        if np.allclose(value, activation, rtol=1e-4, atol=1e-5):
+            return candidate.tensor
+    raise AssertionError(f"no ONNX tensor matches the torch body's output among {len(gm.candidates)} candidates "
+                         f"({len(model.graph.node)} nodes)")
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_gradient_matches_torch_autograd(name):
+    build, opset = PATTERNS[name]
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = build().eval()
+    _randomise_batchnorm(model, generator)
+    onnx_bytes = export(model, opset)
+
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    activation = model.body(x).detach().requires_grad_(True)
+    head = model.head
+    if isinstance(head[-1], nn.Softmax):  # the score is the pre-softmax logit
+        head = head[:-1]
+    logits = head(activation)
+    seed = torch.randn(logits.shape, generator=generator)
+    (grad_torch,) = torch.autograd.grad((logits * seed).sum(), activation)
+
+    import onnx
+
+    gm0 = build_gradient_model(onnx.load_from_string(onnx_bytes))
+    layer = _layer_tensor(gm0, onnx_bytes, x.numpy(), activation.detach().numpy())
+    gm = build_gradient_model(onnx.load_from_string(onnx_bytes), layer=layer)
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a_onnx, g_onnx = session.run([ACTIVATION, GRADIENT], {gm.input_name: x.numpy(), SEED: seed.numpy()})
+
+    np.testing.assert_allclose(a_onnx, activation.detach().numpy(), rtol=1e-4, atol=1e-5)
+    error = np.abs(g_onnx - grad_torch.numpy()).max() / np.abs(grad_torch.numpy()).max()
+    assert error < 1e-4, f"{name}: relative gradient error {error:.2e} at layer {layer}"

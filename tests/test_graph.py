@@ -1,0 +1,183 @@
+"""Model preparation, location of logits and layers, the rewriter's contract, and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam.errors import LayerError, ModelError, OnnxCamError, UnsupportedOperatorError
+from onnxcam.graph.locate import find_logits
+from onnxcam.graph.prepare import OPSET_FLOOR, load_model, model_opset, prepare_model
+from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, build_gradient_model
+from tests.gradcheck import check_gradient
+
+RNG = np.random.default_rng(5)
+
+
+def _w(name, *shape):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+
+def small_cnn(head_ops=(), opset=17, softmax=True, batch=1, reshape_batch_one=False):
+    """conv -> relu -> conv -> relu -> [head_ops] -> GAP -> flatten/reshape -> gemm -> [softmax]."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2")]
+    last = "r2"
+    for i, op in enumerate(head_ops):
+        nodes.append(helper.make_node(op, [last], [f"h{i}"], name=f"head_{op.lower()}"))
+        last = f"h{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [last], ["gap"], name="gap"))
+    if reshape_batch_one:
+        nodes.append(helper.make_node("Reshape", ["gap", "flat_shape"], ["flat"], name="flatten"))
+    else:
+        nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"))
+    out = "logits"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["prob"], axis=1, name="softmax"))
+        out = "prob"
+    inits = [_w("w1", 4, 3, 3, 3), _w("w2", 6, 4, 3, 3), _w("fc_w", 5, 6), _w("fc_b", 5),
+             numpy_helper.from_array(np.array([1, 6], np.int64), "flat_shape")]
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def test_logits_are_found_behind_softmax_and_reshapes():
+    graph = gs.import_onnx(prepare_model(small_cnn()))
+    assert find_logits(graph).name == "logits"
+    graph = gs.import_onnx(prepare_model(small_cnn(softmax=False)))
+    assert find_logits(graph).name == "logits"
+
+
+def test_candidates_and_automatic_layer():
+    gm = build_gradient_model(small_cnn())
+    names = [c.tensor for c in gm.candidates]
+    assert names == ["c1", "r1", "c2", "r2"]
+    assert gm.layer == "r2"
+    assert gm.path_is_linear  # GAP -> Flatten -> Gemm
+
+
+def test_layer_by_node_name_and_tensor_name():
+    assert build_gradient_model(small_cnn(), layer="conv2").layer == "c2"
+    assert build_gradient_model(small_cnn(), layer="r1").layer == "r1"
+
+
+def test_unknown_layer_lists_nearest_names():
+    with pytest.raises(LayerError, match=r"no layer named 'relu3'.*relu"):
+        build_gradient_model(small_cnn(), layer="relu3")
+
+
+def test_unsupported_operator_names_op_and_node_and_later_layers():
+    model = small_cnn(head_ops=["Cos", "Relu"])
+    with pytest.raises(UnsupportedOperatorError) as info:
+        build_gradient_model(model, layer="r2")
+    message = str(info.value)
+    assert "Cos" in message and "head_cos" in message and "h1" in message
+    assert "\n" not in message
+    assert build_gradient_model(model).layer == "h1"  # the automatic choice lies after it
+
+
+def test_model_without_a_suitable_layer():
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [_w("w", 4, 16)])
+    with pytest.raises(LayerError, match="no suitable target layer"):
+        build_gradient_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01garbage" * 50, b"not onnx at all"])
+def test_invalid_model_files(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match="bad.onnx"):
+        load_model(path)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_errors_share_one_hierarchy():
+    for error in (LayerError, ModelError, UnsupportedOperatorError):
+        assert issubclass(error, OnnxCamError)
+
+
+def test_old_opset_is_upgraded_and_batch_made_dynamic():
+    model = small_cnn(opset=11, reshape_batch_one=True)
+    prepared = prepare_model(model)
+    assert model_opset(prepared) == OPSET_FLOOR
+    assert prepared.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    gm = build_gradient_model(model)
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = RNG.standard_normal([4, 3, 8, 8]).astype(np.float32)
+    seed = np.eye(5, dtype=np.float32)[[0, 1, 2, 3]]
+    prob, activation, gradient, logits = session.run(["prob", ACTIVATION, GRADIENT, LOGITS],
+                                                     {"x": x, SEED: seed})
+    assert activation.shape == gradient.shape == (4, 6, 8, 8)
+    assert logits.shape == (4, 5) and prob.shape == (4, 5)
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_rewritten_model_keeps_original_outputs_and_passes_full_check():
+    model = small_cnn()
+    gm = build_gradient_model(model)
+    onnx.checker.check_model(gm.model, full_check=True)
+    assert [i.name for i in gm.model.graph.input] == ["x", SEED]
+    assert [o.name for o in gm.model.graph.output] == ["prob", ACTIVATION, GRADIENT, LOGITS]
+
+
+def test_gradient_through_softmax_model_is_of_the_logits():
+    """The score is the pre-softmax logit: the gradient ignores the Softmax."""
+    check_gradient(small_cnn(head_ops=["Sigmoid"]), RNG.standard_normal([2, 3, 8, 8]).astype(np.float32),
+                   layer="r1")
+
+
+def test_neuron_level_score_on_an_intermediate_tensor():
+    """The paper's neuron-level CAMs: the score is any tensor, the seed takes its shape."""
+    model = small_cnn()
+    gm = build_gradient_model(model, layer="r1", score="c2")
+    assert gm.seed_shape == ("N", 6, 8, 8) and not gm.is_class_score
+    x = RNG.standard_normal([2, 3, 8, 8]).astype(np.float32)
+    seed = np.zeros([2, 6, 8, 8], np.float32)
+    seed[:, 2, 4, 5] = 1.0  # one neuron: channel 2 at (4, 5)
+    check_gradient(model, x, layer="r1", score="c2", seed=seed)
+
+
+def test_score_that_does_not_depend_on_layer():
+    with pytest.raises(LayerError):
+        build_gradient_model(small_cnn(), layer="r2", score="c1")
+
+
+def test_external_data_model_loads(tmp_path):
+    model = small_cnn()
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.data", size_threshold=0)
+    gm = build_gradient_model(tmp_path / "m.onnx")
+    assert gm.layer == "r2"
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    model = small_cnn()
+    onnx.save_model(model, inner / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.data", size_threshold=0)
+    (inner / "m.data").rename(tmp_path / "outside.data")
+    proto = onnx.load(inner / "m.onnx", load_external_data=False)
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save_model(proto, inner / "m.onnx")
+    with pytest.raises(ModelError, match="m.onnx"):
+        load_model(inner / "m.onnx")

@@ -280,3 +280,14 @@ def test_checker_fails_a_subtly_wrong_conv_padding(monkeypatch):
     monkeypatch.setattr(rules_module, "_transpose_geometry", shifted)
     with pytest.raises(GradientMismatch):
         check_gradient(model, x, layer="x", score="y")
+
+
+REQUIRED_OPS = """Conv Gemm MatMul Add Sub Mul Div Sum Neg Relu LeakyRelu PRelu Elu Clip Sigmoid HardSigmoid
+HardSwish Tanh Softplus Erf Gelu Exp Log Sqrt Pow Softmax LogSoftmax MaxPool AveragePool
+GlobalAveragePool GlobalMaxPool ReduceMean ReduceSum ReduceMax BatchNormalization
+InstanceNormalization LayerNormalization LRN Dropout Identity Cast Reshape Flatten Squeeze Unsqueeze
+Transpose Concat Split Slice Gather Pad Expand Resize""".split()
+
+
+def test_rule_table_covers_the_heads_of_common_architectures():
+    assert set(REQUIRED_OPS) <= set(RULES), sorted(set(REQUIRED_OPS) - set(RULES))

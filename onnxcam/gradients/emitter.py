@@ -70,9 +70,13 @@ class Emitter:
     def reshape_like(self, dy: Tensor, x: Tensor) -> Tensor:
         return self.op("Reshape", dy, self.shape(x))
 
-    def zeros_like(self, x: Tensor) -> Tensor:
-        return self.op("ConstantOfShape", self.shape(x),
+    def zeros(self, shape: Tensor) -> Tensor:
+        """Zeros in the gradient's dtype, of a runtime shape (a 1-D int64 tensor)."""
+        return self.op("ConstantOfShape", shape,
                        value=gs.Constant(self._name("zero"), np.zeros(1, dtype=self.dtype)))
+
+    def zeros_like(self, x: Tensor) -> Tensor:
+        return self.zeros(self.shape(x))
 
     def reduce_sum(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> Tensor:
         return self.op("ReduceSum", x, self.ints(axes), keepdims=int(keepdims))

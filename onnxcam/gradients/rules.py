@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcam.errors import UnsupportedOperatorError
 from onnxcam.gradients.emitter import Emitter, static_shape
+from onnxcam.gradients.resize import resize_matrices
 
 Rule = Callable[[Emitter, gs.Node, list], list]
 RULES: dict[str, Rule] = {}
@@ -129,8 +130,7 @@ def _index_probe(em: Emitter, node: gs.Node, dy, pad_value: bool = False):
         extra = [extra[0], em.op("Size", x)] + extra[2:] if len(extra) >= 1 else extra
     moved = em.op(node.op, indices, *extra, **node.attrs)
     buffer_len = em.op("Add", size, em.ints([1])) if pad_value else size
-    zeros = em.op("ConstantOfShape", buffer_len,
-                  value=gs.Constant(em._name("zero"), np.zeros(1, dtype=em.dtype)))
+    zeros = em.zeros(buffer_len)
     flat_dy = em.op("Reshape", dy[0], em.ints([-1]))
     scattered = em.op("ScatterElements", zeros, em.op("Reshape", moved, em.ints([-1])), flat_dy,
                       axis=0, reduction="add")
@@ -499,8 +499,7 @@ def _max_pool(em, node, dy):
         indices = node.outputs[1]
     else:
         _, indices = em.op("MaxPool", x, outputs=2, **node.attrs)
-    zeros = em.op("ConstantOfShape", em.op("Reshape", em.op("Size", x), em.ints([1])),
-                  value=gs.Constant(em._name("zero"), np.zeros(1, dtype=em.dtype)))
+    zeros = em.zeros(em.op("Reshape", em.op("Size", x), em.ints([1])))
     flat = em.op("ScatterElements", zeros, em.op("Reshape", indices, em.ints([-1])),
                  em.op("Reshape", dy[0], em.ints([-1])), axis=0, reduction="add")
     return [em.reshape_like(flat, x)]
@@ -706,9 +705,6 @@ def _lrn(em, node, dy):
 
 @rule("Resize")
 def _resize(em, node, dy):
-    from onnxcam.gradients.resize import resize_matrices
-
-    x, y = _x(node), _y(node)
     m_h, m_w = resize_matrices(node)
     # dx = M_h^T @ dy @ M_w over the two spatial axes.
     dx = em.op("MatMul", em.op("MatMul", em.const(m_h.T), dy[0]), em.const(m_w))

@@ -1,0 +1,1 @@
+"""The ``onnxcam`` command line (click): explain, inspect, rewrite. Entry point: main.main."""

@@ -1,0 +1,78 @@
+"""Helpers shared by the commands: parsing comma-separated values, one-line messages, shapes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import onnx
+from onnx import helper
+
+
+def one_line(exc: BaseException | str) -> str:
+    """A message squeezed onto one line (newlines and runs of spaces become single spaces)."""
+    text = " ".join(str(exc).split())
+    if not text and isinstance(exc, BaseException):
+        return type(exc).__name__
+    return text
+
+
+def comma_numbers(kind, count: int | None = None, what: str = "values"):
+    """A click callback parsing "a,b,c" into a tuple of ``kind`` (int or float)."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        values = value if isinstance(value, tuple) else (value,)
+        parsed = []
+        for text in values:
+            try:
+                numbers = tuple(kind(part) for part in str(text).replace(" ", "").split(",") if part != "")
+            except ValueError:
+                raise click.BadParameter(f"{text!r} is not comma-separated {what}") from None
+            if not numbers or (count is not None and len(numbers) != count):
+                need = f"{count} comma-separated {what}" if count else f"comma-separated {what}"
+                raise click.BadParameter(f"{text!r} must be {need}")
+            parsed.append(numbers)
+        return tuple(parsed) if isinstance(value, tuple) else parsed[0]
+
+    return parse
+
+
+def value_info_rows(values) -> list[dict]:
+    """[{name, shape, dtype}] for graph inputs/outputs."""
+    rows = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in tensor_type.shape.dim] if tensor_type.HasField("shape") else None
+        try:
+            dtype = str(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except Exception:  # noqa: BLE001
+            dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+        rows.append({"name": value.name, "shape": dims, "dtype": dtype})
+    return rows
+
+
+def shape_text(shape) -> str:
+    return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def echo_json(document) -> None:
+    click.echo(json.dumps(document, indent=2, allow_nan=False))
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,267 @@
+"""``onnxcam explain``: write a CAM overlay, raw map and JSON record per image and class."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+
+from onnxcam.cams import METHODS
+from onnxcam.cli.common import comma_numbers, echo_json, stderr_is_tty
+from onnxcam.errors import OptionError
+from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
+from onnxcam.explain.result import check_not_protected
+from onnxcam.imaging import COLORMAPS, PRESETS, compare_grid, find_images
+from onnxcam.imaging.io import display_path
+from onnxcam.runtime.providers import describe
+
+VARIANT_OPTIONS = ("numerator", "averaging", "denominator")
+
+
+@click.command("explain", short_help="Write CAM overlays, raw maps and JSON records for images.",
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-m", "--method", default="smoothgradcampp", show_default=True, metavar="METHOD",
+              help="gradcam, gradcampp, smoothgradcampp, xgradcam, layercam or hirescam "
+                   "(spellings such as Grad-CAM++ work too).")
+@click.option("-l", "--layer", metavar="NAME",
+              help="Target layer: a tensor or node name (default: the last layer every path to the "
+                   "logits passes through; 'onnxcam inspect MODEL' lists them).")
+@click.option("-c", "--class", "classes", type=int, multiple=True, metavar="INT",
+              help="Class index to explain (repeat for several); default: the predicted class.")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), metavar="K",
+              help="Explain the K most probable classes of each image.  [default: 1]")
+@click.option("--feature-maps", callback=comma_numbers(int, what="channel indices"), metavar="1,5,9",
+              help="Sum only these channels of the layer (the paper's feature-map level).")
+@click.option("--score", metavar="TENSOR",
+              help="Neuron-level CAM: differentiate this tensor instead of the logits (with --neuron).")
+@click.option("--neuron", multiple=True, callback=comma_numbers(int, what="indices"), metavar="c,i,j",
+              help="Index of the neuron in --score TENSOR, batch dimension left out; repeat to sum several.")
+@click.option("-n", "--samples", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Noisy samples per image (Smooth Grad-CAM++).")
+@click.option("--noise-level", type=click.FloatRange(min=0), default=0.15, show_default=True,
+              help="Noise sigma as a fraction of each image's value range (max - min).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the noise: the same seed gives the same map.")
+@click.option("--numerator", type=click.Choice(["D2", "D1"], case_sensitive=False),
+              help="Smooth Grad-CAM++ alpha numerator: D2 (default, as Grad-CAM++) or D1 (the paper as printed).")
+@click.option("--averaging", type=click.Choice(["moments", "maps"], case_sensitive=False),
+              help="Smooth Grad-CAM++: average the gradient moments (default) or whole noisy maps.")
+@click.option("--denominator", type=click.Choice(["sum", "weighted"], case_sensitive=False),
+              help="Grad-CAM++ alpha denominator: sum (default, eq. 19) or weighted (torchcam).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("onnxcam-out"),
+              show_default=True, help="Output folder (created if needed).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"], case_sensitive=False), default="auto",
+              show_default=True, help="auto: CUDA when onnxruntime can really use it, else CPU.")
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), metavar="N",
+              help="Inputs per onnxruntime run (default: from the model's sizes, at most 32).")
+@click.option("--preprocess", type=click.Choice(sorted(PRESETS), case_sensitive=False),
+              help="Input normalisation preset (default: the model's metadata, else imagenet).")
+@click.option("--mean", callback=comma_numbers(float, what="numbers"), metavar="a,b,c",
+              help="Per-channel mean, in the preset's units (0-1 for imagenet/unit/symmetric).")
+@click.option("--std", callback=comma_numbers(float, what="numbers"), metavar="a,b,c",
+              help="Per-channel standard deviation, in the preset's units.")
+@click.option("--size", callback=comma_numbers(int, 2, "numbers"), metavar="H,W",
+              help="Input size to feed a model whose input size is dynamic.")
+@click.option("--labels", type=click.Path(path_type=Path), metavar="FILE",
+              help="Class names: one per line, or a JSON list (default: model metadata, or ImageNet "
+                   "for 1000 classes).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight of the map in the overlay (0: image only, 1: map only).")
+@click.option("--colormap", type=click.Choice(sorted(COLORMAPS), case_sensitive=False), default="turbo",
+              show_default=True, help="Colours of the overlay.")
+@click.option("--compare", is_flag=True,
+              help="Also write <stem>_compare.png: the image, Grad-CAM, Grad-CAM++ and Smooth Grad-CAM++.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of a summary.")
+@click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
+def explain(model, images, method, layer, classes, top_k, feature_maps, score, neuron, samples,
+            noise_level, seed, numerator, averaging, denominator, out, device, batch_size, preprocess,
+            mean, std, size, labels, alpha, colormap, compare, as_json, no_cache):
+    """Explain IMAGE files (or every image in a folder DIR) with a gradient CAM.
+
+    For every image and class it writes into --out, atomically:
+
+    \b
+      <stem>_<method>_c<class>.png   the map over the image
+      <stem>_<method>_c<class>.npy   the raw map at the layer's resolution (float32)
+      <stem>_<method>_c<class>.json  model, layer, method and options, class and label,
+                                     score (logit) and probability, timings, device
+
+    Neuron-level maps (--score/--neuron) use n<indices> instead of c<class>. Input files are
+    never overwritten.
+
+    \b
+    Examples:
+      onnxcam explain model.onnx cat.jpg
+      onnxcam explain model.onnx cat.jpg --compare --out maps
+      onnxcam explain model.onnx photos/ --method gradcampp --top-k 3
+      onnxcam explain model.onnx cat.jpg --class 281 --class 285 --samples 50 --noise-level 0.2
+      onnxcam explain model.onnx cat.jpg --layer /features/denseblock3/Concat --averaging maps
+    """
+    started = time.perf_counter()
+    if classes and top_k is not None:
+        raise click.UsageError("give either --class or --top-k, not both")
+    if neuron and not score:
+        raise click.UsageError("--neuron needs --score TENSOR (the tensor the neuron is in)")
+    if score and not neuron:
+        raise click.UsageError("--score needs --neuron c,i,j (which element of the tensor to explain)")
+    if score and (classes or top_k is not None):
+        raise click.UsageError("--score/--neuron explain a neuron, not a class: drop --class/--top-k")
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out '{out}' is a file: give a folder for the outputs")
+
+    paths = _without_previous_outputs(find_images(images), images, out)
+    protected = [model, *paths]
+    check_not_protected([out], protected)
+    stems = _unique_stems(paths)
+
+    explainer = Explainer(model, layer=layer, device=device, score=score, batch_size=batch_size,
+                          preprocess=preprocess, mean=mean, std=std, size=size,
+                          labels=labels, cache=not no_cache)
+    main_method = _canonical(method)
+    methods = [main_method] + [m for m in COMPARE_METHODS if compare and m != main_method]
+    variants = {name: value for name, value in (("numerator", numerator), ("averaging", averaging),
+                                                ("denominator", denominator)) if value is not None}
+    method_options = _options_per_method(methods, variants)
+    targets = [list(classes)] * len(paths) if classes else None
+
+    stream = explainer.iter_explain(
+        paths, methods=methods, targets=targets, top_k=top_k or 1, samples=samples,
+        noise_level=noise_level, seed=seed, feature_maps=list(feature_maps) if feature_maps else None,
+        neuron=list(neuron) if neuron else None, method_options=method_options)
+
+    records, summaries, device_used, skipped = [], [], None, False
+    written = 0
+    show_bar = len(paths) > 1 and stderr_is_tty()
+    bar = (click.progressbar(length=len(paths), label="Explaining", file=click.get_text_stream("stderr"),
+                             show_pos=True) if show_bar else nullcontext())
+    with bar as progress:
+        for index, per_method in stream:
+            stem = stems[index]
+            image_record = {"image": str(paths[index]), "results": [], "compare": []}
+            for explanation in per_method[main_method]:
+                files = explanation.save(out, stem=stem, alpha=alpha, colormap=colormap, protected=protected)
+                written += len(files)
+                record = explanation.to_dict()
+                record["files"] = {key: str(path) for key, path in files.items()}
+                image_record["results"].append(record)
+                device_used = explanation.device
+                skipped = skipped or explanation.noisy_passes_skipped
+                summaries.append(_summary(paths[index], explanation, files["overlay"]))
+            if compare:
+                for figure_path in _write_compare(per_method, out, stem, alpha, colormap, protected):
+                    image_record["compare"].append(str(figure_path))
+                    written += 1
+                    summaries.append(f"  comparison -> {figure_path}")
+            records.append(image_record)
+            if show_bar:
+                progress.update(1)
+
+    elapsed = time.perf_counter() - started
+    notes = _notes(skipped)
+    if as_json:
+        echo_json({
+            "model": str(model), "layer": explainer.layer, "score_tensor": explainer.score,
+            "method": main_method, "methods": methods, "device": device_used,
+            "out": str(out), "images": records, "notes": notes,
+            "timings": {"total_s": round(elapsed, 4)},
+        })
+        return
+    for line in summaries:
+        click.echo(line)
+    count = len(paths)
+    click.echo(f"{METHOD_TITLES[main_method]} at layer {explainer.layer}: {count} image"
+               f"{'s' if count != 1 else ''}, {written} files in {out}/, {describe(device_used or 'cpu')}, "
+               f"{elapsed:.2f} s")
+    for note in notes:
+        click.echo(f"Note: {note}", err=True)
+
+
+def _canonical(method: str) -> str:
+    from onnxcam.cams import canonical_method_name
+
+    return canonical_method_name(method)
+
+
+def _options_per_method(methods: list[str], variants: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Give each method the variant options it accepts; fail on one no method accepts."""
+    per_method = {m: {k: v for k, v in variants.items() if k in METHODS[m].allowed_options} for m in methods}
+    for option in variants:
+        if not any(option in options for options in per_method.values()):
+            takers = [m for m in METHODS if option in METHODS[m].allowed_options]
+            raise OptionError(f"--{option} applies to {' and '.join(takers)}, not to {', '.join(methods)}")
+    return {m: options for m, options in per_method.items() if options}
+
+
+_OUTPUT_NAME = re.compile(r".+_(?:%s)_(?:c\d+|n[\d+-].*)\.png$|.+_compare(?:_(?:c\d+|n.+))?\.png$"
+                          % "|".join(METHODS))
+
+
+def _without_previous_outputs(paths: list[Path], given: tuple[Path, ...], out: Path) -> list[Path]:
+    """Drop, from folders expanded into images, the overlays an earlier run wrote into that same
+    folder as --out (so re-running with --out equal to the image folder explains the photos,
+    not the previous maps). Files named on the command line are always kept."""
+    named = {os.path.realpath(p) for p in given if not Path(p).is_dir()}
+    out_dir = os.path.realpath(out)
+    kept = [p for p in paths if os.path.realpath(p) in named
+            or os.path.dirname(os.path.realpath(p)) != out_dir or not _OUTPUT_NAME.match(p.name)]
+    if not kept:
+        raise OptionError(f"the only images found are onnxcam outputs in the --out folder '{out}': "
+                          "name the images to explain")
+    return kept
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """File stems, with -2, -3... added where two images share a name (a/x.png, b/x.png)."""
+    seen: Counter[str] = Counter()
+    stems = []
+    for path in paths:
+        stem = path.stem
+        seen[stem] += 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+def _summary(path: Path, explanation, overlay: Path) -> str:
+    if explanation.neuron is not None:
+        what = f"neuron {', '.join(str(n) for n in explanation.neuron)} of {explanation.score_tensor}"
+    else:
+        what = f"{explanation.label} (class {explanation.class_index}), p={explanation.probability:.3f}"
+    flat = " [flat map: no positive evidence]" if explanation.flat else ""
+    return f"{display_path(path)}: {what}{flat} -> {overlay}"
+
+
+def _write_compare(per_method, out: Path, stem: str, alpha: float, colormap: str, protected) -> list[Path]:
+    """One figure per target: the image, then the Grad-CAM, Grad-CAM++, Smooth Grad-CAM++ maps."""
+    from onnxcam.atomic import atomic_path
+
+    lists = [per_method[m] for m in COMPARE_METHODS]
+    several = len(lists[0]) > 1
+    written = []
+    for position, first in enumerate(lists[0]):
+        name = f"{stem}_compare_{first.target_tag}.png" if several else f"{stem}_compare.png"
+        path = out / name
+        check_not_protected([path], protected)
+        title = first.label if first.label is not None else f"neuron {first.target_tag[1:]}"
+        panels = [(METHOD_TITLES[m], per_method[m][position].map) for m in COMPARE_METHODS]
+        figure = compare_grid(first.image(), panels, alpha=alpha, colormap=colormap,
+                              image_title=f"Input: {title}")
+        with atomic_path(path) as temporary:
+            figure.save(temporary, format="PNG")
+        written.append(path)
+    return written
+
+
+def _notes(skipped: bool) -> list[str]:
+    notes = []
+    if skipped:
+        notes.append("the path from layer to score is linear, so every noisy gradient equals the clean "
+                     "one: Smooth Grad-CAM++ (moments) equals Grad-CAM++ here and the noisy passes were "
+                     "skipped (exact). For the noise to matter pick an earlier --layer or --averaging maps.")
+    return notes

@@ -1,0 +1,152 @@
+"""``onnxcam inspect``: what onnxcam sees in a model, and which layers it can explain."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+import onnx_graphsurgeon as gs
+
+from onnxcam.cli.common import echo_json, shape_text, table, value_info_rows
+from onnxcam.errors import OnnxCamError
+from onnxcam.explain.labels import metadata_value, resolve_labels
+from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
+from onnxcam.graph.locate import candidate_layers, find_logits
+from onnxcam.graph.prepare import load_model, model_opset, prepare_model
+from onnxcam.imaging import detect_layout
+from onnxcam.runtime.cache import load_gradient_model
+
+METADATA_KEYS = ("onnxcam.mean", "onnxcam.std", "onnxcam.preprocess", "onnxcam.labels")
+
+
+@click.command("inspect", short_help="Show inputs, outputs, logits, preprocessing and candidate layers.",
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
+def inspect(model: Path, as_json: bool, no_cache: bool) -> None:
+    """Show MODEL's inputs and outputs, the logits onnxcam differentiates, the preprocessing
+    found in its metadata, and the candidate target layers (* = the automatic choice).
+
+    The "path" column says whether the path from a layer to the logits is linear (for example
+    global average pooling + one linear layer). On a linear path the gradient is the same for
+    every input, so Smooth Grad-CAM++ with its default 'moments' averaging equals Grad-CAM++
+    there: pick an earlier layer, or --averaging maps, for the noise to matter.
+    """
+    report = _report(model, use_cache=not no_cache)
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(_text(report))
+
+
+def _report(path: Path, use_cache: bool) -> dict:
+    proto = load_model(path)
+    report: dict = {
+        "model": os.fspath(path), "size_bytes": path.stat().st_size,
+        "ir_version": proto.ir_version, "opset": model_opset(proto),
+        "producer": " ".join(p for p in (proto.producer_name, proto.producer_version) if p) or None,
+        "inputs": value_info_rows([i for i in proto.graph.input
+                                   if i.name not in {t.name for t in proto.graph.initializer}]),
+        "outputs": value_info_rows(proto.graph.output),
+        "metadata": {key: metadata_value(proto, key) for key in METADATA_KEYS
+                     if metadata_value(proto, key) is not None},
+        "notes": [],
+    }
+    graph = gs.import_onnx(prepare_model(proto))
+    graph.toposort()
+    logits = find_logits(graph) if graph.outputs else None
+    report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
+                         "pre_softmax": logits.name != graph.outputs[0].name} if logits is not None else None)
+    classes = logits.shape[-1] if logits is not None and logits.shape else None
+    classes = classes if isinstance(classes, int) else None
+    report["classes"] = classes
+    try:
+        labels, source = resolve_labels(classes, None, proto)
+        report["labels"] = {"source": source, "first": labels[:3] if labels else None}
+    except OnnxCamError as exc:
+        report["labels"] = {"source": "invalid", "error": str(exc)}
+    try:
+        layout, size, channels = detect_layout(report["inputs"][0]["shape"] or [], name="the model input")
+        report["layout"] = {"layout": layout, "size": list(size), "channels": channels}
+    except (OnnxCamError, IndexError) as exc:
+        report["layout"] = None
+        report["notes"].append(str(exc) if isinstance(exc, OnnxCamError) else "the model has no inputs")
+    report["preprocessing"] = _preprocessing_text(report["metadata"])
+
+    rows = []
+    if logits is not None:
+        tensors = graph.tensors()
+        for candidate in candidate_layers(graph, logits):
+            nodes = path_nodes(graph, tensors[candidate.tensor], logits)
+            rows.append({"tensor": candidate.tensor, "node": candidate.node, "op": candidate.op,
+                         "shape": list(candidate.shape),
+                         "path_linear": path_is_linear(nodes, tensors[candidate.tensor]),
+                         "supported": not unsupported_nodes(nodes), "automatic": False})
+    if rows:
+        rows[-1]["automatic"] = True
+    report["candidates"] = rows
+    report["automatic_layer"] = rows[-1]["tensor"] if rows else None
+
+    try:
+        gm, _ = load_gradient_model(path, use_cache=use_cache)
+        report["explainable"] = True
+        report["automatic_path_linear"] = gm.path_is_linear
+        if gm.path_is_linear:
+            earlier = [r["tensor"] for r in rows if not r["path_linear"] and r["supported"]]
+            example = f", e.g. --layer {earlier[-1]}" if earlier else ""
+            report["notes"].append(
+                f"the path from the automatic layer {gm.layer} to the logits is linear: its gradient is "
+                "the same for every input, so Smooth Grad-CAM++ (moments averaging, the default) equals "
+                "Grad-CAM++ there (onnxcam then skips the noisy passes, exactly). For the noise to "
+                f"matter use an earlier layer with a non-linear path{example}, or --averaging maps.")
+    except OnnxCamError as exc:
+        report["explainable"] = False
+        report["automatic_path_linear"] = None
+        report["notes"].append(f"cannot explain with the automatic layer: {' '.join(str(exc).split())}")
+    return report
+
+
+def _preprocessing_text(metadata: dict) -> str:
+    found = {k: v for k, v in metadata.items() if k != "onnxcam.labels"}
+    if not found:
+        return ("none in the metadata: the 'imagenet' preset is used (RGB/255, ImageNet mean/std); "
+                "pass --preprocess or --mean/--std if the model expects otherwise")
+    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in found.items())
+
+
+def _text(report: dict) -> str:
+    lines = [f"Model: {report['model']} ({report['size_bytes']:,} bytes, opset {report['opset']}, "
+             f"IR {report['ir_version']}{', ' + report['producer'] if report['producer'] else ''})", ""]
+    lines.append("Inputs:")
+    lines += [f"  {r['name']}  {shape_text(r['shape'])}  {r['dtype']}" for r in report["inputs"]]
+    lines.append("Outputs:")
+    lines += [f"  {r['name']}  {shape_text(r['shape'])}  {r['dtype']}" for r in report["outputs"]]
+    logits = report["logits"]
+    if logits:
+        kind = "pre-softmax input of the output's squashing" if logits["pre_softmax"] else "the output itself"
+        lines.append(f"Logits: {logits['tensor']} {shape_text(logits['shape'])} ({kind}), "
+                     f"{report['classes'] or '?'} classes")
+    labels = report.get("labels") or {}
+    lines.append(f"Labels: {labels.get('source')}"
+                 + (f" ({', '.join(labels['first'])}, ...)" if labels.get("first") else ""))
+    if report["layout"]:
+        layout = report["layout"]
+        size = "x".join("?" if d is None else str(d) for d in layout["size"])
+        lines.append(f"Layout: {layout['layout']}, {layout['channels']} channels, {size}")
+    lines.append(f"Preprocessing: {report['preprocessing']}")
+    lines.append("")
+    if report["candidates"]:
+        lines.append(f"Candidate target layers ({len(report['candidates'])}, * = automatic):")
+        rows = [["*" if r["automatic"] else "", r["tensor"], r["op"], shape_text(r["shape"]),
+                 ("linear" if r["path_linear"] else "non-linear") + ("" if r["supported"] else ", unsupported op")]
+                for r in report["candidates"]]
+        lines.append(table(rows, ["", "tensor", "op", "shape", "path to logits"]))
+    else:
+        lines.append("Candidate target layers: none (no 4-D activation with spatial size >= 2 that every "
+                     "path to the logits passes through)")
+    for note in report["notes"]:
+        lines.append("")
+        lines.append(f"Note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,748 @@
+"""The public API: ``Explainer(model).explain(images)`` -> one ``Explanation`` per image and class.
+
+Pipeline for a group of images (a call is processed in groups, so memory stays bounded for a
+folder of any size; the results do not depend on the grouping):
+
+1. Load and preprocess the images into one float batch.
+2. Clean pass, in chunks of ``batch_size``: the target layer's activation A, the gradient g of
+   the score and the logits. When the classes are given, one run of the rewritten model per
+   chunk (seed = one-hot rows). When they are the predicted ones (the default), the seeds are not
+   known before the forward pass; instead of running the whole model twice (a zero seed to get the
+   logits, then the real seeds) the model is cut at the layer: the forward part gives A and the
+   logits, the classes are picked, then the *head* (the layers after A plus the gradient
+   subgraph) gives g from A. That is one forward pass plus the head, which for the usual last
+   layer (global pooling + one linear layer) is almost free. Top-k reuses A for the k classes.
+   (Two runs of the whole model are used instead when the layer does not cut the model -- a
+   layer beside a skip connection -- or when the noisy passes need the whole model anyway and
+   all images fit in one batch: then two small runs are cheaper than two more sessions.)
+3. Methods that need noise (Smooth Grad-CAM++): ``samples`` noisy copies of every image, in
+   chunks of ``batch_size`` across images, each sample's gradient added to a running-moment
+   accumulator (never all samples in memory), and the CAM computed with the *clean* A.
+   Exact shortcut: when the path from the layer to the score is linear (global average pooling +
+   a linear layer), every noisy gradient equals the clean one, so for the "moments" averaging
+   the noisy passes are skipped; the record says ``noisy_passes_skipped: true``.
+4. Maps are computed at layer resolution (``raw_map``) and upsampled/normalised on demand.
+
+Determinism: the noise of an image comes from its own generator seeded by (seed, image index), and
+the moments are accumulated sample by sample in sample order, so the same seed gives the same map
+bit for bit on the CPU whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from PIL import Image
+
+from onnxcam.cams import CamMethod, GradientMoments, get_method
+from onnxcam.errors import ImageError, LayerError, ModelError, OptionError, TargetError
+from onnxcam.explain import targets as tg
+from onnxcam.explain.labels import metadata_value, resolve_labels
+from onnxcam.explain.noise import check_noise_options, noisy_batches
+from onnxcam.explain.result import Explanation
+from onnxcam.graph.rewrite import GradientModel
+from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
+from onnxcam.imaging.io import display_path
+from onnxcam.runtime.cache import load_gradient_model
+from onnxcam.runtime.providers import check_device
+from onnxcam.runtime.session import FORWARD, FULL, HEAD, GradientSession
+
+#: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
+BATCH_MEMORY = 256 * 2**20
+MAX_BATCH = 32
+#: Memory bound for one group of images' preprocessed inputs, clean A and g and moment sums.
+GROUP_MEMORY = 256 * 2**20
+MAX_GROUP_BATCHES = 8
+
+COMPARE_METHODS = ("gradcam", "gradcampp", "smoothgradcampp")
+
+
+@dataclass
+class _Item:
+    """One image of a call: a path, a PIL image or one array item (already preprocessed)."""
+
+    index: int
+    path: str | None = None
+    pil: Image.Image | None = None
+    array: np.ndarray | None = None
+
+
+@dataclass
+class _Clean:
+    """Per (image, target) pair of a group: the image row, the class (or None for neurons), A, g."""
+
+    pair_image: np.ndarray      # (R,) row in the group
+    pair_class: list[int | None]
+    seeds: np.ndarray           # (R, ...) seed rows
+    activation: np.ndarray      # (R, K, h, w)
+    gradient: np.ndarray        # (R, K, h, w)
+    logits: np.ndarray          # (G, classes)
+
+
+class Explainer:
+    """Gradient CAMs for one ONNX image model.
+
+    ``model``: path of an .onnx file (or an onnx.ModelProto). ``layer``: target layer, a tensor or
+    node name (default: the last layer that every path to the logits passes through; see
+    ``onnxcam inspect``). ``score``: a tensor name for neuron-level CAMs (then pass ``neuron=`` to
+    explain). ``device``: "auto" (default: CUDA when a session really gets it), "cpu" or "cuda".
+    ``batch_size``: images or noisy samples per run (default: chosen from the input and layer
+    sizes under a 256 MiB bound, 1 to 32). ``preprocess``: a preset name (imagenet, caffe, unit,
+    symmetric, raw; default: the model's metadata onnxcam.mean/std, else imagenet); ``mean``/``std``
+    override it; ``size`` = (H, W) for models with a dynamic input size. ``labels``: a file or a
+    list of class names (default: metadata onnxcam.labels, or ImageNet for 1000 classes).
+    ``cache``: keep rewritten models in the disk cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).
+
+    The rewrite and the runtime sessions are made once per (layer, score) and reused.
+    """
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | None = None,
+                 device: str | None = None, score: str | None = None, batch_size: int | None = None,
+                 preprocess: str | None = None, mean: Sequence[float] | float | None = None,
+                 std: Sequence[float] | float | None = None, size: Sequence[int] | None = None,
+                 labels: str | os.PathLike | Sequence[str] | None = None, cache: bool = True,
+                 threads: int | None = None) -> None:
+        self.model_source = model
+        self.model_name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        self.requested_device = check_device(device)
+        self.use_cache = bool(cache)
+        self.threads = threads
+        self._batch_option = _check_batch_size(batch_size)
+        self._models: dict[tuple, GradientModel] = {}
+        self._sessions: dict[tuple, GradientSession] = {}
+        self.setup_timings: dict[str, float] = {}
+        self._unreported_setup: dict[str, float] = {}
+        self._default_key = (layer, score)
+        if size is not None:  # a dynamic input size becomes static before the rewrite
+            self.model_source = _with_input_size(model, _check_size(size))
+        try:
+            gm = self._gradient_model(layer, score)
+        except LayerError:
+            if size is None:
+                _require_static_size(model)
+            raise
+        self.gradient_model = gm
+        self.from_cache = self.setup_timings.get("from_cache", False)
+        self._squash = _squashing(gm.model)
+        self._setup_preprocessing(gm, preprocess, mean, std, size)
+        self.labels, self.labels_source = resolve_labels(gm.num_classes, labels, gm.model)
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def layer(self) -> str:
+        return self.gradient_model.layer
+
+    @property
+    def score(self) -> str | None:
+        """The score tensor for neuron-level maps; None for class scores (the logits)."""
+        return None if self.gradient_model.is_class_score else self.gradient_model.score
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.gradient_model.num_classes
+
+    @property
+    def path_is_linear(self) -> bool:
+        return self.gradient_model.path_is_linear
+
+    @property
+    def candidates(self):
+        return self.gradient_model.candidates
+
+    @property
+    def input_shape(self) -> tuple:
+        return self.gradient_model.input_shape
+
+    @property
+    def device(self) -> str:
+        """"cpu" or "cuda": the device the sessions really run on (creates the session if needed)."""
+        session = self._session(self.gradient_model)
+        if session.device is None:
+            session.warm_up((FULL,))
+        return session.device  # type: ignore[return-value]
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_for(self.gradient_model)
+
+    @property
+    def session(self) -> GradientSession:
+        """The runtime session of the default (layer, score); ``run_calls`` counts its runs."""
+        return self._session(self.gradient_model)
+
+    def label_of(self, class_index: int) -> str:
+        if self.labels is not None and 0 <= class_index < len(self.labels):
+            return self.labels[class_index]
+        return f"class {class_index}"
+
+    # -- the API -------------------------------------------------------------------------------
+    def explain(self, images, method: str = "smoothgradcampp", targets=None, top_k: int = 1,
+                samples: int = 25, noise_level: float = 0.15, seed: int | None = 0,
+                feature_maps: Sequence[int] | None = None, neuron=None, *, layer: str | None = None,
+                score: str | None = None, **method_options) -> list[Explanation]:
+        """Explain ``images`` with ``method``; one Explanation per image and class, image by image.
+
+        ``images``: a path, a PIL image, a list of them, or a preprocessed NumPy batch (N,C,H,W) or
+        (N,H,W,C) matching the model input. ``targets``: None (the top-1 predicted class, or the
+        ``top_k`` best), an int for every image, or one int (or list of ints) per image. ``samples``,
+        ``noise_level`` (sigma = noise_level * (max(x) - min(x)) per image) and ``seed`` drive
+        the noise of Smooth Grad-CAM++. ``feature_maps``: restrict the final sum to these channels.
+        ``neuron``: index tuple(s) into the score tensor (needs ``score``). Method variants as
+        keywords, e.g. ``numerator="D1"``, ``averaging="maps"``, ``denominator="weighted"``.
+        ``layer``/``score`` override the Explainer's for this call.
+        """
+        results = self.compare(images, methods=(method,), targets=targets, top_k=top_k,
+                               samples=samples, noise_level=noise_level, seed=seed,
+                               feature_maps=feature_maps, neuron=neuron, layer=layer, score=score,
+                               method_options={_method_key(method): method_options})
+        return next(iter(results.values()))
+
+    def compare(self, images, methods: Sequence[str] = COMPARE_METHODS, targets=None, top_k: int = 1,
+                samples: int = 25, noise_level: float = 0.15, seed: int | None = 0,
+                feature_maps: Sequence[int] | None = None, neuron=None, *, layer: str | None = None,
+                score: str | None = None,
+                method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, list[Explanation]]:
+        """Several methods from one set of passes: {method: [Explanation, ...]} (same order as
+        ``explain``). ``method_options`` maps a method name to its keyword options."""
+        results: dict[str, list[Explanation]] = {}
+        for _index, per_method in self.iter_explain(
+                images, methods=methods, targets=targets, top_k=top_k, samples=samples,
+                noise_level=noise_level, seed=seed, feature_maps=feature_maps, neuron=neuron,
+                layer=layer, score=score, method_options=method_options):
+            for name, explanations in per_method.items():
+                for explanation in explanations:
+                    explanation._image = None if explanation.source else explanation._image
+                results.setdefault(name, []).extend(explanations)
+        return results
+
+    def iter_explain(self, images, methods: Sequence[str] = ("smoothgradcampp",), targets=None,
+                     top_k: int = 1, samples: int = 25, noise_level: float = 0.15,
+                     seed: int | None = 0, feature_maps: Sequence[int] | None = None, neuron=None, *,
+                     layer: str | None = None, score: str | None = None,
+                     method_options: dict[str, dict[str, Any]] | None = None,
+                     ) -> Iterator[tuple[int, dict[str, list[Explanation]]]]:
+        """Like ``compare`` but yields (image index, {method: [Explanation...]}) image by image,
+        as soon as each group of images is done (for progress bars and streaming writes).
+
+        Everything that can be checked before running (options, targets, array shapes) is checked
+        first; image files are read group by group, so a bad file stops the run where it is met.
+        """
+        gm = self._gradient_model(*self._key(layer, score))
+        session = self._session(gm)
+        method_options = {_method_key(k): dict(v) for k, v in (method_options or {}).items()}
+        cams = self._methods(methods, feature_maps, method_options)
+        items = self._items(images)
+        neuron_mode = not gm.is_class_score
+        neurons = None
+        if neuron_mode:
+            if targets is not None:
+                raise TargetError("targets are class indices; with a score tensor give neuron= instead")
+            neurons = tg.check_neurons(neuron, gm.seed_shape, gm.score)
+            class_lists, k = None, 1
+        else:
+            if neuron is not None:
+                raise TargetError("neuron= needs a score tensor: create the Explainer with "
+                                  "score='TENSOR' (--score), or explain a class with targets=")
+            if gm.num_classes is None:
+                raise ModelError("the model's number of classes is not fixed (symbolic logits shape): "
+                                 "re-export it with a static class dimension")
+            class_lists = tg.class_targets(targets, len(items), gm.num_classes)
+            k = tg.check_top_k(top_k, gm.num_classes) if class_lists is None else 1
+        noisy = [cam for cam in cams.values() if cam.needs_noise]
+        samples, noise_level, seed = (check_noise_options(samples, noise_level, seed) if noisy
+                                      else (samples, noise_level, seed))
+        skip_noise = {name: (cam.needs_noise and gm.path_is_linear
+                             and getattr(cam, "averaging", "moments") == "moments")
+                      for name, cam in cams.items()}
+        batch = self._batch_for(gm)
+        group = self._group_for(gm, batch)
+        preprocessor = self._preprocessor_for(items)
+
+        plan, split_clean = self._plan(session, class_lists, k, neuron_mode, len(items), batch,
+                                       any(cam.needs_noise and not skip_noise[name] for name, cam in cams.items()))
+        setup_start = time.perf_counter()
+        session.warm_up(plan)
+        setup = time.perf_counter() - setup_start + self._unreported_setup.pop(gm.layer, 0.0)
+
+        for start in range(0, len(items), group):
+            chunk = items[start:start + group]
+            timings: dict[str, float] = {"setup_s": setup} if start == 0 else {"setup_s": 0.0}
+            setup = 0.0
+            t0 = time.perf_counter()
+            inputs, pictures, sizes, arrays = self._load(chunk, preprocessor)
+            t1 = time.perf_counter()
+            chunk_classes = class_lists[start:start + group] if class_lists is not None else None
+            clean = self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean)
+            t2 = time.perf_counter()
+            accumulators = {name: cam.new_accumulator(len(clean.pair_image))
+                            for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
+            if accumulators:
+                self._noisy_passes(session, inputs, np.array([it.index for it in chunk]), clean,
+                                   accumulators, samples, noise_level, seed, batch)
+            t3 = time.perf_counter()
+            computed = {}
+            moments_clean = None
+            for name, cam in cams.items():
+                if name in accumulators:
+                    moments = accumulators[name].result()
+                else:  # one sample per image: d1 = g, d2 = g^2, d3 = g^3 of the clean pass
+                    moments = moments_clean = moments_clean or GradientMoments.from_gradients(clean.gradient)
+                computed[name] = cam.compute(clean.activation, moments)
+            t4 = time.perf_counter()
+            timings.update(preprocess_s=t1 - t0, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
+                           cam_s=t4 - t3, images=len(chunk))
+            probabilities = self._probabilities(clean.logits)
+            per_image: dict[int, dict[str, list[Explanation]]] = {row: {} for row in range(len(chunk))}
+            for name, cam in cams.items():
+                result = computed[name]
+                options = dict(cam.options, feature_maps=list(cam.feature_maps) if cam.feature_maps else None)
+                if cam.needs_noise:
+                    options.update(samples=samples, noise_level=noise_level, seed=seed)
+                for pair, row in enumerate(clean.pair_image.tolist()):
+                    item = chunk[row]
+                    cls = clean.pair_class[pair]
+                    explanation = Explanation(
+                        raw_map=result.maps[pair], method=name, options=dict(options), layer=gm.layer,
+                        class_index=cls, label=None if cls is None else self.label_of(cls),
+                        score=None if cls is None else float(clean.logits[row, cls]),
+                        probability=None if cls is None else float(probabilities[row, cls]),
+                        flat=bool(result.flat[pair]), image_index=item.index, image_size=sizes[row],
+                        source=item.path, model=self.model_name,
+                        score_tensor=None if gm.is_class_score else gm.score, neuron=neurons,
+                        device=session.device or "cpu", batch_size=batch,
+                        noisy_passes_skipped=bool(skip_noise[name]), timings=dict(timings),
+                        extra={"preprocessing": self.preprocessing_info(preprocessor),
+                               "labels": self.labels_source,
+                               "target": ("neuron" if neuron_mode else
+                                          "given" if chunk_classes is not None else f"top-{k} predicted")},
+                        _image=pictures[row], _array=arrays[row])
+                    per_image[row].setdefault(name, []).append(explanation)
+            for row in range(len(chunk)):
+                yield chunk[row].index, per_image[row]
+
+    def preprocess(self, images) -> np.ndarray:
+        """The batch the model is fed for ``images`` (paths, PIL images or an array)."""
+        items = self._items(images)
+        inputs, _, _, _ = self._load(items, self._preprocessor_for(items))
+        return inputs
+
+    def preprocessing_info(self, preprocessor: Preprocessor | None = None) -> dict[str, Any]:
+        """What the images are turned into: preset, mean, std, layout, size, where it came from."""
+        p = preprocessor or self._preprocessor
+        info = {"preset": self._preset_name, "layout": self.layout, "channels": self.channels,
+                "source": self.preprocessing_source,
+                "size": list(p.size) if p is not None else [self.model_size[0], self.model_size[1]]}
+        if p is not None:
+            info.update(mean=[round(float(v), 6) for v in p.mean], std=[round(float(v), 6) for v in p.std])
+        return info
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _key(self, layer, score) -> tuple:
+        if layer is None and score is None:
+            return self._default_key
+        return (layer if layer is not None else self._default_key[0],
+                score if score is not None else self._default_key[1])
+
+    def _gradient_model(self, layer, score) -> GradientModel:
+        key = (layer, score)
+        if key not in self._models:
+            start = time.perf_counter()
+            gm, cached = load_gradient_model(self.model_source, layer=layer, score=score,
+                                             use_cache=self.use_cache)
+            self.setup_timings["rewrite_s"] = time.perf_counter() - start
+            self.setup_timings["from_cache"] = cached
+            self._unreported_setup[gm.layer] = self.setup_timings["rewrite_s"]  # goes into the first results
+            self._models[key] = gm
+        return self._models[key]
+
+    def _session(self, gm: GradientModel) -> GradientSession:
+        key = (gm.layer, gm.score)
+        if key not in self._sessions:
+            self._sessions[key] = GradientSession(gm, device=self.requested_device, threads=self.threads)
+        return self._sessions[key]
+
+    def _setup_preprocessing(self, gm, preprocess, mean, std, size) -> None:
+        self.layout, model_size, self.channels = detect_layout(gm.input_shape, name=f"model input '{gm.input_name}'")
+        self.model_size = model_size
+        self._size = None
+        if size is not None:
+            parsed = _check_size(size)
+            if all(d is not None for d in model_size) and tuple(model_size) != parsed:
+                raise OptionError(f"the model's input size is fixed at {model_size[0]}x{model_size[1]}: "
+                                  "size only applies to models with a dynamic input size")
+            self._size = parsed
+        elif all(d is not None for d in model_size):
+            self._size = (int(model_size[0]), int(model_size[1]))
+        meta_mean = _metadata_floats(gm.model, "onnxcam.mean")
+        meta_std = _metadata_floats(gm.model, "onnxcam.std")
+        meta_preset = metadata_value(gm.model, "onnxcam.preprocess")
+        user_values = mean is not None or std is not None
+        if preprocess is not None:
+            self._preset_name, source = get_preset(preprocess).name, "options"
+        elif meta_preset is not None:
+            self._preset_name, source = get_preset(meta_preset).name, "model metadata onnxcam.preprocess"
+        elif meta_mean is not None or meta_std is not None:
+            # metadata mean/std are on [0,1]-scaled RGB: the imagenet preset's scale and order
+            self._preset_name, source = "imagenet", "model metadata onnxcam.mean/std"
+            mean = meta_mean if mean is None else mean
+            std = meta_std if std is None else std
+        else:
+            self._preset_name, source = "imagenet", "default preset (no preprocessing in the metadata)"
+        if user_values:
+            source = f"{source}, mean/std from options"
+        self.preprocessing_source = source
+        self._mean, self._std = mean, std
+        self._preprocessor = None
+        if self._size is not None:
+            self._preprocessor = Preprocessor(self._size, preset=self._preset_name, mean=mean, std=std,
+                                              layout=self.layout, channels=self.channels)
+
+    def _preprocessor_for(self, items: list[_Item]) -> Preprocessor | None:
+        if self._preprocessor is None and any(item.array is None for item in items):
+            raise OptionError(f"the model's input size is dynamic ({list(self.input_shape)}): give the "
+                              "image size to feed, size=(H, W) (--size H,W)")
+        return self._preprocessor
+
+    def _batch_for(self, gm: GradientModel) -> int:
+        if self._batch_option is not None:
+            return self._batch_option
+        per_sample = 4 * (_elements(self._item_shape(gm)) + 2 * _elements(gm.activation_shape[1:],
+                                                                          default=_elements(self._item_shape(gm))))
+        return int(max(1, min(MAX_BATCH, BATCH_MEMORY // max(per_sample, 1))))
+
+    def _group_for(self, gm: GradientModel, batch: int) -> int:
+        image = _elements(self._item_shape(gm))
+        activation = _elements(gm.activation_shape[1:], default=image)
+        per_image = 4 * image + 8 * activation + 24 * activation + 16 * activation
+        batches = max(1, min(MAX_GROUP_BATCHES, GROUP_MEMORY // max(batch * per_image, 1)))
+        return batch * int(batches)
+
+    def _item_shape(self, gm: GradientModel) -> tuple:
+        return tuple(gm.input_shape[1:])
+
+    def _methods(self, methods, feature_maps, method_options) -> dict[str, CamMethod]:
+        if isinstance(methods, str):
+            methods = (methods,)
+        cams: dict[str, CamMethod] = {}
+        for method in methods:
+            key = _method_key(method)
+            if key not in cams:
+                cams[key] = get_method(key, feature_maps=feature_maps, **method_options.get(key, {}))
+        unknown = set(method_options) - set(cams)
+        if unknown:
+            raise OptionError(f"options were given for {sorted(unknown)[0]}, which is not among the methods run")
+        if not cams:
+            raise OptionError("no method given: choose one of gradcam, gradcampp, smoothgradcampp, "
+                              "xgradcam, layercam, hirescam")
+        return cams
+
+    def _items(self, images) -> list[_Item]:
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        if isinstance(images, np.ndarray):
+            return self._array_items(images)
+        if not isinstance(images, Iterable):
+            raise ImageError(f"images must be paths, PIL images or a NumPy batch, not {type(images).__name__}")
+        items: list[_Item] = []
+        for value in images:
+            index = len(items)
+            if isinstance(value, (str, os.PathLike)):
+                path = Path(value)
+                if not path.is_file():
+                    name = display_path(path)
+                    raise ImageError(f"{name}: no such file; check the path" if not path.exists()
+                                     else f"{name}: not a regular file; give an image file")
+                items.append(_Item(index, path=os.fspath(value)))
+            elif isinstance(value, Image.Image):
+                items.append(_Item(index, pil=value))
+            elif isinstance(value, np.ndarray) and value.ndim == 3:
+                items.append(_Item(index, array=self._array_items(value[None])[0].array))
+            else:
+                raise ImageError(f"image {index} is a {type(value).__name__}: give paths, PIL images or arrays")
+        if not items:
+            raise ImageError("no images given: pass at least one image")
+        return items
+
+    def _array_items(self, array: np.ndarray) -> list[_Item]:
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4 or len(array) == 0:
+            raise ImageError(f"an image array must be (N,C,H,W) or (N,H,W,C) with N >= 1, got shape {array.shape}")
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ImageError(f"an image array must hold numbers, got dtype {array.dtype}")
+        expected = [d if isinstance(d, int) else None for d in self.input_shape[1:]]
+        other = ([expected[1], expected[2], expected[0]] if self.layout == "NCHW"
+                 else [expected[2], expected[0], expected[1]])
+        shape = list(array.shape[1:])
+        if _matches(shape, expected):
+            pass
+        elif _matches(shape, other) and not _matches(shape, expected):
+            array = array.transpose(0, 3, 1, 2) if self.layout == "NCHW" else array.transpose(0, 2, 3, 1)
+        else:
+            want = "x".join("?" if d is None else str(d) for d in expected)
+            raise ImageError(f"image array of shape {tuple(array.shape)} does not match the model input "
+                             f"(N x {want}, {self.layout}); preprocess to that shape or pass image files")
+        if not np.all(np.isfinite(array)):
+            raise ImageError("the image array contains NaN or infinite values")
+        return [_Item(i, array=array[i]) for i in range(len(array))]
+
+    def _load(self, items: list[_Item], preprocessor: Preprocessor | None):
+        """Preprocessed batch, PIL images (for overlays), map sizes (H, W), array inputs (H,W,C)."""
+        rows, pictures, sizes, arrays = [], [], [], []
+        for item in items:
+            if item.array is not None:
+                rows.append(item.array)
+                pictures.append(None)
+                hw = item.array.shape[1:3] if self.layout == "NCHW" else item.array.shape[0:2]
+                sizes.append((int(hw[0]), int(hw[1])))
+                arrays.append(np.moveaxis(item.array, 0, -1) if self.layout == "NCHW" else item.array)
+                continue
+            picture = item.pil if item.pil is not None else load_image(item.path)
+            rows.append(preprocessor(picture))  # type: ignore[misc]
+            pictures.append(picture)
+            sizes.append((picture.height, picture.width))
+            arrays.append(None)
+        shapes = {row.shape for row in rows}
+        if len(shapes) > 1:
+            raise ImageError(f"image arrays of different shapes {sorted(shapes)} in one call: give one shape")
+        return np.stack(rows).astype(self.session_dtype, copy=False), pictures, sizes, arrays
+
+    @property
+    def session_dtype(self) -> np.dtype:
+        return self._session(self.gradient_model).input_dtype
+
+    def _probabilities(self, logits: np.ndarray) -> np.ndarray:
+        values = np.asarray(logits, dtype=np.float64)
+        if self._squash == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-values))
+        shifted = values - values.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    # -- the passes ----------------------------------------------------------------------------
+    @staticmethod
+    def _plan(session: GradientSession, class_lists, k, neuron_mode, count, batch,
+              noisy_needed) -> tuple[tuple[str, ...], bool]:
+        """The sessions the passes will use (created before the passes are timed), and whether
+        the clean pass uses the cut model (forward part + head).
+
+        The cut model serves seeds that are only known after the forward pass (predicted classes)
+        and several classes per image. Exception: when the noisy passes need the whole model
+        anyway and all images fit in one batch, two runs of the whole model (zero seed for the
+        logits, then the seeds) are cheaper than creating two more sessions.
+        """
+        one_each = neuron_mode or (class_lists is not None and all(len(c) == 1 for c in class_lists))
+        multi = not one_each and (class_lists is not None or k > 1)
+        noisy_kinds = ([FORWARD, HEAD] if (multi and session.has_split) else [FULL]) if noisy_needed else []
+        split_clean = (not one_each and session.has_split
+                       and not (noisy_kinds == [FULL] and count <= batch))
+        kinds = ([FORWARD, HEAD] if split_clean else [FULL]) + noisy_kinds
+        return tuple(dict.fromkeys(kinds)), split_clean
+
+    def _clean_pass(self, gm: GradientModel, session: GradientSession, inputs: np.ndarray,
+                    class_lists, k: int, neurons, batch: int, split: bool) -> _Clean:
+        count = len(inputs)
+        if neurons is not None:
+            row = tg.neuron_seed(neurons, gm.seed_shape)
+            seeds = np.broadcast_to(row, (count, *row.shape))
+            activation, gradient, logits = _full_runs(session, inputs, seeds, batch)
+            return _Clean(np.arange(count), [None] * count, seeds, activation, gradient, logits)
+        classes = gm.num_classes
+        if class_lists is not None and all(len(c) == 1 for c in class_lists):
+            chosen = [c[0] for c in class_lists]
+            seeds = tg.one_hot(chosen, classes)
+            activation, gradient, logits = _full_runs(session, inputs, seeds, batch)
+            return _Clean(np.arange(count), chosen, seeds, activation, gradient, logits)
+        if split:
+            activation, logits = _chunked(lambda s: session.forward(inputs[s]), count, batch)
+            lists = class_lists if class_lists is not None else tg.top_classes(logits, k)
+            pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
+            pair_class = [c for cs in lists for c in cs]
+            seeds = tg.one_hot(pair_class, classes)
+            pair_activation = activation[pair_image]
+            (gradient,) = _chunked(lambda s: (session.head(pair_activation[s], seeds[s]),),
+                                   len(pair_image), batch)
+            return _Clean(pair_image, pair_class, seeds, pair_activation, gradient, logits)
+        # whole model twice (the layer does not cut the model, or it is cheaper): a zero seed
+        # gives the logits, then the real seeds
+        if class_lists is None:
+            zero = np.zeros((count, classes), dtype=np.float32)
+            _, _, logits = _full_runs(session, inputs, zero, batch)
+            lists = tg.top_classes(logits, k)
+        else:
+            lists, logits = class_lists, None
+        pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
+        pair_class = [c for cs in lists for c in cs]
+        seeds = tg.one_hot(pair_class, classes)
+        activation, gradient, pair_logits = _full_runs(session, inputs[pair_image], seeds, batch)
+        if logits is None:
+            first = np.array([pair_image.tolist().index(row) for row in range(count)])
+            logits = pair_logits[first]
+        return _Clean(pair_image, pair_class, seeds, activation, gradient, logits)
+
+    def _noisy_passes(self, session: GradientSession, inputs: np.ndarray, image_indices: np.ndarray,
+                      clean: _Clean, accumulators: dict, samples: int, noise_level: float, seed: int,
+                      batch: int) -> None:
+        """Feed every accumulator the gradients of ``samples`` noisy copies of every pair's image."""
+        pair_image = clean.pair_image
+        one_each = len(pair_image) == len(inputs) and np.array_equal(pair_image, np.arange(len(inputs)))
+        if one_each or not session.has_split:
+            # units = (pair, sample); pairs of the same image get the same noise (same generator)
+            pair_inputs = inputs if one_each else inputs[pair_image]
+            for chunk in noisy_batches(pair_inputs, samples, noise_level, seed, batch,
+                                       image_indices=image_indices[pair_image]):
+                activation, gradient, _ = session.run(chunk.inputs, clean.seeds[chunk.rows])
+                _feed(accumulators, chunk.rows, gradient, activation)
+            return
+        # several classes per image and a cut model: one forward per noisy sample, the head per class
+        pairs_of = [np.flatnonzero(pair_image == row) for row in range(len(inputs))]
+        for chunk in noisy_batches(inputs, samples, noise_level, seed, batch, image_indices=image_indices):
+            activation, _ = session.forward(chunk.inputs)
+            unit = np.concatenate([np.full(len(pairs_of[row]), i) for i, row in enumerate(chunk.rows)])
+            pairs = np.concatenate([pairs_of[row] for row in chunk.rows])
+            for start in range(0, len(pairs), batch):
+                part = slice(start, start + batch)
+                unit_activation = activation[unit[part]]
+                gradient = session.head(unit_activation, clean.seeds[pairs[part]])
+                _feed(accumulators, pairs[part], gradient, unit_activation)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _feed(accumulators: dict, rows: np.ndarray, gradient: np.ndarray, activation: np.ndarray) -> None:
+    """Add samples one at a time, in order: the float64 sums then do not depend on how the
+    samples were cut into batches (bit-identical maps for any batch size)."""
+    for i in range(len(rows)):
+        one = slice(i, i + 1)
+        for accumulator in accumulators.values():
+            accumulator.add(rows[one], gradient[one], activation[one])
+
+
+def _full_runs(session: GradientSession, inputs: np.ndarray, seeds: np.ndarray, batch: int):
+    return _chunked(lambda s: session.run(inputs[s], seeds[s]), len(inputs), batch)
+
+
+def _chunked(run, count: int, batch: int) -> list[np.ndarray]:
+    """Concatenate the outputs of ``run(slice)`` over chunks of ``batch``."""
+    parts = [run(slice(start, start + batch)) for start in range(0, count, batch)]
+    return [np.concatenate([part[i] for part in parts]) if len(parts) > 1 else parts[0][i]
+            for i in range(len(parts[0]))]
+
+
+def _method_key(name: str) -> str:
+    from onnxcam.cams import canonical_method_name
+
+    return canonical_method_name(name)
+
+
+def _check_batch_size(batch_size) -> int | None:
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise OptionError(f"batch size {batch_size!r} must be a whole number >= 1")
+    return int(batch_size)
+
+
+def _check_size(size) -> tuple[int, int]:
+    try:
+        height, width = size
+    except (TypeError, ValueError):
+        raise OptionError(f"size {size!r} is not a (height, width) pair: give e.g. 224,224") from None
+    for value in (height, width):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise OptionError(f"size {size!r} must be two whole numbers >= 1 (height, width)")
+    return int(height), int(width)
+
+
+def _require_static_size(model) -> None:
+    """OptionError when the model's input has a symbolic height or width (then no layer has the
+    static spatial size the rewrite needs, which would otherwise read as "no suitable layer")."""
+    from onnxcam.graph.prepare import load_model
+
+    proto = load_model(model)
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if not inputs:
+        return
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+             for d in inputs[0].type.tensor_type.shape.dim]
+    if len(shape) != 4:
+        return
+    _, (height, width), _ = detect_layout(shape)
+    if height is None or width is None:
+        raise OptionError(f"the model's input size is dynamic ({shape}): give the size to feed, "
+                          "size=(H, W) (--size H,W)")
+
+
+def _with_input_size(model, size: tuple[int, int]) -> onnx.ModelProto:
+    """A copy of the model whose input has spatial size ``size`` = (H, W) where it was symbolic
+    (the gradient rules need static spatial sizes); OptionError when it is fixed to another size."""
+    from onnxcam.graph.prepare import load_model
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(load_model(model))
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if not inputs:
+        raise ModelError("the model has no inputs: nothing to explain")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+    layout, current, _ = detect_layout(shape, name=f"model input '{inputs[0].name}'")
+    if all(d is not None for d in current):
+        if tuple(current) != size:
+            raise OptionError(f"the model's input size is fixed at {current[0]}x{current[1]}: "
+                              "size only applies to models with a dynamic input size")
+        return proto
+    for axis, value in zip((2, 3) if layout == "NCHW" else (1, 2), size):
+        dims[axis].Clear()
+        dims[axis].dim_value = value
+    return proto
+
+
+def _elements(shape, default: int = 1) -> int:
+    dims = list(shape)
+    if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+        return default
+    return int(math.prod(dims))
+
+
+def _matches(shape: list, expected: list) -> bool:
+    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
+
+
+def _metadata_floats(model: onnx.ModelProto, key: str) -> list[float] | None:
+    value = metadata_value(model, key)
+    if value is None:
+        return None
+    try:
+        numbers = [float(part) for part in value.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ModelError(f"the model's metadata {key}={value!r} is not comma-separated numbers: fix "
+                         "the metadata, or pass --mean/--std") from None
+    if not numbers or not all(math.isfinite(v) for v in numbers):
+        raise ModelError(f"the model's metadata {key}={value!r} is not comma-separated numbers")
+    return numbers
+
+
+def _squashing(model: onnx.ModelProto) -> str:
+    """"sigmoid" when the model's first output is a Sigmoid of its logits, else "softmax"."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    name = model.graph.output[0].name if model.graph.output else ""
+    passes = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
+    for _ in range(64):
+        node = producers.get(name)
+        if node is None:
+            break
+        if node.op_type == "Sigmoid":
+            return "sigmoid"
+        if node.op_type not in passes:
+            break
+        name = node.input[0]
+    return "softmax"

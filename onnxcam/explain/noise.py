@@ -1,0 +1,90 @@
+"""Seeded Gaussian noise for Smooth Grad-CAM++ (docs/method.md).
+
+Every image has its own generator, ``np.random.Generator(PCG64(SeedSequence(seed,
+spawn_key=(image_index,))))``, and its samples are drawn from it in order. So the noise an image
+gets depends only on (seed, its index in the explain call, sample number), not on the batch size
+or on how samples are split into chunks; the same seed gives the same noise, bit for bit.
+
+Noise for image ``x`` has standard deviation ``sigma = noise_level * (max(x) - min(x))``, measured
+on the preprocessed input. Samples are produced chunk by chunk (``noisy_batches``), so memory is
+bounded by one batch, never by the number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxcam.errors import OptionError
+
+
+def check_noise_options(samples: object, noise_level: object, seed: object) -> tuple[int, float, int]:
+    """Validated (samples, noise_level, seed); seed None draws fresh entropy (recorded by callers)."""
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise OptionError(f"samples {samples!r} must be a whole number >= 1 (the paper uses 25)")
+    try:
+        level = float(noise_level)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        level = math.nan
+    if not math.isfinite(level) or level < 0:
+        raise OptionError(f"noise level {noise_level!r} must be a finite number >= 0 "
+                          "(a fraction of the input range; SmoothGrad recommends 0.1 to 0.2)")
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise OptionError(f"seed {seed!r} must be a whole number >= 0")
+    return int(samples), level, int(seed)
+
+
+def image_generator(seed: int, image_index: int) -> np.random.Generator:
+    """The generator of image ``image_index`` (its position in the explain call) for ``seed``."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(image_index,))))
+
+
+def noise_sigma(image: np.ndarray, noise_level: float) -> float:
+    """``noise_level * (max - min)`` of one preprocessed image."""
+    values = np.asarray(image, dtype=np.float64)
+    return float(noise_level * (values.max() - values.min())) if values.size else 0.0
+
+
+@dataclass(frozen=True)
+class NoisyBatch:
+    """One chunk of noisy samples: ``rows[i]`` is the image (index into the images given) of
+    ``inputs[i]``, ``sample[i]`` its sample number for that image."""
+
+    rows: np.ndarray
+    sample: np.ndarray
+    inputs: np.ndarray
+
+
+def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: int,
+                  batch_size: int, image_indices: np.ndarray | None = None) -> Iterator[NoisyBatch]:
+    """``samples`` noisy copies of each image, image after image, in chunks of ``batch_size``.
+
+    ``image_indices`` are the images' positions in the whole explain call (default 0..N-1): they,
+    not the position in ``images``, pick the generators, so splitting a call into groups gives
+    the same noise. Inputs are float32 (or the images' float dtype).
+    """
+    images = np.asarray(images)
+    count = len(images)
+    if image_indices is None:
+        image_indices = np.arange(count)
+    generators = [image_generator(seed, int(index)) for index in image_indices]
+    sigmas = [noise_sigma(image, noise_level) for image in images]
+    dtype = images.dtype if np.issubdtype(images.dtype, np.floating) else np.float32
+    noise_dtype = np.float64 if dtype == np.float64 else np.float32
+    total = count * samples
+    for start in range(0, total, batch_size):
+        stop = min(start + batch_size, total)
+        units = np.arange(start, stop)
+        rows, sample = units // samples, units % samples
+        inputs = np.empty((stop - start, *images.shape[1:]), dtype=dtype)
+        for row in np.unique(rows):
+            where = np.flatnonzero(rows == row)
+            noise = generators[row].standard_normal((len(where), *images.shape[1:]), dtype=noise_dtype)
+            noise *= sigmas[row]
+            inputs[where] = images[row] + noise
+        yield NoisyBatch(rows=rows, sample=sample, inputs=inputs)

@@ -1,0 +1,152 @@
+"""A disk cache of rewritten models, so a model is rewritten once, not on every run.
+
+An entry is keyed by the SHA-256 of the model file's bytes, the layer and score asked for, and
+the onnxcam and onnx versions (a new version may rewrite differently). It holds the rewritten
+``.onnx`` and a ``.json`` with the GradientModel fields and the SHA-256 of that ``.onnx``. Both are
+written atomically, the JSON last, so a JSON on disk means a complete entry; an entry that fails
+to read, parse or match its checksum is rebuilt, and a cache that cannot be written is skipped:
+the cache never makes a run fail.
+
+Location: ``$ONNXCAM_CACHE_DIR``, else ``~/.cache/onnxcam`` (``$XDG_CACHE_HOME/onnxcam`` when
+set). Delete the folder to empty it. Models with external data files are not cached (their
+weights are not in the hashed file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import onnx
+
+from onnxcam.atomic import atomic_write_bytes
+from onnxcam.graph.locate import Candidate
+from onnxcam.graph.rewrite import GradientModel, build_gradient_model
+
+log = logging.getLogger("onnxcam.cache")
+
+FORMAT = 1  # bump when the entry layout changes
+
+
+def cache_dir() -> Path:
+    """The cache folder (not created here)."""
+    configured = os.environ.get("ONNXCAM_CACHE_DIR", "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "onnxcam"
+
+
+def cache_key(model_sha256: str, layer: str | None, score: str | None) -> str:
+    from onnxcam import __version__
+
+    text = json.dumps({"format": FORMAT, "model": model_sha256, "layer": layer, "score": score,
+                       "onnxcam": __version__, "onnx": onnx.__version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str | None = None,
+                        score: str | None = None, use_cache: bool = True) -> tuple[GradientModel, bool]:
+    """The rewritten model for (model, layer, score), from the cache when possible.
+
+    Returns (gradient model, whether it came from the cache). Every error about the model itself
+    comes from ``build_gradient_model`` (ModelError, LayerError...), cache or not.
+    """
+    key = _key_for(model, layer, score) if use_cache else None
+    if key is not None:
+        cached = _read(key)
+        if cached is not None:
+            return cached, True
+    built = build_gradient_model(model, layer=layer, score=score)
+    if key is not None:
+        _write(key, built)
+    return built, False
+
+
+def _key_for(model, layer, score) -> str | None:
+    try:
+        if isinstance(model, onnx.ModelProto):
+            data = model.SerializeToString(deterministic=True)
+        else:
+            path = Path(model)
+            if not path.is_file() or path.stat().st_size == 0:
+                return None  # let the builder say what is wrong with it
+            data = path.read_bytes()
+            if _has_external_data(data):
+                return None
+    except (OSError, ValueError):
+        return None
+    return cache_key(hashlib.sha256(data).hexdigest(), layer, score)
+
+
+def _has_external_data(data: bytes) -> bool:
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception:  # noqa: BLE001 - not parseable: the builder will say so
+        return True
+    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(proto.graph))
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto in a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _paths(key: str) -> tuple[Path, Path]:
+    folder = cache_dir() / key[:2]
+    return folder / f"{key}.onnx", folder / f"{key}.json"
+
+
+def _read(key: str) -> GradientModel | None:
+    model_path, info_path = _paths(key)
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        data = model_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != info["onnx_sha256"]:
+            raise ValueError("checksum mismatch")
+        return GradientModel(
+            model=onnx.load_from_string(data),
+            layer=info["layer"], score=info["score"], input_name=info["input_name"],
+            input_shape=tuple(info["input_shape"]), activation_shape=tuple(info["activation_shape"]),
+            seed_shape=tuple(info["seed_shape"]), num_classes=info["num_classes"],
+            candidates=tuple(Candidate(c["tensor"], c["node"], c["op"], tuple(c["shape"]))
+                             for c in info["candidates"]),
+            path_is_linear=bool(info["path_is_linear"]))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - a corrupt entry is rebuilt, never fatal
+        log.info("cache entry %s is unusable (%s); rebuilding it", key[:12], exc)
+        return None
+
+
+def _write(key: str, gm: GradientModel) -> None:
+    model_path, info_path = _paths(key)
+    try:
+        data = gm.model.SerializeToString()
+        info = {
+            "format": FORMAT, "onnx_sha256": hashlib.sha256(data).hexdigest(),
+            "layer": gm.layer, "score": gm.score, "input_name": gm.input_name,
+            "input_shape": list(gm.input_shape), "activation_shape": list(gm.activation_shape),
+            "seed_shape": list(gm.seed_shape), "num_classes": gm.num_classes,
+            "candidates": [{"tensor": c.tensor, "node": c.node, "op": c.op, "shape": list(c.shape)}
+                           for c in gm.candidates],
+            "path_is_linear": gm.path_is_linear,
+        }
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(model_path, data)
+        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode("utf-8"))
+    except Exception as exc:  # noqa: BLE001 - a cache we cannot write is simply not used
+        log.info("could not write cache entry %s (%s)", key[:12], exc)

@@ -1,0 +1,199 @@
+"""Choosing the device ONNX Runtime runs on, and keeping its start-up noise out of the terminal.
+
+``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` among the available providers even on a
+machine with no GPU or no CUDA libraries; asking a session for it there prints an error block on
+stderr and silently falls back to the CPU. So "available" is not "usable": the device is decided
+from what a session actually got (``session.get_providers()``), the error block is kept off the
+terminal, and the device that really ran is reported.
+
+Devices: ``"cpu"``; ``"cuda"`` (fail with a one-line OptionError when CUDA cannot be used);
+``"auto"`` (the default: CUDA when a session really gets it, else the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+import threading
+
+import onnxruntime as ort
+
+from onnxcam.errors import ModelError, OptionError
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+#: ORT log severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Warnings (unused
+#: initializers, fallbacks) are noise for a command-line user; errors are kept.
+QUIET = 3
+
+_lock = threading.Lock()
+_cuda_state: dict[str, object] = {"usable": None, "reason": ""}  # per process: probe CUDA once
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def check_device(device: str | None) -> str:
+    """``device`` as one of DEVICES (None means "auto"), or an OptionError listing them."""
+    if device is None:
+        return "auto"
+    value = str(device).strip().lower()
+    if value == "gpu":
+        value = "cuda"
+    if value not in DEVICES:
+        raise OptionError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    return value
+
+
+def default_threads() -> int:
+    """Intra-op threads: the CPUs this process may use (its affinity mask, which respects
+    container and taskset limits, unlike ORT's default of all physical cores), at most 16.
+    ``ONNXCAM_THREADS`` overrides it."""
+    value = os.environ.get("ONNXCAM_THREADS", "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise OptionError(f"ONNXCAM_THREADS={value!r} is not a whole number of threads") from None
+        if threads < 1:
+            raise OptionError(f"ONNXCAM_THREADS={value!r} must be at least 1")
+        return threads
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    return max(1, min(16, available))
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Full graph optimisation, quiet logging, ``threads`` intra-op threads, one inter-op thread."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = QUIET
+    return options
+
+
+def cuda_listed() -> bool:
+    """Whether this onnxruntime build offers CUDA at all (not whether it works)."""
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def create_session(model: bytes, device: str | None = "auto", threads: int | None = None,
+                   what: str = "the model") -> tuple[ort.InferenceSession, str]:
+    """An InferenceSession for the serialized ``model`` and the device it really runs on
+    ("cuda" or "cpu")."""
+    device = check_device(device)
+    ort.set_default_logger_severity(QUIET)
+    if device in ("auto", "cuda") and cuda_listed() and _cuda_state["usable"] is not False:
+        session, reason = _try_cuda(model, threads, what)
+        if session is not None:
+            return session, "cuda"
+        if device == "cuda":
+            raise OptionError(_cuda_message(reason))
+    elif device == "cuda":
+        reason = str(_cuda_state["reason"]) if _cuda_state["usable"] is False else (
+            "this onnxruntime build has no CUDAExecutionProvider")
+        raise OptionError(_cuda_message(reason))
+    return _create(model, [CPU_PROVIDER], threads, what), "cpu"
+
+
+def describe(device: str) -> str:
+    """A short human name for a device returned by create_session."""
+    return {"cuda": "CUDA GPU (onnxruntime CUDAExecutionProvider)",
+            "cpu": "CPU (onnxruntime CPUExecutionProvider)"}.get(device, device)
+
+
+def _cuda_message(reason: str) -> str:
+    reason = f" ({reason})" if reason else ""
+    return (f"--device cuda was requested but onnxruntime cannot use CUDA{reason}: install "
+            "onnxruntime-gpu with matching CUDA and cuDNN libraries (pip install 'onnxcam[cuda]'), "
+            "or use --device auto or cpu")
+
+
+def _try_cuda(model: bytes, threads: int | None, what: str):
+    """Try a CUDA session with ORT's stderr captured; (session, "") or (None, reason)."""
+    with _lock:
+        _preload_cuda_libraries()
+        with _captured_stderr() as captured:
+            try:
+                session = _create(model, [CUDA_PROVIDER, CPU_PROVIDER], threads, what)
+            finally:
+                ort.set_default_logger_severity(QUIET)
+        if CUDA_PROVIDER in session.get_providers():
+            _cuda_state["usable"] = True
+            return session, ""
+        reason = _failure_reason(captured.getvalue())
+        _cuda_state.update(usable=False, reason=reason)
+        return None, reason
+
+
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime find CUDA/cuDNN from pip's nvidia-* packages (onnxruntime-gpu >= 1.21);
+    its messages go nowhere: whether CUDA works is judged from the session."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or _cuda_state.get("preloaded"):
+        return
+    _cuda_state["preloaded"] = True
+    with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        preload()
+
+
+def _create(model: bytes, providers: list[str], threads: int | None, what: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
+    except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
+        text = " ".join(_ANSI.sub("", str(exc)).split())
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+        raise ModelError(f"onnxruntime cannot load {what} ({text[:300]}): check that the model "
+                         "uses operators this onnxruntime version supports") from None
+
+
+def _failure_reason(text: str) -> str:
+    """The useful part of ORT's CUDA error block, on one line ("libcublasLt.so.13: cannot open...")."""
+    text = _ANSI.sub("", text)
+    for pattern in (r"with error: ([^\n]+)", r"(Failed to create CUDAExecutionProvider[^\n]*)",
+                    r"(CUDA[^\n]*(?:error|failed|not)[^\n]*)"):
+        match = re.search(pattern, text, flags=re.IGNORECASE)
+        if match:
+            return " ".join(match.group(1).split())[:200]
+    return "the session fell back to the CPU"
+
+
+class _Captured:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def getvalue(self) -> str:
+        return self.text
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Capture what native code writes to file descriptor 2 (ORT logs there, not to sys.stderr)."""
+    captured = _Captured()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (embedded interpreters): fall back to ORT's own severity
+        ort.set_default_logger_severity(4)
+        yield captured
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            ort.set_default_logger_severity(QUIET)  # errors are logged, into the sink
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read().decode("utf-8", "replace")

@@ -1,0 +1,144 @@
+"""Running a rewritten model: one ONNX Runtime session per model, created once and reused.
+
+``GradientSession.run(inputs, seed)`` runs the whole rewritten model (forward pass, activation,
+gradient, logits) on a batch. Two sub-models cut from it at the target layer serve the case where
+the seed is not known before the forward pass (the target class is the predicted one):
+
+- the *forward part*, ``input -> (activation, logits)``, a plain forward pass that exposes A;
+- the *head*, ``(activation, seed) -> gradient``: the layers after A and the gradient subgraph.
+
+Running the forward part, picking the classes from its logits and then the head costs one forward
+pass plus the head (for the usual last-layer choice, global pooling and one linear layer: nearly
+nothing), where two runs of the whole model would cost two forward passes. The cut is possible
+when every path from the input to the score passes through the layer (true for the automatic
+choice); otherwise ``has_split`` is False and callers run the whole model twice.
+
+``run_calls`` counts every ``InferenceSession.run`` (all three models), ``calls`` per model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.utils import Extractor
+
+from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
+from onnxcam.runtime.providers import check_device, create_session
+
+FULL, FORWARD, HEAD = "full", "forward", "head"
+
+
+class GradientSession:
+    """Sessions for one GradientModel on one device; created lazily, each at most once."""
+
+    def __init__(self, gradient_model: GradientModel, device: str | None = "auto",
+                 threads: int | None = None) -> None:
+        self.gradient_model = gradient_model
+        self.requested_device = check_device(device)
+        self.threads = threads
+        self.device: str | None = None  # "cpu" or "cuda" once a session exists
+        self.run_calls = 0
+        self.calls: Counter[str] = Counter()
+        self._sessions: dict[str, object] = {}
+        self._parts: dict[str, onnx.ModelProto] | None = None
+        self._split_possible: bool | None = None
+        graph_input = next(i for i in gradient_model.model.graph.input if i.name == gradient_model.input_name)
+        self.input_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type))
+
+    # -- public runs -------------------------------------------------------------------------
+    def run(self, inputs: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(activation, gradient, logits) of the whole model for a batch and its seed rows."""
+        gm = self.gradient_model
+        session = self._session(FULL)
+        activation, gradient, logits = self._run(FULL, session, [ACTIVATION, GRADIENT, LOGITS],
+                                                 {gm.input_name: self._as_input(inputs),
+                                                  SEED: self._as_input(seed)})
+        return activation, gradient, logits
+
+    def forward(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(activation, logits) of the forward part alone (needs ``has_split``)."""
+        session = self._session(FORWARD)
+        activation, logits = self._run(FORWARD, session, [ACTIVATION, LOGITS],
+                                       {self.gradient_model.input_name: self._as_input(inputs)})
+        return activation, logits
+
+    def head(self, activation: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """The gradient for given activations and seed rows, from the head alone (needs ``has_split``)."""
+        session = self._session(HEAD)
+        (gradient,) = self._run(HEAD, session, [GRADIENT],
+                                {self.gradient_model.layer: self._as_input(activation),
+                                 SEED: self._as_input(seed)})
+        return gradient
+
+    @property
+    def has_split(self) -> bool:
+        """Whether the model can be cut at the layer into forward part and head."""
+        if self._split_possible is None:
+            self._parts = _split(self.gradient_model)
+            self._split_possible = self._parts is not None
+        return self._split_possible
+
+    def warm_up(self, kinds: tuple[str, ...] = (FULL,)) -> None:
+        """Create the sessions of ``kinds`` now (to time set-up apart from the runs)."""
+        for kind in kinds:
+            self._session(kind)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _as_input(self, values: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(values, dtype=self.input_dtype)
+
+    def _run(self, kind: str, session, names: list[str], feeds: dict) -> list[np.ndarray]:
+        self.run_calls += 1
+        self.calls[kind] += 1
+        return session.run(names, feeds)
+
+    def _session(self, kind: str):
+        session = self._sessions.get(kind)
+        if session is not None:
+            return session
+        if kind == FULL:
+            model, what = self.gradient_model.model, "the rewritten model"
+        else:
+            if not self.has_split:
+                raise RuntimeError("this layer does not split the model; use run()")
+            model, what = self._parts[kind], f"the rewritten model's {kind} part"
+        # the first session settles "auto"; later ones go straight to the same device
+        device = self.device or self.requested_device
+        session, self.device = create_session(model.SerializeToString(), device, self.threads, what)
+        self._sessions[kind] = session
+        return session
+
+
+def _split(gm: GradientModel) -> dict[str, onnx.ModelProto] | None:
+    """The forward part and the head of the rewritten model, or None when the layer does not
+    separate the input from the score (a named layer beside a skip connection)."""
+    try:
+        extractor = Extractor(gm.model)
+        head = extractor.extract_model([gm.layer, SEED], [GRADIENT])
+        forward = extractor.extract_model([gm.input_name], [ACTIVATION, LOGITS])
+    except Exception:  # noqa: BLE001 - any failure to cut just means "run the whole model"
+        return None
+    if not _self_contained(head) or not _self_contained(forward):
+        return None
+    for part in (head, forward):
+        part.ir_version = gm.model.ir_version
+        del part.metadata_props[:]
+    return {FORWARD: forward, HEAD: head}
+
+
+def _self_contained(model: onnx.ModelProto) -> bool:
+    """Every node input is produced in the graph, an initializer, or a graph input."""
+    graph = model.graph
+    known = {""} | {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for node in graph.node:
+        if any(name not in known for name in node.input):
+            return False
+        known.update(node.output)
+    try:
+        onnx.checker.check_model(model)
+    except Exception:  # noqa: BLE001
+        return False
+    return True

@@ -1,0 +1,550 @@
+"""Tests for the public API: Explainer / Explanation (onnxcam.explain).
+
+Small CNNs built here with onnx.helper (seeded random weights, input [1, 3, 32, 32]) keep the tests
+fast; the bundled EfficientNet-Lite0 is used in two end-to-end tests only. The model builders are
+imported by test_runtime.py and test_cli.py too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from PIL import Image
+
+from onnxcam import Explainer, Explanation
+from onnxcam.cams import get_method
+from onnxcam.errors import ImageError, LayerError, OptionError, TargetError
+
+ROOT = Path(__file__).resolve().parents[1]
+EFFICIENTNET = ROOT / "models" / "efficientnet_lite0.onnx"
+IMAGES = ROOT / "models" / "images"
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.mktemp("onnxcam-cache")
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(folder))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# small models
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def build_cnn(head: str = "linear", seed: int = 0, classes: int = 10, softmax: bool = True,
+              residual: bool = False) -> onnx.ModelProto:
+    """x [1,3,32,32] -> Conv(8) -> Relu (a1) -> Conv(16) (c2) -> Relu (a2) -> GAP -> Flatten -> head.
+
+    head "linear": Gemm(classes) -- the path from a2 to the logits is linear (Zhou's CAM applies);
+    head "mlp": Gemm(12) -> Relu -> Gemm(classes) -- non-linear, so noisy gradients differ.
+    softmax: the output is Softmax(logits) ("probs"), else the logits themselves.
+    residual: a2 is replaced by s = a1' + a2 with a1' = Conv1x1(a1) (a skip around conv 2).
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init("W1", rng.normal(0, 0.5, (8, 3, 3, 3))), _init("B1", rng.normal(0, 0.1, 8)),
+        _init("W2", rng.normal(0, 0.3, (16, 8, 3, 3))), _init("B2", rng.normal(0.05, 0.1, 16)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a1"], name="relu1"),
+        helper.make_node("Conv", ["a1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["a2"], name="relu2"),
+    ]
+    last = "a2"
+    if residual:
+        inits.append(_init("Ws", rng.normal(0, 0.3, (16, 8, 1, 1))))
+        nodes += [helper.make_node("Conv", ["a1", "Ws"], ["skip"], name="skipconv"),
+                  helper.make_node("Add", ["skip", "a2"], ["s"], name="add")]
+        last = "s"
+    nodes += [helper.make_node("GlobalAveragePool", [last], ["p"], name="gap"),
+              helper.make_node("Flatten", ["p"], ["f"], name="flatten", axis=1)]
+    if head == "linear":
+        inits += [_init("W3", rng.normal(0, 0.5, (classes, 16))), _init("B3", rng.normal(0, 0.1, classes))]
+        nodes.append(helper.make_node("Gemm", ["f", "W3", "B3"], ["logits"], name="fc", transB=1))
+    else:
+        inits += [_init("W3", rng.normal(0, 0.5, (12, 16))), _init("B3", rng.normal(0, 0.1, 12)),
+                  _init("W4", rng.normal(0, 0.5, (classes, 12))), _init("B4", rng.normal(0, 0.1, classes))]
+        nodes += [helper.make_node("Gemm", ["f", "W3", "B3"], ["h"], name="fc1", transB=1),
+                  helper.make_node("Relu", ["h"], ["hr"], name="relu_fc"),
+                  helper.make_node("Gemm", ["hr", "W4", "B4"], ["logits"], name="fc2", transB=1)]
+    output = "logits"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1))
+        output = "probs"
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, classes])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnxcam-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_mlp() -> onnx.ModelProto:
+    """An MLP on [N, 16]: no 4-D layer, so nothing to make a CAM from."""
+    rng = np.random.default_rng(1)
+    inits = [_init("W1", rng.normal(size=(8, 16))), _init("W2", rng.normal(size=(3, 8)))]
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def image_size(path) -> tuple[int, int]:
+    with Image.open(path) as opened:
+        return opened.size
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def random_inputs(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (count, 3, 32, 32)).astype(np.float32)
+
+
+def random_png(path: Path, size=(48, 40), seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def reference_tensors(model: onnx.ModelProto, inputs: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """Intermediate tensors from onnx's own reference evaluator (no onnxruntime involved)."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    extended.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    for name in names:
+        extended.graph.output.append(helper.make_empty_tensor_value_info(name))
+    evaluator = ReferenceEvaluator(extended)
+    return [np.asarray(v) for v in evaluator.run(names, {"x": inputs})]
+
+
+@pytest.fixture(scope="module")
+def linear_model(tmp_path_factory) -> Path:
+    return save_model(build_cnn("linear"), tmp_path_factory.mktemp("models") / "cnn_linear.onnx")
+
+
+@pytest.fixture(scope="module")
+def mlp_head_model(tmp_path_factory) -> Path:
+    return save_model(build_cnn("mlp", seed=3), tmp_path_factory.mktemp("models") / "cnn_mlp.onnx")
+
+
+# ---------------------------------------------------------------------------------------------
+# the maths
+
+
+def test_gradcam_equals_zhou_cam_on_a_gap_linear_head(linear_model):
+    """Grad-CAM at the last layer before GAP -> Gemm is Zhou et al.'s CAM, ReLU(sum_k W[c,k] A_k),
+    divided by h*w: W is read from the model's initializer, A from onnx's reference evaluator."""
+    model = onnx.load(str(linear_model))
+    weights = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W3")).astype(np.float64)
+    inputs = random_inputs(3, seed=5)
+    (activation,) = reference_tensors(model, inputs, ["a2"])
+    explainer = Explainer(linear_model, layer="a2")
+    assert explainer.path_is_linear
+    results = explainer.explain(inputs, method="gradcam", targets=[0, 4, 9])
+    assert [r.class_index for r in results] == [0, 4, 9]
+    for r, act in zip(results, activation.astype(np.float64)):
+        cam = np.maximum(np.einsum("k,khw->hw", weights[r.class_index], act), 0) / (32 * 32)
+        assert cam.max() > 0
+        np.testing.assert_allclose(r.raw_map, cam, rtol=1e-4, atol=1e-6 * cam.max())
+        normalised = (cam - cam.min()) / (cam.max() - cam.min())
+        np.testing.assert_allclose(r.map, normalised, atol=1e-4)  # input size == layer size here
+
+
+def test_feature_maps_restrict_the_sum(linear_model):
+    model = onnx.load(str(linear_model))
+    weights = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W3")).astype(np.float64)
+    inputs = random_inputs(2, seed=6)
+    (activation,) = reference_tensors(model, inputs, ["a2"])
+    chosen = [1, 5, 9]
+    explainer = Explainer(linear_model)
+    full = explainer.explain(inputs, method="gradcam", targets=3)
+    subset = explainer.explain(inputs, method="gradcam", targets=3, feature_maps=chosen)
+    for r, whole, act in zip(subset, full, activation.astype(np.float64)):
+        cam = np.maximum(np.einsum("k,khw->hw", weights[3, chosen], act[chosen]), 0) / (32 * 32)
+        np.testing.assert_allclose(r.raw_map, cam, rtol=1e-4, atol=1e-6 * max(cam.max(), 1e-12))
+        assert not np.allclose(r.raw_map, whole.raw_map)
+        assert r.options["feature_maps"] == chosen
+    with pytest.raises(TargetError, match="out of range.*16 channels"):
+        explainer.explain(inputs, method="gradcam", feature_maps=[3, 16])
+
+
+def test_smooth_with_zero_noise_equals_gradcampp(mlp_head_model):
+    explainer = Explainer(mlp_head_model, layer="a1")
+    assert not explainer.path_is_linear
+    inputs = random_inputs(2, seed=7)
+    plus = explainer.explain(inputs, method="gradcampp")
+    smooth = explainer.explain(inputs, method="smoothgradcampp", noise_level=0.0, samples=4)
+    noisy = explainer.explain(inputs, method="smoothgradcampp", noise_level=0.3, samples=4)
+    for p, s, n in zip(plus, smooth, noisy):
+        assert not s.noisy_passes_skipped
+        np.testing.assert_allclose(s.raw_map, p.raw_map, rtol=1e-6, atol=1e-7 * p.raw_map.max())
+        assert not np.allclose(n.raw_map, p.raw_map, rtol=1e-3)  # the noise does change it
+
+
+def test_same_seed_gives_bit_identical_maps_for_any_batch_size(mlp_head_model):
+    inputs = random_inputs(3, seed=8)
+    maps = []
+    for batch in (1, 4, 7, 32):
+        explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)
+        maps.append([r.raw_map for r in explainer.explain(inputs, samples=5, seed=11)])
+    for other in maps[1:]:
+        for a, b in zip(maps[0], other):
+            assert np.array_equal(a, b)
+    again = Explainer(mlp_head_model, layer="a1").explain(inputs, samples=5, seed=11)
+    assert all(np.array_equal(a, r.raw_map) for a, r in zip(maps[0], again))
+    other_seed = Explainer(mlp_head_model, layer="a1").explain(inputs, samples=5, seed=12)
+    assert not np.array_equal(maps[0][0], other_seed[0].raw_map)
+
+
+def test_noise_of_an_image_does_not_depend_on_the_other_images(mlp_head_model):
+    """Image i's noise comes from (seed, i) alone: the same image at the same index gives the same
+    map whatever the other images of the call are."""
+    inputs = random_inputs(3, seed=9)
+    other = inputs.copy()
+    other[1:] = random_inputs(2, seed=10)
+    explainer = Explainer(mlp_head_model, layer="a1", batch_size=3)
+    first = explainer.explain(inputs, samples=4, seed=3)
+    second = explainer.explain(other, samples=4, seed=3)
+    assert np.array_equal(first[0].raw_map, second[0].raw_map)
+    # ... and each index has its own stream: one image twice in a call gets two different noises
+    twice = explainer.explain(np.stack([inputs[0], inputs[0]]), samples=4, seed=3)
+    assert np.array_equal(twice[0].raw_map, first[0].raw_map)
+    assert not np.array_equal(twice[0].raw_map, twice[1].raw_map)
+
+
+@pytest.mark.parametrize("count,samples,batch", [(3, 5, 4), (2, 25, 8), (1, 7, 32), (5, 3, 2)])
+def test_noisy_samples_take_ceil_n_times_images_over_batch_runs(mlp_head_model, count, samples, batch):
+    explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)
+    inputs = random_inputs(count, seed=12)
+    session = explainer.session
+    before = session.run_calls
+    explainer.explain(inputs, targets=[1] * count, samples=samples)
+    clean = math.ceil(count / batch)
+    noisy = math.ceil(samples * count / batch)
+    assert session.run_calls - before == clean + noisy
+    assert dict(session.calls) == {"full": clean + noisy}
+    # predicted classes: two clean runs per chunk, the whole model twice when the images fit in
+    # one batch (no extra sessions), else the forward part then the head
+    before, calls_before = session.run_calls, dict(session.calls)
+    predicted = explainer.explain(inputs, samples=samples)
+    assert session.run_calls - before == 2 * clean + noisy
+    split = count > batch
+    assert session.calls["forward"] - calls_before.get("forward", 0) == (clean if split else 0)
+    assert session.calls["head"] - calls_before.get("head", 0) == (clean if split else 0)
+    assert session.calls["full"] - calls_before["full"] == noisy + (0 if split else 2 * clean)
+    again = explainer.explain(inputs, targets=[p.class_index for p in predicted], samples=samples)
+    for p, a in zip(predicted, again):  # either way, the same maps as with the classes given
+        np.testing.assert_allclose(p.raw_map, a.raw_map, rtol=1e-5, atol=1e-9)
+
+
+def test_linear_path_skips_the_noisy_passes_exactly(linear_model):
+    explainer = Explainer(linear_model, batch_size=4)
+    inputs = random_inputs(3, seed=13)
+    before = explainer.session.run_calls
+    smooth = explainer.explain(inputs, samples=25, targets=[2, 2, 2])
+    assert explainer.session.run_calls - before == 1  # the clean pass only
+    plus = explainer.explain(inputs, method="gradcampp", targets=[2, 2, 2])
+    for s, p in zip(smooth, plus):
+        assert s.noisy_passes_skipped and not p.noisy_passes_skipped
+        assert np.array_equal(s.raw_map, p.raw_map)
+        assert s.to_dict()["noisy_passes_skipped"] is True
+    # the 'maps' averaging uses the noisy activations: it cannot be skipped
+    maps = explainer.explain(inputs, samples=3, averaging="maps", targets=[2, 2, 2])
+    assert not maps[0].noisy_passes_skipped
+    assert explainer.session.run_calls - before == 2 + 1 + math.ceil(9 / 4)
+
+
+def test_linear_path_shortcut_matches_running_the_noisy_passes(linear_model):
+    """The shortcut is exact: the moments of n noisy gradients equal those of the clean one."""
+    explainer = Explainer(linear_model)
+    inputs = random_inputs(2, seed=14)
+    shortcut = explainer.explain(inputs, samples=6, targets=[5, 5])
+    gm = explainer.gradient_model
+    session = explainer.session
+    method = get_method("smoothgradcampp")
+    accumulator = method.new_accumulator(2)
+    from onnxcam.explain.noise import noisy_batches
+    seeds = np.zeros((2, 10), np.float32)
+    seeds[:, 5] = 1
+    for chunk in noisy_batches(inputs, 6, 0.15, 0, 4):
+        activation, gradient, _ = session.run(chunk.inputs, seeds[chunk.rows])
+        accumulator.add(chunk.rows, gradient, activation)
+    clean_activation, _, _ = session.run(inputs, seeds)
+    full = method.compute(clean_activation, accumulator.result())
+    assert gm.path_is_linear
+    np.testing.assert_allclose(np.stack([r.raw_map for r in shortcut]), full.maps, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# targets, neurons, results
+
+
+def test_top_k_gives_k_results_per_image_best_first(mlp_head_model):
+    explainer = Explainer(mlp_head_model, layer="a2")
+    inputs = random_inputs(2, seed=15)
+    results = explainer.explain(inputs, method="gradcampp", top_k=3)
+    assert len(results) == 6
+    session = ort.InferenceSession(str(mlp_head_model), providers=["CPUExecutionProvider"])
+    probs = np.concatenate([session.run(None, {"x": inputs[i:i + 1]})[0] for i in range(2)])
+    for image in range(2):
+        mine = results[3 * image:3 * image + 3]
+        assert [r.image_index for r in mine] == [image] * 3
+        assert [r.class_index for r in mine] == list(np.argsort(-probs[image])[:3])
+        for r in mine:
+            assert r.probability == pytest.approx(float(probs[image, r.class_index]), rel=1e-5)
+            assert r.label == f"class {r.class_index}"
+        assert len({r.raw_map.tobytes() for r in mine}) == 3
+    # each class's map is the one explained alone
+    alone = explainer.explain(inputs[1:], method="gradcampp", targets=results[4].class_index)
+    np.testing.assert_allclose(alone[0].raw_map, results[4].raw_map, rtol=1e-5)
+
+
+def test_top_k_with_smooth_uses_the_same_noise_for_every_class(mlp_head_model):
+    explainer = Explainer(mlp_head_model, layer="a1", batch_size=5)
+    inputs = random_inputs(2, seed=16)
+    together = explainer.explain(inputs, top_k=2, samples=4)
+    for r in together:
+        alone = explainer.explain(inputs, targets=[r.class_index, r.class_index], samples=4)[r.image_index]
+        np.testing.assert_allclose(r.raw_map, alone.raw_map, rtol=1e-6, atol=1e-9)
+
+
+def test_targets_are_validated(mlp_head_model):
+    explainer = Explainer(mlp_head_model)
+    inputs = random_inputs(2)
+    with pytest.raises(TargetError, match=r"class index 10 is out of range: the model has 10 classes \(use 0 to 9\)"):
+        explainer.explain(inputs, method="gradcam", targets=10)
+    with pytest.raises(TargetError, match="3 entries for 2 image"):
+        explainer.explain(inputs, method="gradcam", targets=[1, 2, 3])
+    with pytest.raises(TargetError, match="top_k 11 is larger"):
+        explainer.explain(inputs, method="gradcam", top_k=11)
+    with pytest.raises(TargetError, match="neuron= needs a score tensor"):
+        explainer.explain(inputs, method="gradcam", neuron=(1, 2, 3))
+    with pytest.raises(OptionError, match="unknown method"):
+        explainer.explain(inputs, method="scorecam")
+    with pytest.raises(OptionError, match="gradcam has no option 'averaging'"):
+        explainer.explain(inputs, method="gradcam", averaging="maps")
+    with pytest.raises(OptionError, match="samples"):
+        explainer.explain(inputs, samples=0)
+    with pytest.raises(LayerError, match="nearest names: a2"):
+        Explainer(mlp_head_model, layer="a3")
+    several = explainer.explain(inputs, method="gradcam", targets=[[1, 2], [3]])
+    assert [(r.image_index, r.class_index) for r in several] == [(0, 1), (0, 2), (1, 3)]
+
+
+def test_neuron_level_cam_on_an_intermediate_tensor(linear_model):
+    """Score = one element c2[3, 5, 7] of conv 2's output, layer = a1: the gradient is conv 2's
+    kernel W2[3] placed around (5, 7), so HiResCAM's map is ReLU(sum_k W2[3,k] * A_k) there, 0
+    elsewhere."""
+    model = onnx.load(str(linear_model))
+    kernel = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W2")).astype(np.float64)
+    inputs = random_inputs(2, seed=17)
+    (activation,) = reference_tensors(model, inputs, ["a1"])
+    explainer = Explainer(linear_model, layer="a1", score="c2")
+    assert explainer.score == "c2"
+    results = explainer.explain(inputs, method="hirescam", neuron=(3, 5, 7))
+    for r, act in zip(results, activation.astype(np.float64)):
+        assert r.class_index is None and r.neuron == ((3, 5, 7),) and r.score_tensor == "c2"
+        expected = np.zeros((32, 32))
+        window = act[:, 4:7, 6:9]
+        expected[4:7, 6:9] = np.maximum(np.einsum("kij,kij->ij", kernel[3], window), 0)
+        np.testing.assert_allclose(r.raw_map, expected, rtol=1e-4, atol=1e-6)
+        assert r.file_stem("img") == "img_hirescam_n3-5-7"
+    summed = explainer.explain(inputs[:1], method="hirescam", neuron=[(3, 5, 7), (3, 20, 20)])
+    assert not np.array_equal(summed[0].raw_map, results[0].raw_map)
+    with pytest.raises(TargetError, match=r"out of range at position 1.*\[16, 32, 32\]"):
+        explainer.explain(inputs, method="hirescam", neuron=(3, 32, 0))
+    with pytest.raises(TargetError, match="needs 3 whole-number indices"):
+        explainer.explain(inputs, method="hirescam", neuron=(3, 5))
+    with pytest.raises(TargetError, match="neuron"):
+        explainer.explain(inputs, method="hirescam", targets=1)
+
+
+def test_images_paths_pil_and_nhwc_arrays(linear_model, tmp_path):
+    explainer = Explainer(linear_model, preprocess="unit")
+    path = random_png(tmp_path / "a.png", size=(48, 40))
+    with Image.open(path) as opened:
+        picture = opened.convert("RGB")
+    from_path, from_pil = explainer.explain([path, picture], method="gradcam")
+    assert from_path.map.shape == (40, 48) and from_path.source == str(path)
+    assert from_pil.source is None and from_pil.image_index == 1
+    np.testing.assert_array_equal(from_path.raw_map, from_pil.raw_map)
+    assert from_path.map.dtype == np.float32 and from_path.map.min() == 0 and from_path.map.max() == 1
+    batch = explainer.preprocess([path])
+    assert batch.shape == (1, 3, 32, 32)
+    from_array = explainer.explain(batch.transpose(0, 2, 3, 1), method="gradcam")[0]  # NHWC is accepted
+    np.testing.assert_allclose(from_array.raw_map, from_path.raw_map, rtol=1e-6)
+    assert from_array.map.shape == (32, 32)
+    mixed = explainer.explain([picture, batch[0]], method="gradcam")  # a 3-D array in a list
+    np.testing.assert_allclose(mixed[1].raw_map, from_path.raw_map, rtol=1e-6)
+    assert mixed[1].image_index == 1 and mixed[1].map.shape == (32, 32)
+    assert from_array.overlay().size == (32, 32)
+    assert from_path.overlay(alpha=0.3, colormap="jet").size == (48, 40)
+    with pytest.raises(ImageError, match="does not match the model input"):
+        explainer.explain(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(ImageError, match="no such file"):
+        explainer.explain([tmp_path / "missing.png"])
+
+
+def test_dynamic_input_size_is_fixed_by_size(tmp_path):
+    model = build_cnn("linear")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    path = save_model(model, tmp_path / "dynamic.onnx")
+    with pytest.raises(OptionError, match=r"input size is dynamic.*size=\(H, W\)"):
+        Explainer(path)
+    explainer = Explainer(path, size=(40, 24))
+    assert explainer.input_shape[2:] == (40, 24)
+    r = explainer.explain([random_png(tmp_path / "p.png", size=(50, 60))], method="gradcam")[0]
+    assert r.raw_map.shape == (40, 24) and r.map.shape == (60, 50)
+    with pytest.raises(OptionError, match="fixed at 32x32"):
+        Explainer(save_model(build_cnn(), tmp_path / "static.onnx"), size=(40, 24))
+
+
+def test_probability_follows_the_models_softmax(linear_model):
+    explainer = Explainer(linear_model)
+    inputs = random_inputs(1, seed=18)
+    r = explainer.explain(inputs, method="gradcam")[0]
+    probs = ort.InferenceSession(str(linear_model), providers=["CPUExecutionProvider"]).run(None, {"x": inputs})[0]
+    assert r.class_index == int(np.argmax(probs))
+    assert r.probability == pytest.approx(float(probs[0].max()), rel=1e-5)
+
+
+def test_labels_from_a_file(linear_model, tmp_path):
+    names = [f"thing {i}" for i in range(10)]
+    (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "labels.json").write_text(json.dumps(names))
+    for file in ("labels.txt", "labels.json"):
+        r = Explainer(linear_model, labels=tmp_path / file).explain(random_inputs(1), method="gradcam")[0]
+        assert r.label == f"thing {r.class_index}"
+    (tmp_path / "short.txt").write_text("a\nb\n")
+    with pytest.raises(OptionError, match="2 names but the model has 10 classes"):
+        Explainer(linear_model, labels=tmp_path / "short.txt")
+
+
+def test_save_writes_three_files_atomically(linear_model, tmp_path, monkeypatch):
+    r = Explainer(linear_model).explain(random_inputs(1, seed=19), method="gradcampp")[0]
+    out = tmp_path / "out"
+    paths = r.save(out, stem="pic")
+    stem = f"pic_gradcampp_c{r.class_index}"
+    assert {p.name for p in out.iterdir()} == {f"{stem}.png", f"{stem}.npy", f"{stem}.json"}
+    assert paths["overlay"].name == f"{stem}.png"
+    np.testing.assert_array_equal(np.load(paths["raw_map"]), r.raw_map)
+    record = json.loads(paths["record"].read_text())
+    for key in ("model", "layer", "method", "options", "class_index", "label", "score", "probability",
+                "flat", "timings", "device"):
+        assert key in record, key
+    assert record["method"] == "gradcampp" and record["class_index"] == r.class_index
+    assert record["device"] in ("cpu", "cuda") and record["layer"] == "a2"
+    assert image_size(paths["overlay"]) == (32, 32)
+
+    # a failure while writing leaves neither the files nor temporaries behind
+    fresh = tmp_path / "fresh"
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        r.save(fresh, stem="pic")
+    assert list(fresh.iterdir()) == []
+
+
+def test_save_refuses_to_overwrite_its_image(linear_model, tmp_path):
+    picture = random_png(tmp_path / "x_gradcam_c0.png")
+    explainer = Explainer(linear_model)
+    r = explainer.explain([picture], method="gradcam", targets=0)[0]
+    before = picture.read_bytes()
+    with pytest.raises(OptionError, match="refusing to write"):
+        r.save(tmp_path, stem="x")
+    assert picture.read_bytes() == before
+
+
+def test_flat_map_is_zero_not_nan(tmp_path):
+    model = build_cnn("linear", seed=2)
+    for init in model.graph.initializer:  # W3 = 0: every gradient is zero
+        if init.name == "W3":
+            init.CopyFrom(_init("W3", np.zeros((10, 16))))
+    path = save_model(model, tmp_path / "zero.onnx")
+    r = Explainer(path).explain(random_inputs(1), method="gradcampp")[0]
+    assert r.flat and not r.raw_map.any() and not r.map.any() and not np.isnan(r.map).any()
+
+
+def test_compare_shares_the_passes(mlp_head_model):
+    explainer = Explainer(mlp_head_model, layer="a1", batch_size=8)
+    inputs = random_inputs(2, seed=20)
+    before = explainer.session.run_calls
+    results = explainer.compare(inputs, samples=3, targets=[0, 1])
+    assert set(results) == {"gradcam", "gradcampp", "smoothgradcampp"}
+    assert explainer.session.run_calls - before == 1 + math.ceil(6 / 8)
+    single = explainer.explain(inputs, method="gradcam", targets=[0, 1])
+    np.testing.assert_array_equal(results["gradcam"][1].raw_map, single[1].raw_map)
+
+
+def test_explainer_reuses_one_session_per_layer(mlp_head_model):
+    explainer = Explainer(mlp_head_model)
+    inputs = random_inputs(1)
+    explainer.explain(inputs, method="gradcam")
+    explainer.explain(inputs, method="gradcam", layer="a1")
+    explainer.explain(inputs, method="gradcam", layer="a1")
+    explainer.explain(inputs, method="gradcam")
+    assert len(explainer._sessions) == 2 and len(explainer._models) == 2
+
+
+def test_explanation_is_importable_from_the_package():
+    import onnxcam
+
+    assert onnxcam.__version__ == "0.1.0"
+    assert onnxcam.Explanation is Explanation
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on the bundled EfficientNet-Lite0 (a few seconds)
+
+CAT_BOX = (60, 20, 380, 300)  # x0, y0, x1, y1 in chelsea.png (451x300): the cat's face, ear to ear
+
+
+@pytest.mark.slow
+def test_efficientnet_cat_and_espresso():
+    explainer = Explainer(EFFICIENTNET)
+    cat, coffee = explainer.explain([IMAGES / "chelsea.png", IMAGES / "coffee.png"])
+    assert 281 <= cat.class_index <= 285, (cat.class_index, cat.label)
+    assert "cat" in cat.label or cat.label in ("tabby", "Persian cat", "Siamese cat", "Egyptian cat")
+    assert cat.map.shape == (300, 451)
+    y, x = np.unravel_index(np.argmax(cat.map), cat.map.shape)
+    x0, y0, x1, y1 = CAT_BOX
+    assert x0 <= x <= x1 and y0 <= y <= y1, (x, y)
+    # most of the map's energy is on the cat, not the blurred background at the right
+    assert cat.map[y0:y1, x0:x1].sum() > 0.8 * cat.map.sum()
+    assert coffee.class_index == 967 and coffee.label == "espresso"
+    assert cat.noisy_passes_skipped  # GAP -> Gemm after the automatic layer: linear path
+
+
+@pytest.mark.slow
+def test_efficientnet_smooth_at_an_earlier_layer_stays_on_the_cat():
+    explainer = Explainer(EFFICIENTNET, layer="/_blocks.15/_project_conv/Conv_output_0")
+    assert not explainer.path_is_linear
+    (cat,) = explainer.explain([IMAGES / "chelsea.png"], samples=8)
+    assert not cat.noisy_passes_skipped
+    y, x = np.unravel_index(np.argmax(cat.map), cat.map.shape)
+    x0, y0, x1, y1 = CAT_BOX
+    assert x0 <= x <= x1 and y0 <= y <= y1, (x, y)

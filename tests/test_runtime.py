@@ -1,0 +1,273 @@
+"""Tests for onnxcam.runtime (device choice, sessions, disk cache) and onnxcam.explain.noise."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnxcam import Explainer
+from onnxcam.errors import ModelError, OptionError
+from onnxcam.explain.noise import image_generator, noise_sigma, noisy_batches
+from onnxcam.graph.rewrite import build_gradient_model
+from onnxcam.runtime import cache as cache_module
+from onnxcam.runtime.cache import cache_dir, load_gradient_model
+from onnxcam.runtime.providers import check_device, create_session, cuda_listed, default_threads
+from onnxcam.runtime.session import GradientSession
+from tests.test_explainer import build_cnn, random_inputs, save_model
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    return save_model(build_cnn("mlp", seed=4), tmp_path / "cnn.onnx")
+
+
+def _cuda_usable() -> bool:
+    if not cuda_listed():
+        return False
+    try:
+        _, device = create_session(build_cnn().SerializeToString(), "auto")
+    except Exception:  # noqa: BLE001
+        return False
+    return device == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+
+
+def test_check_device():
+    assert check_device(None) == "auto"
+    assert check_device("CPU") == "cpu"
+    assert check_device("gpu") == "cuda"
+    with pytest.raises(OptionError, match="choose auto, cpu or cuda"):
+        check_device("tpu")
+
+
+def test_cpu_session_reports_cpu():
+    session, device = create_session(build_cnn().SerializeToString(), "cpu")
+    assert device == "cpu" and session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_auto_device_is_decided_from_the_session_and_stays_quiet(capfd):
+    session, device = create_session(build_cnn().SerializeToString(), "auto")
+    got_cuda = "CUDAExecutionProvider" in session.get_providers()
+    assert device == ("cuda" if got_cuda else "cpu")
+    err = capfd.readouterr().err
+    assert "Failed to create CUDAExecutionProvider" not in err
+    assert "cannot open shared object file" not in err
+
+
+def test_explicit_cuda_that_cannot_run_is_a_one_line_option_error(capfd):
+    if _cuda_usable():
+        pytest.skip("CUDA works on this machine")
+    with pytest.raises(OptionError) as excinfo:
+        create_session(build_cnn().SerializeToString(), "cuda")
+    message = str(excinfo.value)
+    assert "\n" not in message and "cpu" in message
+    assert message.startswith("--device cuda was requested but onnxruntime cannot use CUDA")
+    assert "Failed to create" not in capfd.readouterr().err
+
+
+def test_threads_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("ONNXCAM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("ONNXCAM_THREADS", "many")
+    with pytest.raises(OptionError, match="ONNXCAM_THREADS"):
+        default_threads()
+    monkeypatch.delenv("ONNXCAM_THREADS")
+    assert 1 <= default_threads() <= 16
+
+
+def test_unloadable_model_is_a_model_error():
+    model = build_cnn()
+    model.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(ModelError, match="onnxruntime cannot load"):
+        create_session(model.SerializeToString(), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# sessions
+
+
+def test_gradient_session_runs_and_counts(model_path):
+    gm = build_gradient_model(model_path, layer="a1")
+    session = GradientSession(gm, device="cpu")
+    x = random_inputs(3)
+    seed = np.zeros((3, 10), np.float32)
+    seed[np.arange(3), [1, 4, 7]] = 1
+    activation, gradient, logits = session.run(x, seed)
+    assert activation.shape == gradient.shape == (3, 8, 32, 32) and logits.shape == (3, 10)
+    assert session.run_calls == 1 and session.device == "cpu"
+    # the cut model (forward part + head) gives the same numbers
+    assert session.has_split
+    a2, l2 = session.forward(x)
+    g2 = session.head(a2, seed)
+    np.testing.assert_array_equal(a2, activation)
+    np.testing.assert_allclose(l2, logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g2, gradient, rtol=1e-5, atol=1e-7)
+    assert session.run_calls == 3 and dict(session.calls) == {"full": 1, "forward": 1, "head": 1}
+    # the logits are those of the original model
+    plain = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    logits_ref = np.log(np.concatenate([plain.run(None, {"x": x[i:i + 1]})[0] for i in range(3)]))
+    np.testing.assert_allclose(logits - logits.max(1, keepdims=True),
+                               logits_ref - logits_ref.max(1, keepdims=True), atol=1e-4)
+
+
+def test_layer_beside_a_skip_connection_cannot_be_cut_but_still_explains(tmp_path):
+    """a2 does not separate the input from the logits (s = skip(a1) + a2), so there is no head
+    model; with predicted classes the whole model then runs twice (zero seed, then the seeds)."""
+    path = save_model(build_cnn("mlp", seed=5, residual=True), tmp_path / "res.onnx")
+    explainer = Explainer(path, layer="a2", batch_size=4)
+    assert not explainer.session.has_split
+    x = random_inputs(3, seed=1)
+    predicted = explainer.explain(x, method="gradcampp")
+    assert explainer.session.run_calls == 2 and explainer.session.calls["full"] == 2
+    given = explainer.explain(x, method="gradcampp", targets=[r.class_index for r in predicted])
+    for p, g in zip(predicted, given):
+        np.testing.assert_array_equal(p.raw_map, g.raw_map)
+    top2 = explainer.explain(x, method="smoothgradcampp", top_k=2, samples=3)
+    assert len(top2) == 6
+    # the automatic layer (s) dominates: it can be cut
+    assert Explainer(path).session.has_split
+
+
+def test_batch_size_is_bounded_and_overridable(model_path):
+    assert Explainer(model_path).batch_size == 32
+    assert Explainer(model_path, batch_size=3).batch_size == 3
+    with pytest.raises(OptionError, match="batch size"):
+        Explainer(model_path, batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def test_cache_dir_from_environment(isolated_cache, monkeypatch):
+    assert cache_dir() == isolated_cache
+    monkeypatch.delenv("ONNXCAM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert str(cache_dir()) == "/somewhere/onnxcam"
+
+
+def test_cache_hit_and_key(model_path, isolated_cache):
+    first, cached = load_gradient_model(model_path, layer="a1")
+    assert not cached
+    entries = sorted(p.name for p in isolated_cache.rglob("*") if p.is_file())
+    assert len(entries) == 2 and entries[0].endswith(".json") and entries[1].endswith(".onnx")
+    second, cached = load_gradient_model(model_path, layer="a1")
+    assert cached
+    for field in ("layer", "score", "input_name", "input_shape", "activation_shape", "seed_shape",
+                  "num_classes", "candidates", "path_is_linear"):
+        assert getattr(first, field) == getattr(second, field), field
+    assert first.model.SerializeToString() == second.model.SerializeToString()
+    # another layer, score or model file is another entry
+    _, cached = load_gradient_model(model_path, layer="a2")
+    assert not cached
+    model_path.write_bytes(build_cnn("mlp", seed=9).SerializeToString())
+    _, cached = load_gradient_model(model_path, layer="a1")
+    assert not cached
+    # --no-cache neither reads nor writes
+    count = len(list(isolated_cache.rglob("*.onnx")))
+    _, cached = load_gradient_model(model_path, layer="a1", use_cache=False)
+    assert not cached and len(list(isolated_cache.rglob("*.onnx"))) == count
+
+
+@pytest.mark.parametrize("damage", ["truncate_onnx", "garble_json", "wrong_field"])
+def test_corrupt_cache_entry_is_rebuilt(model_path, isolated_cache, damage):
+    load_gradient_model(model_path)
+    onnx_file = next(isolated_cache.rglob("*.onnx"))
+    json_file = next(isolated_cache.rglob("*.json"))
+    if damage == "truncate_onnx":
+        onnx_file.write_bytes(onnx_file.read_bytes()[:500])
+    elif damage == "garble_json":
+        json_file.write_text("{not json")
+    else:
+        info = json.loads(json_file.read_text())
+        del info["activation_shape"]
+        json_file.write_text(json.dumps(info))
+    rebuilt, cached = load_gradient_model(model_path)
+    assert not cached and rebuilt.layer == "a2"
+    again, cached = load_gradient_model(model_path)  # and the entry was repaired
+    assert cached
+
+
+def test_unwritable_cache_is_not_fatal(model_path, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(blocker))
+    gm, cached = load_gradient_model(model_path)
+    assert not cached and gm.layer == "a2"
+    assert Explainer(model_path).explain(random_inputs(1), method="gradcam")[0].raw_map.shape == (32, 32)
+
+
+def test_model_with_external_data_is_not_cached(tmp_path, isolated_cache):
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save_model(build_cnn(), str(folder / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    gm, cached = load_gradient_model(folder / "m.onnx")
+    assert not cached and gm.layer == "a2"
+    assert not list(isolated_cache.rglob("*.onnx"))
+
+
+def test_cache_key_includes_versions(monkeypatch):
+    key = cache_module.cache_key("abc", None, None)
+    monkeypatch.setattr(onnx, "__version__", "0.0.1")
+    assert cache_module.cache_key("abc", None, None) != key
+    assert cache_module.cache_key("abc", "a1", None) != cache_module.cache_key("abc", None, "a1")
+
+
+# ---------------------------------------------------------------------------------------------
+# noise
+
+
+def test_noise_is_per_image_and_independent_of_the_batch_size():
+    images = random_inputs(3, seed=2)
+    by_batch = {}
+    for batch in (1, 4, 7, 100):
+        samples = {}
+        for chunk in noisy_batches(images, 5, 0.2, 42, batch):
+            assert len(chunk.inputs) <= batch
+            for row, sample, values in zip(chunk.rows, chunk.sample, chunk.inputs):
+                samples[(int(row), int(sample))] = values
+        by_batch[batch] = samples
+    assert len(by_batch[1]) == 15
+    for batch in (4, 7, 100):
+        for key, values in by_batch[1].items():
+            assert np.array_equal(values, by_batch[batch][key])
+    # sigma = noise_level * (max - min) of each image
+    for row in range(3):
+        noise = np.stack([by_batch[1][(row, s)] - images[row] for s in range(5)])
+        sigma = noise_sigma(images[row], 0.2)
+        assert sigma == pytest.approx(0.2 * float(images[row].max() - images[row].min()))
+        assert abs(noise.std() / sigma - 1) < 0.02
+    # the image's index in the call picks its stream
+    moved = list(noisy_batches(images[2:], 1, 0.2, 42, 8, image_indices=np.array([2])))[0]
+    assert np.array_equal(moved.inputs[0], by_batch[1][(2, 0)])
+    assert not np.array_equal(by_batch[1][(0, 0)] - images[0], by_batch[1][(1, 0)] - images[1])
+
+
+def test_noise_memory_is_bounded_by_the_batch():
+    images = random_inputs(2)
+    chunks = list(noisy_batches(images, 1000, 0.1, 0, 16))
+    assert len(chunks) == math.ceil(2000 / 16)
+    assert max(len(c.inputs) for c in chunks) == 16
+
+
+def test_generator_is_derived_from_seed_and_index():
+    a = image_generator(1, 0).standard_normal(4)
+    assert np.array_equal(a, image_generator(1, 0).standard_normal(4))
+    assert not np.array_equal(a, image_generator(1, 1).standard_normal(4))
+    assert not np.array_equal(a, image_generator(2, 0).standard_normal(4))

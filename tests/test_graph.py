@@ -181,3 +181,11 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path):
     onnx.save_model(proto, inner / "m.onnx")
     with pytest.raises(ModelError, match="m.onnx"):
         load_model(inner / "m.onnx")
+
+
+def test_dynamic_input_size_is_named_as_the_cause():
+    model = small_cnn()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    with pytest.raises(LayerError, match="input size is dynamic"):
+        build_gradient_model(model)

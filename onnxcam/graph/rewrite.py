@@ -66,7 +66,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     logits = _expose_logits(graph, find_logits(graph))
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
-    source = _choose_layer(graph, layer, candidates)
+    source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape)
     seed = gs.Variable(SEED, dtype=dtype, shape=_batched(target.shape))
     graph.inputs.append(seed)
     linear = path_is_linear(path_nodes(graph, source, target), source)
@@ -125,9 +125,12 @@ def _num_classes(logits: gs.Tensor) -> int | None:
     return n if isinstance(n, int) else None
 
 
-def _choose_layer(graph: gs.Graph, layer: str | None, candidates) -> gs.Tensor:
+def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape) -> gs.Tensor:
     if layer is not None:
         return resolve_tensor(graph, layer)
+    if not candidates and input_shape and not all(isinstance(d, int) for d in input_shape[1:]):
+        raise LayerError(f"the model's input size is dynamic ({list(input_shape)}): layer shapes are "
+                         "unknown until it is fixed; give the input size (--size H,W)")
     if not candidates:
         raise LayerError("the model has no suitable target layer (a 4-D activation with spatial "
                          "size >= 2 that every path to the logits passes through): name one with "

@@ -62,12 +62,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
       onnxcam explain model.onnx cat.jpg --compare
       onnxcam explain model.onnx photos/ --method gradcampp --top-k 3 --out maps
       onnxcam rewrite model.onnx -o model_grad.onnx
+      onnxcam evaluate model.onnx data/ --methods gradcam,gradcampp,smoothgradcampp
+      onnxcam check checks.toml --junit cam-report.xml
+      onnxcam compare model.onnx model_int8.onnx photos/
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
 
 def _register() -> None:
+    from onnxcam.cli.check_cmd import check
+    from onnxcam.cli.compare_cmd import compare
+    from onnxcam.cli.evaluate_cmd import evaluate
     from onnxcam.cli.explain_cmd import explain
     from onnxcam.cli.inspect_cmd import inspect
     from onnxcam.cli.rewrite_cmd import rewrite
@@ -75,6 +81,9 @@ def _register() -> None:
     cli.add_command(explain)
     cli.add_command(inspect)
     cli.add_command(rewrite)
+    cli.add_command(evaluate)
+    cli.add_command(check)
+    cli.add_command(compare)
 
 
 _register()

@@ -137,6 +137,12 @@ conv_cases = [
     ("depthwise-mult2", [1, 3, 6, 6], [6, 1, 3, 3], {"group": 3}),
     ("1d", [2, 3, 9], [4, 3, 3], {"strides": [2]}),
     ("3d", [1, 2, 5, 5, 4], [2, 2, 3, 3, 2], {"pads": [1, 1, 0, 1, 1, 1]}),
+    # stride 1 is emitted as a Conv with the flipped kernel: asymmetric automatic pads, pads larger
+    # than the kernel (ConvTranspose fallback), dilation with asymmetric pads
+    ("same-upper-s1-even", [1, 2, 7, 8], [3, 2, 4, 2], {"auto_pad": "SAME_UPPER"}),
+    ("same-lower-s1-even", [1, 2, 7, 8], [3, 2, 4, 2], {"auto_pad": "SAME_LOWER"}),
+    ("pads-beyond-kernel", [1, 2, 5, 5], [3, 2, 3, 3], {"pads": [3, 0, 0, 3]}),
+    ("dilation-asym", [1, 4, 9, 8], [4, 2, 3, 2], {"dilations": [2, 3], "pads": [0, 3, 4, 1], "group": 2}),
 ]
 for name, xs, ws, attrs in conv_cases:
     case(f"Conv-{name}", one_op("Conv", xs, ["W", "B"], [_const("W", weights(*ws)), _const("B", weights(ws[0]))],
@@ -278,8 +284,39 @@ def test_checker_fails_a_subtly_wrong_conv_padding(monkeypatch):
         return geometry
 
     monkeypatch.setattr(rules_module, "_transpose_geometry", shifted)
+    monkeypatch.setattr(rules_module, "_conv_as_correlation", lambda em, node, dy: None)
     with pytest.raises(GradientMismatch):
         check_gradient(model, x, layer="x", score="y")
+
+
+def test_checker_fails_a_subtly_wrong_conv_as_correlation(monkeypatch):
+    """The same off-by-one in the stride-1 form (a Conv with the flipped kernel) is caught too."""
+    model = one_op("Conv", [1, 2, 7, 6], ["W"], [_const("W", weights(3, 2, 3, 3))], pads=[0, 2, 1, 0])
+    x = normal([1, 2, 7, 6])
+    original = rules_module._explicit_pads
+
+    def shifted(*args):
+        begin, end = original(*args)
+        return [begin[0] + 1] + begin[1:], end
+
+    monkeypatch.setattr(rules_module, "_explicit_pads", shifted)
+    with pytest.raises(GradientMismatch):
+        check_gradient(model, x, layer="x", score="y")
+
+
+def test_stride_one_conv_gradient_is_a_conv_and_strided_is_a_conv_transpose():
+    """Stride 1 with constant weights: dx is a Conv (ONNX Runtime runs it faster than
+    ConvTranspose); strides > 1 keep the ConvTranspose."""
+    from onnxcam.graph.prepare import prepare_model
+    from onnxcam.graph.rewrite import build_gradient_model
+
+    for strides, expected in (([1, 1], "Conv"), ([2, 2], "ConvTranspose")):
+        model = one_op("Conv", [1, 2, 8, 8], ["W"], [_const("W", weights(3, 2, 3, 3))],
+                       pads=[1, 1, 1, 1], strides=strides)
+        gm = build_gradient_model(prepare_model(model), layer="x", score="y")
+        ops = [node.op_type for node in gm.model.graph.node]
+        assert ops.count("Conv") == (2 if expected == "Conv" else 1), ops
+        assert ops.count("ConvTranspose") == (0 if expected == "Conv" else 1), ops
 
 
 REQUIRED_OPS = """Conv Gemm MatMul Add Sub Mul Div Sum Neg Relu LeakyRelu PRelu Elu Clip Sigmoid HardSigmoid

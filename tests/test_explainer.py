@@ -243,15 +243,20 @@ def test_noisy_samples_take_ceil_n_times_images_over_batch_runs(mlp_head_model, 
     noisy = math.ceil(samples * count / batch)
     assert session.run_calls - before == clean + noisy
     assert dict(session.calls) == {"full": clean + noisy}
-    # predicted classes: two clean runs per chunk, the whole model twice when the images fit in
-    # one batch (no extra sessions), else the forward part then the head
+    # predicted classes: the clean pass needs A and the logits only (the noisy passes give the
+    # gradients): one clean run per chunk, the whole model with a zero seed when the images fit
+    # in one batch (no extra sessions), else the forward part; never the head
     before, calls_before = session.run_calls, dict(session.calls)
     predicted = explainer.explain(inputs, samples=samples)
-    assert session.run_calls - before == 2 * clean + noisy
+    assert session.run_calls - before == clean + noisy
     split = count > batch
     assert session.calls["forward"] - calls_before.get("forward", 0) == (clean if split else 0)
-    assert session.calls["head"] - calls_before.get("head", 0) == (clean if split else 0)
-    assert session.calls["full"] - calls_before["full"] == noisy + (0 if split else 2 * clean)
+    assert session.calls["head"] - calls_before.get("head", 0) == 0
+    assert session.calls["full"] - calls_before["full"] == noisy + (0 if split else clean)
+    # with a method that uses the clean gradient too, the head (or a second run) gives it
+    before = session.run_calls
+    explainer.compare(inputs, methods=("gradcam", "smoothgradcampp"), samples=samples)
+    assert session.run_calls - before == 2 * clean + noisy
     again = explainer.explain(inputs, targets=[p.class_index for p in predicted], samples=samples)
     for p, a in zip(predicted, again):  # either way, the same maps as with the classes given
         np.testing.assert_allclose(p.raw_map, a.raw_map, rtol=1e-5, atol=1e-9)

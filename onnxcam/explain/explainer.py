@@ -83,7 +83,7 @@ class _Clean:
     pair_class: list[int | None]
     seeds: np.ndarray           # (R, ...) seed rows
     activation: np.ndarray      # (R, K, h, w)
-    gradient: np.ndarray        # (R, K, h, w)
+    gradient: np.ndarray | None  # (R, K, h, w); None when no method needs the clean gradient
     logits: np.ndarray          # (G, classes)
 
 
@@ -262,6 +262,9 @@ class Explainer:
         skip_noise = {name: (cam.needs_noise and gm.path_is_linear
                              and getattr(cam, "averaging", "moments") == "moments")
                       for name, cam in cams.items()}
+        # the clean gradient only feeds the methods without noisy passes; when every method runs
+        # its own noisy passes, the clean pass needs A and the logits only (one forward pass)
+        need_gradient = any(not cam.needs_noise or skip_noise[name] for name, cam in cams.items())
         batch = self._batch_for(gm)
         group = self._group_for(gm, batch)
         preprocessor = self._preprocessor_for(items)
@@ -280,7 +283,8 @@ class Explainer:
             inputs, pictures, sizes, arrays = self._load(chunk, preprocessor)
             t1 = time.perf_counter()
             chunk_classes = class_lists[start:start + group] if class_lists is not None else None
-            clean = self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean)
+            clean = self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
+                                     need_gradient)
             t2 = time.perf_counter()
             accumulators = {name: cam.new_accumulator(len(clean.pair_image))
                             for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
@@ -548,7 +552,10 @@ class Explainer:
         return tuple(dict.fromkeys(kinds)), split_clean
 
     def _clean_pass(self, gm: GradientModel, session: GradientSession, inputs: np.ndarray,
-                    class_lists, k: int, neurons, batch: int, split: bool) -> _Clean:
+                    class_lists, k: int, neurons, batch: int, split: bool,
+                    need_gradient: bool = True) -> _Clean:
+        """A, g and the logits of the clean images (g is None when ``need_gradient`` is False
+        and the classes are predicted: then the runs that would only give g are skipped)."""
         count = len(inputs)
         if neurons is not None:
             row = tg.neuron_seed(neurons, gm.seed_shape)
@@ -568,20 +575,24 @@ class Explainer:
             pair_class = [c for cs in lists for c in cs]
             seeds = tg.one_hot(pair_class, classes)
             pair_activation = activation[pair_image]
-            (gradient,) = _chunked(lambda s: (session.head(pair_activation[s], seeds[s]),),
-                                   len(pair_image), batch)
+            gradient = None
+            if need_gradient:
+                (gradient,) = _chunked(lambda s: (session.head(pair_activation[s], seeds[s]),),
+                                       len(pair_image), batch)
             return _Clean(pair_image, pair_class, seeds, pair_activation, gradient, logits)
         # whole model twice (the layer does not cut the model, or it is cheaper): a zero seed
         # gives the logits, then the real seeds
         if class_lists is None:
             zero = np.zeros((count, classes), dtype=np.float32)
-            _, _, logits = _full_runs(session, inputs, zero, batch)
+            zero_activation, _, logits = _full_runs(session, inputs, zero, batch)
             lists = tg.top_classes(logits, k)
         else:
             lists, logits = class_lists, None
         pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
         pair_class = [c for cs in lists for c in cs]
         seeds = tg.one_hot(pair_class, classes)
+        if logits is not None and not need_gradient:  # the zero-seed run gave A and the logits
+            return _Clean(pair_image, pair_class, seeds, zero_activation[pair_image], None, logits)
         activation, gradient, pair_logits = _full_runs(session, inputs[pair_image], seeds, batch)
         if logits is None:
             first = np.array([pair_image.tolist().index(row) for row in range(count)])

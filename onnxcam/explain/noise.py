@@ -82,9 +82,12 @@ def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: in
         units = np.arange(start, stop)
         rows, sample = units // samples, units % samples
         inputs = np.empty((stop - start, *images.shape[1:]), dtype=dtype)
+        # units are image-major, so each image's samples are one contiguous run of rows: scale
+        # and add in place (no fancy-index scatter, no temporary of the batch's size)
         for row in np.unique(rows):
             where = np.flatnonzero(rows == row)
-            noise = generators[row].standard_normal((len(where), *images.shape[1:]), dtype=noise_dtype)
+            part = inputs[where[0]:where[-1] + 1]
+            noise = generators[row].standard_normal(part.shape, dtype=noise_dtype)
             noise *= sigmas[row]
-            inputs[where] = images[row] + noise
+            np.add(images[row], noise, out=part, casting="same_kind")
         yield NoisyBatch(rows=rows, sample=sample, inputs=inputs)

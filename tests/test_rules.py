@@ -220,6 +220,9 @@ case("Gather-axis1", one_op("Gather", [2, 5, 3], ["i"], [_const("i", [4, 0, 4, 2
      normal([2, 5, 3]))
 case("Gather-scalar-index", one_op("Gather", [2, 5, 3], ["i"], [_const("i", 2, np.int64)], axis=2),
      normal([2, 5, 3]))
+case("Pad-constant-axes-opset18", one_op("Pad", [2, 3, 4, 4], ["p", "v", "ax"],
+                                        [_const("p", [2, 1, 0, 3], np.int64), _const("v", 0.5),
+                                         _const("ax", [-1, 1], np.int64)], opset=18), normal([2, 3, 4, 4]))
 for mode in ["constant", "reflect", "edge"]:
     case(f"Pad-{mode}", one_op("Pad", [2, 3, 4, 4], ["p"], [_const("p", [0, 0, 1, 2, 0, 0, 2, 1], np.int64)],
                                mode=mode), normal([2, 3, 4, 4]))

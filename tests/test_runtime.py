@@ -271,3 +271,12 @@ def test_generator_is_derived_from_seed_and_index():
     assert np.array_equal(a, image_generator(1, 0).standard_normal(4))
     assert not np.array_equal(a, image_generator(1, 1).standard_normal(4))
     assert not np.array_equal(a, image_generator(2, 0).standard_normal(4))
+
+
+def test_cache_key_follows_the_rewriters_source(monkeypatch):
+    """A changed gradient rule must never be served a model rewritten by the old one."""
+    from onnxcam.runtime import cache
+
+    before = cache.cache_key("model-sha", None, None)
+    monkeypatch.setattr(cache, "rewriter_fingerprint", lambda: "a different rule table")
+    assert cache.cache_key("model-sha", None, None) != before

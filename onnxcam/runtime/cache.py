@@ -14,6 +14,7 @@ weights are not in the hashed file).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -41,11 +42,27 @@ def cache_dir() -> Path:
     return base / "onnxcam"
 
 
+@functools.lru_cache(maxsize=1)
+def rewriter_fingerprint() -> str:
+    """A hash of the rewriter's own source (graph preparation and gradient rules), so that a
+    changed rule never serves a model rewritten by the old one, even within one version."""
+    import onnxcam.gradients
+    import onnxcam.graph
+
+    digest = hashlib.sha256()
+    for package in (onnxcam.graph, onnxcam.gradients):
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(model_sha256: str, layer: str | None, score: str | None) -> str:
     from onnxcam import __version__
 
     text = json.dumps({"format": FORMAT, "model": model_sha256, "layer": layer, "score": score,
-                       "onnxcam": __version__, "onnx": onnx.__version__}, sort_keys=True)
+                       "onnxcam": __version__, "onnx": onnx.__version__,
+                       "rewriter": rewriter_fingerprint()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

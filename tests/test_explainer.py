@@ -217,8 +217,8 @@ def test_same_seed_gives_bit_identical_maps_for_any_batch_size(mlp_head_model):
 
 
 def test_noise_of_an_image_does_not_depend_on_the_other_images(mlp_head_model):
-    """Image i's noise comes from (seed, i) alone: the same image at the same index gives the same
-    map whatever the other images of the call are."""
+    """An image's noise comes from (seed, the image itself): the same image gives the same map
+    whatever the other images of the call are and wherever it stands among them."""
     inputs = random_inputs(3, seed=9)
     other = inputs.copy()
     other[1:] = random_inputs(2, seed=10)
@@ -226,10 +226,13 @@ def test_noise_of_an_image_does_not_depend_on_the_other_images(mlp_head_model):
     first = explainer.explain(inputs, samples=4, seed=3)
     second = explainer.explain(other, samples=4, seed=3)
     assert np.array_equal(first[0].raw_map, second[0].raw_map)
-    # ... and each index has its own stream: one image twice in a call gets two different noises
-    twice = explainer.explain(np.stack([inputs[0], inputs[0]]), samples=4, seed=3)
-    assert np.array_equal(twice[0].raw_map, first[0].raw_map)
-    assert not np.array_equal(twice[0].raw_map, twice[1].raw_map)
+    moved = explainer.explain(np.stack([other[2], inputs[0]]), samples=4, seed=3)
+    assert np.array_equal(moved[1].raw_map, first[0].raw_map)
+    alone = explainer.explain(inputs[1:2], samples=4, seed=3)
+    assert np.array_equal(alone[0].raw_map, first[1].raw_map)
+    # a different image, or a different seed, gets different noise
+    assert not np.array_equal(first[0].raw_map, first[1].raw_map)
+    assert not np.array_equal(explainer.explain(inputs[:1], samples=4, seed=4)[0].raw_map, first[0].raw_map)
 
 
 @pytest.mark.parametrize("count,samples,batch", [(3, 5, 4), (2, 25, 8), (1, 7, 32), (5, 3, 2)])

@@ -23,7 +23,8 @@ folder of any size; the results do not depend on the grouping):
    the noisy passes are skipped; the record says ``noisy_passes_skipped: true``.
 4. Maps are computed at layer resolution (``raw_map``) and upsampled/normalised on demand.
 
-Determinism: the noise of an image comes from its own generator seeded by (seed, image index), and
+Determinism: the noise of an image comes from its own generator seeded by (seed, the image's
+content), whichever other images share the call, and
 the moments are accumulated sample by sample in sample order, so the same seed gives the same map
 bit for bit on the CPU whatever the batch size.
 """
@@ -289,8 +290,7 @@ class Explainer:
             accumulators = {name: cam.new_accumulator(len(clean.pair_image))
                             for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
             if accumulators:
-                self._noisy_passes(session, inputs, np.array([it.index for it in chunk]), clean,
-                                   accumulators, samples, noise_level, seed, batch)
+                self._noisy_passes(session, inputs, clean, accumulators, samples, noise_level, seed, batch)
             t3 = time.perf_counter()
             computed = {}
             moments_clean = None
@@ -599,8 +599,7 @@ class Explainer:
             logits = pair_logits[first]
         return _Clean(pair_image, pair_class, seeds, activation, gradient, logits)
 
-    def _noisy_passes(self, session: GradientSession, inputs: np.ndarray, image_indices: np.ndarray,
-                      clean: _Clean, accumulators: dict, samples: int, noise_level: float, seed: int,
+    def _noisy_passes(self, session: GradientSession, inputs: np.ndarray, clean: _Clean, accumulators: dict, samples: int, noise_level: float, seed: int,
                       batch: int) -> None:
         """Feed every accumulator the gradients of ``samples`` noisy copies of every pair's image."""
         pair_image = clean.pair_image
@@ -608,14 +607,13 @@ class Explainer:
         if one_each or not session.has_split:
             # units = (pair, sample); pairs of the same image get the same noise (same generator)
             pair_inputs = inputs if one_each else inputs[pair_image]
-            for chunk in noisy_batches(pair_inputs, samples, noise_level, seed, batch,
-                                       image_indices=image_indices[pair_image]):
+            for chunk in noisy_batches(pair_inputs, samples, noise_level, seed, batch):
                 activation, gradient, _ = session.run(chunk.inputs, clean.seeds[chunk.rows])
                 _feed(accumulators, chunk.rows, gradient, activation)
             return
         # several classes per image and a cut model: one forward per noisy sample, the head per class
         pairs_of = [np.flatnonzero(pair_image == row) for row in range(len(inputs))]
-        for chunk in noisy_batches(inputs, samples, noise_level, seed, batch, image_indices=image_indices):
+        for chunk in noisy_batches(inputs, samples, noise_level, seed, batch):
             activation, _ = session.forward(chunk.inputs)
             unit = np.concatenate([np.full(len(pairs_of[row]), i) for i, row in enumerate(chunk.rows)])
             pairs = np.concatenate([pairs_of[row] for row in chunk.rows])

@@ -1,9 +1,10 @@
 """Seeded Gaussian noise for Smooth Grad-CAM++ (docs/method.md).
 
 Every image has its own generator, ``np.random.Generator(PCG64(SeedSequence(seed,
-spawn_key=(image_index,))))``, and its samples are drawn from it in order. So the noise an image
-gets depends only on (seed, its index in the explain call, sample number), not on the batch size
-or on how samples are split into chunks; the same seed gives the same noise, bit for bit.
+spawn_key=(content_key,))))`` with ``content_key`` a hash of the preprocessed image, and its samples
+are drawn from it in order. So the noise an image gets depends only on (seed, the image itself,
+sample number): not on the batch size, on how samples are split into chunks, or on which other
+images share the call; the same seed gives the same map, bit for bit.
 
 Noise for image ``x`` has standard deviation ``sigma = noise_level * (max(x) - min(x))``, measured
 on the preprocessed input. Samples are produced chunk by chunk (``noisy_batches``), so memory is
@@ -12,6 +13,7 @@ bounded by one batch, never by the number of samples.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,9 +41,17 @@ def check_noise_options(samples: object, noise_level: object, seed: object) -> t
     return int(samples), level, int(seed)
 
 
-def image_generator(seed: int, image_index: int) -> np.random.Generator:
-    """The generator of image ``image_index`` (its position in the explain call) for ``seed``."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(image_index,))))
+def content_key(image: np.ndarray) -> int:
+    """A stable integer for an image's values, dtype and shape (64 bits of its SHA-256)."""
+    array = np.ascontiguousarray(image)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
+def image_generator(seed: int, image: np.ndarray) -> np.random.Generator:
+    """The noise generator of ``image`` for ``seed``."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(content_key(image),))))
 
 
 def noise_sigma(image: np.ndarray, noise_level: float) -> float:
@@ -61,18 +71,12 @@ class NoisyBatch:
 
 
 def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: int,
-                  batch_size: int, image_indices: np.ndarray | None = None) -> Iterator[NoisyBatch]:
+                  batch_size: int) -> Iterator[NoisyBatch]:
     """``samples`` noisy copies of each image, image after image, in chunks of ``batch_size``.
-
-    ``image_indices`` are the images' positions in the whole explain call (default 0..N-1): they,
-    not the position in ``images``, pick the generators, so splitting a call into groups gives
-    the same noise. Inputs are float32 (or the images' float dtype).
-    """
+    Inputs are float32 (or the images' float dtype)."""
     images = np.asarray(images)
     count = len(images)
-    if image_indices is None:
-        image_indices = np.arange(count)
-    generators = [image_generator(seed, int(index)) for index in image_indices]
+    generators = [image_generator(seed, image) for image in images]
     sigmas = [noise_sigma(image, noise_level) for image in images]
     dtype = images.dtype if np.issubdtype(images.dtype, np.floating) else np.float32
     noise_dtype = np.float64 if dtype == np.float64 else np.float32

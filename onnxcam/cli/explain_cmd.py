@@ -60,7 +60,7 @@ VARIANT_OPTIONS = ("numerator", "averaging", "denominator")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"], case_sensitive=False), default="auto",
               show_default=True, help="auto: CUDA when onnxruntime can really use it, else CPU.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), metavar="N",
-              help="Inputs per onnxruntime run (default: from the model's sizes, at most 32).")
+              help="Inputs per onnxruntime run (default: from the model's sizes, at most 16).")
 @click.option("--preprocess", type=click.Choice(sorted(PRESETS), case_sensitive=False),
               help="Input normalisation preset (default: the model's metadata, else imagenet).")
 @click.option("--mean", callback=comma_numbers(float, what="numbers"), metavar="a,b,c",

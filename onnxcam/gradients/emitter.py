@@ -111,3 +111,14 @@ def static_shape(t: Tensor) -> list:
             f"tensor '{t.name}' has no inferred shape: its gradient needs one; "
             "re-export the model with static shapes (or run onnx shape inference on it)")
     return list(t.shape)
+
+
+def constant_value(t: Tensor) -> np.ndarray | None:
+    """The value of a tensor that is an initializer or a Constant node's output, else None."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        value = t.inputs[0].attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None

@@ -12,19 +12,17 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxcam.errors import UnsupportedOperatorError
-from onnxcam.gradients.emitter import static_shape
+from onnxcam.gradients.emitter import constant_value, static_shape
 
 
 def _constant_input(node: gs.Node, i: int):
     if len(node.inputs) <= i or node.inputs[i].name == "":
         return None
-    t = node.inputs[i]
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        return np.asarray(t.inputs[0].attrs["value"].values)
-    raise UnsupportedOperatorError(
-        f"operator Resize (node '{node.name}'): its roi/scales/sizes inputs must be constants")
+    value = constant_value(node.inputs[i])
+    if value is None:
+        raise UnsupportedOperatorError(
+            f"operator Resize (node '{node.name}'): its roi/scales/sizes inputs must be constants")
+    return value
 
 
 def _probe(node: gs.Node, basis: np.ndarray, roi, scales, sizes, out_hw) -> np.ndarray:

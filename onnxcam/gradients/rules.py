@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import UnsupportedOperatorError
-from onnxcam.gradients.emitter import Emitter, static_shape
+from onnxcam.gradients.emitter import Emitter, constant_value, static_shape
 from onnxcam.gradients.resize import resize_matrices
 
 Rule = Callable[[Emitter, gs.Node, list], list]
@@ -42,17 +42,6 @@ def _y(node: gs.Node) -> gs.Tensor:
 
 def _present(node: gs.Node, i: int) -> bool:
     return len(node.inputs) > i and node.inputs[i].name != ""
-
-
-def _constant(t: gs.Tensor) -> np.ndarray | None:
-    """The value of a tensor that is an initializer or a Constant node's output, else None."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        value = t.inputs[0].attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-    return None
 
 
 def _unsupported(node: gs.Node, why: str):
@@ -149,7 +138,7 @@ def _pad(em, node, dy):
     mode = node.attrs.get("mode", "constant")
     if isinstance(mode, bytes):
         mode = mode.decode()
-    pads = _constant(node.inputs[1]) if _present(node, 1) else None
+    pads = constant_value(node.inputs[1]) if _present(node, 1) else None
     if mode == "constant" and pads is not None and pads.min() >= 0:
         return _unpad(em, node, dy, pads)
     return _index_probe(em, node, dy, pad_value=(mode == "constant"))
@@ -159,7 +148,7 @@ def _unpad(em, node, dy, pads):
     """Constant padding with non-negative pads: the gradient is dy with the padding sliced off
     (cheaper than the general index probe, which scatters every element)."""
     rank = len(static_shape(_x(node)))
-    axes = _constant(node.inputs[3]).tolist() if _present(node, 3) else list(range(rank))
+    axes = constant_value(node.inputs[3]).tolist() if _present(node, 3) else list(range(rank))
     half = len(pads) // 2
     begin, end = pads[:half].tolist(), pads[half:].tolist()
     ends = [-e if e > 0 else np.iinfo(np.int64).max for e in end]
@@ -212,7 +201,7 @@ def _neg(em, node, dy):
 def _pow(em, node, dy):
     x, p = node.inputs
     y = _y(node)
-    exponent = _constant(p)
+    exponent = constant_value(p)
     dx = None
     if em.wants(x):
         if exponent is not None and exponent.size == 1:
@@ -530,7 +519,7 @@ def _conv_as_correlation(em, node, dy):
     [C, M/g, k]), begin pad d (k - 1) - b and end pad (in - out) + b, which gives dx exactly the
     input's size. Needs constant weights (transposed once, at rewrite time) and pads >= 0."""
     x, w = node.inputs[:2]
-    weights = _constant(w)
+    weights = constant_value(w)
     spatial, out_spatial = static_shape(x)[2:], static_shape(_y(node))[2:]
     n = len(spatial)
     if weights is None or weights.ndim != n + 2:
@@ -622,7 +611,7 @@ def _reduce_axes(node: gs.Node, rank: int) -> list[int] | None:
     """Reduced axes of a Reduce* node (attribute before opset 18, input after); None = no-op."""
     axes = node.attrs.get("axes")
     if axes is None and _present(node, 1):
-        value = _constant(node.inputs[1])
+        value = constant_value(node.inputs[1])
         if value is None:
             _unsupported(node, "reduction axes must be constant")
         axes = value.tolist()

@@ -17,17 +17,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import numpy_helper
 from PIL import Image
 
 from onnxcam import DataError, Explainer
-from onnxcam.cli.main import cli
 from onnxcam.evaluation import Predictor, evaluate, load_dataset, parse_method, parse_methods
 from onnxcam.evaluation.check import junit_xml, load_check_config, run_checks
 from onnxcam.evaluation.compare import average_ranks, compare_models, spearman, top_fraction_iou
 from onnxcam.evaluation.plot import curves_figure
 from onnxcam.errors import OptionError
+from tests.cli_helpers import assert_one_line_error, run
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shapes_cnn.onnx"
@@ -52,18 +51,6 @@ def manifest():
     return json.loads((LOCALIZATION / "manifest.json").read_text())
 
 
-def run(args, **kwargs):
-    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def copy_images(folder: Path, names: list[str]) -> None:

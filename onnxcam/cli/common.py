@@ -76,3 +76,20 @@ def stderr_is_tty() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+# Options that several commands share, defined once so their names, defaults and help agree.
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"], case_sensitive=False), default="auto",
+    show_default=True, help="auto: CUDA when onnxruntime can really use it, else CPU.")
+batch_size_option = click.option(
+    "-b", "--batch-size", type=click.IntRange(min=1), metavar="N",
+    help="Inputs per onnxruntime run (default: from the model's sizes, at most 16).")
+
+
+def preprocess_option(func):
+    from onnxcam.imaging import PRESETS
+
+    return click.option("--preprocess", type=click.Choice(sorted(PRESETS), case_sensitive=False),
+                        help="Input normalisation preset (default: the model's metadata, else "
+                             "imagenet).")(func)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from onnxcam.cli.common import echo_json, table
+from onnxcam.cli.common import device_option, echo_json, table
 from onnxcam.imaging import find_images
 from onnxcam.imaging.io import display_path
 
@@ -31,8 +31,7 @@ from onnxcam.imaging.io import display_path
 @click.option("--noise-level", type=click.FloatRange(min=0), default=0.15, show_default=True,
               help="Noise sigma as a fraction of each image's value range.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the noise.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"], case_sensitive=False), default="auto",
-              show_default=True, help="auto: CUDA when onnxruntime can really use it, else CPU.")
+@device_option
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), metavar="N", help="Inputs per onnxruntime run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON document.")
 @click.option("--no-cache", is_flag=True, help="Rewrite the models now instead of using the disk cache.")

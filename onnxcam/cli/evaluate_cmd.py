@@ -11,11 +11,10 @@ from pathlib import Path
 import click
 
 from onnxcam.atomic import atomic_path
-from onnxcam.cli.common import echo_json, stderr_is_tty
+from onnxcam.cli.common import batch_size_option, device_option, echo_json, preprocess_option, stderr_is_tty
 from onnxcam.errors import OptionError
 from onnxcam.explain import Explainer
 from onnxcam.explain.result import check_not_protected
-from onnxcam.imaging import PRESETS
 from onnxcam.runtime.providers import describe
 
 
@@ -64,12 +63,9 @@ def _baseline(ctx, param, value):
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("onnxcam-eval"), show_default=True,
               help="Folder for results.json, results.csv and curves.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON document.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"], case_sensitive=False), default="auto",
-              show_default=True, help="auto: CUDA when onnxruntime can really use it, else CPU.")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), metavar="N",
-              help="Inputs per onnxruntime run (default: from the model's sizes, at most 16).")
-@click.option("--preprocess", type=click.Choice(sorted(PRESETS), case_sensitive=False),
-              help="Input normalisation preset (default: the model's metadata, else imagenet).")
+@device_option
+@batch_size_option
+@preprocess_option
 @click.option("--labels", type=click.Path(path_type=Path), metavar="FILE",
               help="Class names (to map the data set's class names to indices).")
 @click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")

@@ -12,11 +12,12 @@ from pathlib import Path
 import click
 
 from onnxcam.cams import METHODS
-from onnxcam.cli.common import comma_numbers, echo_json, stderr_is_tty
+from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, preprocess_option,
+                                stderr_is_tty)
 from onnxcam.errors import OptionError
 from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
 from onnxcam.explain.result import check_not_protected
-from onnxcam.imaging import COLORMAPS, PRESETS, compare_grid, find_images
+from onnxcam.imaging import COLORMAPS, compare_grid, find_images
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.providers import describe
 
@@ -57,12 +58,9 @@ VARIANT_OPTIONS = ("numerator", "averaging", "denominator")
               help="Grad-CAM++ alpha denominator: sum (default, eq. 19) or weighted (torchcam).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("onnxcam-out"),
               show_default=True, help="Output folder (created if needed).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"], case_sensitive=False), default="auto",
-              show_default=True, help="auto: CUDA when onnxruntime can really use it, else CPU.")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), metavar="N",
-              help="Inputs per onnxruntime run (default: from the model's sizes, at most 16).")
-@click.option("--preprocess", type=click.Choice(sorted(PRESETS), case_sensitive=False),
-              help="Input normalisation preset (default: the model's metadata, else imagenet).")
+@device_option
+@batch_size_option
+@preprocess_option
 @click.option("--mean", callback=comma_numbers(float, what="numbers"), metavar="a,b,c",
               help="Per-channel mean, in the preset's units (0-1 for imagenet/unit/symmetric).")
 @click.option("--std", callback=comma_numbers(float, what="numbers"), metavar="a,b,c",

@@ -40,6 +40,7 @@ from onnxcam.errors import DataError, OptionError
 from onnxcam.evaluation.datasets import Dataset
 from onnxcam.evaluation.predictor import Predictor
 from onnxcam.explain.result import METHOD_TITLES
+from onnxcam.jsonable import to_jsonable
 from onnxcam.metrics import (deletion_insertion, energy_pointing_game, explanation_map_scores,
                              instance_coverage, pointing_game, region_mask)
 
@@ -157,7 +158,7 @@ class Evaluation:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({
+        return to_jsonable({
             "settings": self.settings,
             "summary": self.summary,
             "table": self.rows,
@@ -206,20 +207,6 @@ def _fmt(value, fmt: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return fmt.format(value)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from onnxcam.atomic import atomic_path
 from onnxcam.cams import normalize, upsample_bilinear
 from onnxcam.errors import OptionError
 from onnxcam.imaging import load_image, overlay as blend
+from onnxcam.jsonable import to_jsonable
 
 METHOD_TITLES = {
     "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "smoothgradcampp": "Smooth Grad-CAM++",
@@ -144,7 +145,7 @@ class Explanation:
                 "Smooth Grad-CAM++ equals Grad-CAM++ (choose an earlier layer or averaging 'maps' "
                 "for the noise to matter)")
         record.update(self.extra)
-        return _jsonable(record)
+        return to_jsonable(record)
 
     def save(self, out_dir: str | os.PathLike, stem: str | None = None, *, alpha: float = 0.5,
              colormap: str = "turbo", protected: tuple = ()) -> dict[str, Path]:
@@ -209,17 +210,3 @@ def _finite(value: float | None) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value

@@ -404,7 +404,6 @@ def _swap_last_two(em, t, rank):
 @rule("MatMul")
 def _matmul(em, node, dy):
     a, b = node.inputs
-    y = _y(node)
     ra, rb = len(static_shape(a)), len(static_shape(b))
     g = dy[0]
     # Promote 1-D operands to matrices, as numpy.matmul does, so one formula serves all ranks.

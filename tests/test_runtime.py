@@ -12,7 +12,7 @@ import pytest
 
 from onnxcam import Explainer
 from onnxcam.errors import ModelError, OptionError
-from onnxcam.explain.noise import image_generator, noise_sigma, noisy_batches
+from onnxcam.explain.noise import content_key, noise_sigma, noisy_batches, sample_generator
 from onnxcam.graph.rewrite import build_gradient_model
 from onnxcam.runtime import cache as cache_module
 from onnxcam.runtime.cache import cache_dir, load_gradient_model
@@ -266,11 +266,13 @@ def test_noise_memory_is_bounded_by_the_batch():
     assert max(len(c.inputs) for c in chunks) == 16
 
 
-def test_generator_is_derived_from_seed_and_index():
-    a = image_generator(1, 0).standard_normal(4)
-    assert np.array_equal(a, image_generator(1, 0).standard_normal(4))
-    assert not np.array_equal(a, image_generator(1, 1).standard_normal(4))
-    assert not np.array_equal(a, image_generator(2, 0).standard_normal(4))
+def test_generator_is_derived_from_seed_image_and_sample():
+    key = content_key(random_inputs(1, seed=5)[0])
+    a = sample_generator(1, key, 0).standard_normal(4)
+    assert np.array_equal(a, sample_generator(1, key, 0).standard_normal(4))
+    assert not np.array_equal(a, sample_generator(1, key, 1).standard_normal(4))
+    assert not np.array_equal(a, sample_generator(1, key + 1, 0).standard_normal(4))
+    assert not np.array_equal(a, sample_generator(2, key, 0).standard_normal(4))
 
 
 def test_cache_key_follows_the_rewriters_source(monkeypatch):

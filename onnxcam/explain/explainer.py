@@ -603,7 +603,8 @@ class Explainer:
             logits = pair_logits[first]
         return _Clean(pair_image, pair_class, seeds, activation, gradient, logits)
 
-    def _noisy_passes(self, session: GradientSession, inputs: np.ndarray, clean: _Clean, accumulators: dict, samples: int, noise_level: float, seed: int,
+    def _noisy_passes(self, session: GradientSession, inputs: np.ndarray, clean: _Clean,
+                      accumulators: dict, samples: int, noise_level: float, seed: int,
                       batch: int) -> None:
         """Feed every accumulator the gradients of ``samples`` noisy copies of every pair's image."""
         pair_image = clean.pair_image

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onnxcam.errors import DataError, OptionError, TargetError
+from onnxcam.metrics.regions import check_maps
 
 __all__ = [
     "DeletionInsertionResult",
@@ -64,12 +65,7 @@ def _check_inputs(images: Any, maps: Any, classes: Any) -> tuple[np.ndarray, np.
     m = np.asarray(maps)
     if m.shape != (n, h, w):
         raise DataError(f"maps: expected shape ({n}, {h}, {w}) to match the images, got {m.shape}")
-    if not np.issubdtype(m.dtype, np.number) or np.iscomplexobj(m):
-        raise DataError(f"maps: expected real numbers, got dtype {m.dtype}")
-    m = m.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(m)):
-        bad = int(np.argwhere(~np.isfinite(m))[0, 0])
-        raise DataError(f"maps[{bad}] contains NaN or infinity")
+    m = check_maps(m)
     c = np.asarray(classes)
     if c.ndim == 0:
         c = np.full(n, c)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxcam.errors import DataError, OptionError
-from onnxcam.metrics.regions import _check_regions, instance_masks, region_mask
+from onnxcam.metrics.regions import _check_regions, check_maps, instance_masks, region_mask
 
 __all__ = [
     "EnergyPointingResult",
@@ -23,23 +23,6 @@ __all__ = [
     "instance_coverage",
     "pointing_game",
 ]
-
-
-def _check_maps(maps: Any, what: str = "maps") -> np.ndarray:
-    arr = np.asarray(maps)
-    if arr.ndim != 3:
-        raise DataError(f"{what}: expected a batch of maps of shape (N, H, W), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise DataError(f"{what}: the batch is empty")
-    if arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise DataError(f"{what}: maps of shape {arr.shape[1:]} have no pixels")
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise DataError(f"{what}: expected real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
-        raise DataError(f"{what}[{bad}] contains NaN or infinity")
-    return arr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +58,7 @@ def pointing_game(maps: Any, regions: Sequence[Any], tolerance: float = 15) -> P
 
     accuracy = hits / (hits + misses).
     """
-    arr = _check_maps(maps)
+    arr = check_maps(maps)
     n, h, w = arr.shape
     _check_regions(regions, n)
     try:
@@ -123,7 +106,7 @@ def energy_pointing_game(maps: Any, regions: Sequence[Any]) -> EnergyPointingRes
     boxes or masks. Maps must be non-negative (CAMs after ReLU). A map whose total is 0 gets a
     share of 0, never NaN. ``mean`` is the mean of the shares.
     """
-    arr = _check_maps(maps)
+    arr = check_maps(maps)
     n, h, w = arr.shape
     _check_regions(regions, n)
     if np.any(arr < 0):
@@ -178,7 +161,7 @@ def instance_coverage(
     ``min_instances`` instances (default 2: the images with several instances of the class) are
     reported per image but left out of the aggregates; set ``min_instances=1`` to include all.
     """
-    arr = _check_maps(maps)
+    arr = check_maps(maps)
     n, h, w = arr.shape
     _check_regions(boxes_per_image, n, "boxes_per_image")
     try:

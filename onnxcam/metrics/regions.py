@@ -199,3 +199,21 @@ def _check_regions(regions: Sequence[Any], n: int, what: str = "regions") -> Non
         raise DataError(f"{what}: expected one region (boxes or mask) per map") from None
     if count != n:
         raise DataError(f"{what}: {count} regions for {n} maps (expected one per map)")
+
+
+def check_maps(maps: Any, what: str = "maps") -> np.ndarray:
+    """A batch of real, finite maps (N, H, W) as float64, or a one-line DataError."""
+    arr = np.asarray(maps)
+    if arr.ndim != 3:
+        raise DataError(f"{what}: expected a batch of maps of shape (N, H, W), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise DataError(f"{what}: the batch is empty")
+    if arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise DataError(f"{what}: maps of shape {arr.shape[1:]} have no pixels")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise DataError(f"{what}: expected real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
+        raise DataError(f"{what}[{bad}] contains NaN or infinity")
+    return arr

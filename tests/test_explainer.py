@@ -217,7 +217,7 @@ def test_same_seed_gives_bit_identical_maps_for_any_batch_size(mlp_head_model):
 
 
 def test_noise_of_an_image_does_not_depend_on_the_other_images(mlp_head_model):
-    """An image's noise comes from (seed, the image itself): the same image gives the same map
+    """An image's noise comes from (seed, sample number) alone: the same image gives the same map
     whatever the other images of the call are and wherever it stands among them."""
     inputs = random_inputs(3, seed=9)
     other = inputs.copy()
@@ -411,6 +411,27 @@ def test_images_paths_pil_and_nhwc_arrays(linear_model, tmp_path):
         explainer.explain(np.zeros((1, 3, 16, 16), np.float32))
     with pytest.raises(ImageError, match="no such file"):
         explainer.explain([tmp_path / "missing.png"])
+
+
+def test_groups_of_files_are_decoded_ahead_and_a_bad_file_stops_where_it_is_met(linear_model, tmp_path,
+                                                                               monkeypatch):
+    """Many images run in groups, the next group decoded while the current one runs: the maps do
+    not depend on the grouping, and a broken file raises after the groups before it were given."""
+    import onnxcam.explain.explainer as explainer_module
+
+    paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(5)]
+    explainer = Explainer(linear_model, preprocess="unit", batch_size=2)
+    whole = explainer.explain(paths, method="gradcam")
+    monkeypatch.setattr(explainer_module, "GROUP_MEMORY", 1)  # one batch per group
+    grouped = explainer.explain(paths, method="gradcam")
+    assert [r.source for r in grouped] == [str(p) for p in paths]
+    assert all(np.array_equal(a.raw_map, b.raw_map) for a, b in zip(whole, grouped))
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    seen = []
+    with pytest.raises(ImageError, match="3.png"):
+        for index, _ in explainer.iter_explain(paths, methods=["gradcam"]):
+            seen.append(index)
+    assert seen == [0, 1]
 
 
 def test_dynamic_input_size_is_fixed_by_size(tmp_path):

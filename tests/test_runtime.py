@@ -12,7 +12,8 @@ import pytest
 
 from onnxcam import Explainer
 from onnxcam.errors import ModelError, OptionError
-from onnxcam.explain.noise import content_key, noise_sigma, noisy_batches, sample_generator
+from onnxcam.explain.explainer import MAX_BATCH
+from onnxcam.explain.noise import NoiseBank, noise_sigma, noisy_batches, sample_generator
 from onnxcam.graph.rewrite import build_gradient_model
 from onnxcam.runtime import cache as cache_module
 from onnxcam.runtime.cache import cache_dir, load_gradient_model
@@ -144,7 +145,7 @@ def test_layer_beside_a_skip_connection_cannot_be_cut_but_still_explains(tmp_pat
 
 
 def test_batch_size_is_bounded_and_overridable(model_path):
-    assert Explainer(model_path).batch_size == 16
+    assert Explainer(model_path).batch_size == MAX_BATCH == 8
     assert Explainer(model_path, batch_size=3).batch_size == 3
     with pytest.raises(OptionError, match="batch size"):
         Explainer(model_path, batch_size=0)
@@ -233,12 +234,12 @@ def test_cache_key_includes_versions(monkeypatch):
 # noise
 
 
-def test_noise_is_per_image_and_independent_of_the_batch_size():
+def test_noise_is_independent_of_the_batch_size_and_of_the_other_images():
     images = random_inputs(3, seed=2)
     by_batch = {}
     for batch in (1, 4, 7, 100):
         samples = {}
-        for chunk in noisy_batches(images, 5, 0.2, 42, batch):
+        for chunk in noisy_batches(images, 5, 0.2, 42, batch, bank=NoiseBank(0)):
             assert len(chunk.inputs) <= batch
             for row, sample, values in zip(chunk.rows, chunk.sample, chunk.inputs):
                 samples[(int(row), int(sample))] = values
@@ -253,10 +254,13 @@ def test_noise_is_per_image_and_independent_of_the_batch_size():
         sigma = noise_sigma(images[row], 0.2)
         assert sigma == pytest.approx(0.2 * float(images[row].max() - images[row].min()))
         assert abs(noise.std() / sigma - 1) < 0.02
-    # the image itself picks its stream, not its position among the images
+    # common random numbers: sample s of every image is sigma * z_s, wherever the image stands
     moved = list(noisy_batches(images[2:], 1, 0.2, 42, 8))[0]
     assert np.array_equal(moved.inputs[0], by_batch[1][(2, 0)])
-    assert not np.array_equal(by_batch[1][(0, 0)] - images[0], by_batch[1][(1, 0)] - images[1])
+    z = [(by_batch[1][(row, 3)] - images[row]) / noise_sigma(images[row], 0.2) for row in range(3)]
+    np.testing.assert_allclose(z[0], z[1], atol=1e-5)
+    np.testing.assert_allclose(z[0], z[2], atol=1e-5)
+    assert not np.allclose(by_batch[1][(0, 0)] - images[0], by_batch[1][(0, 1)] - images[0])
 
 
 def test_noise_memory_is_bounded_by_the_batch():
@@ -266,13 +270,42 @@ def test_noise_memory_is_bounded_by_the_batch():
     assert max(len(c.inputs) for c in chunks) == 16
 
 
-def test_generator_is_derived_from_seed_image_and_sample():
-    key = content_key(random_inputs(1, seed=5)[0])
-    a = sample_generator(1, key, 0).standard_normal(4)
-    assert np.array_equal(a, sample_generator(1, key, 0).standard_normal(4))
-    assert not np.array_equal(a, sample_generator(1, key, 1).standard_normal(4))
-    assert not np.array_equal(a, sample_generator(1, key + 1, 0).standard_normal(4))
-    assert not np.array_equal(a, sample_generator(2, key, 0).standard_normal(4))
+def test_generator_is_derived_from_seed_and_sample():
+    a = sample_generator(1, 0).standard_normal(4)
+    assert np.array_equal(a, sample_generator(1, 0).standard_normal(4))
+    assert not np.array_equal(a, sample_generator(1, 1).standard_normal(4))
+    assert not np.array_equal(a, sample_generator(2, 0).standard_normal(4))
+
+
+def test_noise_bank_serves_the_values_it_would_draw_and_keeps_to_its_budget():
+    shape = (3, 8, 8)
+    one = 4 * 3 * 8 * 8
+    bank = NoiseBank(budget=5 * one)
+    first = [bank.standard_normal(7, s, shape, np.float32) for s in range(8)]
+    for s, values in enumerate(first):
+        assert np.array_equal(values, sample_generator(7, s).standard_normal(shape, dtype=np.float32))
+        assert not values.flags.writeable
+    assert bank.nbytes == 5 * one  # the first five kept; a group never evicts its own samples
+    assert bank.standard_normal(7, 0, shape, np.float32) is first[0]
+    assert bank.standard_normal(7, 6, shape, np.float32) is not first[6]
+    # a new seed makes room by dropping the least recently used group
+    other = bank.standard_normal(8, 0, shape, np.float32)
+    assert bank.nbytes == one
+    assert bank.standard_normal(8, 0, shape, np.float32) is other
+    assert not np.array_equal(other, first[0])
+    # a sample larger than the budget is drawn but never kept
+    tiny = NoiseBank(budget=one - 1)
+    tiny.standard_normal(7, 0, shape, np.float32)
+    assert tiny.nbytes == 0
+
+
+def test_noisy_batches_give_the_same_inputs_with_or_without_the_bank():
+    images = random_inputs(2, seed=3)
+    bank = NoiseBank()
+    runs = [np.concatenate([c.inputs for c in noisy_batches(images, 4, 0.1, 5, 3, bank=b)])
+            for b in (NoiseBank(0), bank, bank)]
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[1], runs[2])
+    assert bank.nbytes > 0
 
 
 def test_cache_key_follows_the_rewriters_source(monkeypatch):

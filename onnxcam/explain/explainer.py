@@ -23,10 +23,10 @@ folder of any size; the results do not depend on the grouping):
    the noisy passes are skipped; the record says ``noisy_passes_skipped: true``.
 4. Maps are computed at layer resolution (``raw_map``) and upsampled/normalised on demand.
 
-Determinism: the noise of an image comes from its own generator seeded by (seed, the image's
-content), whichever other images share the call, and
-the moments are accumulated sample by sample in sample order, so the same seed gives the same map
-bit for bit on the CPU whatever the batch size.
+Determinism: noisy sample s of every image uses the standard normal array z_s of generator (seed,
+s) (common random numbers, ``onnxcam.explain.noise``), and the moments are accumulated sample by
+sample in sample order, so the same seed gives the same map bit for bit on the CPU whatever the
+batch size and whichever other images share the call.
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ from onnxcam.runtime.session import FORWARD, FULL, HEAD, GradientSession
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
-#: ONNX Runtime's CPU throughput is flat from batch 4 to 32 (measured per image: MobileNetV2
-#: 3.5-3.8 ms, ResNet-50 27-29 ms, EfficientNet-Lite0 4.0-4.4 ms on 2 cores), so a smaller cap costs
-#: no speed and keeps peak memory the same for n = 25 and n = 200 samples.
-MAX_BATCH = 16
+#: Measured on 2 cores (scripts/bench.py's models, 25 inputs through the rewritten model): batch 8
+#: was as fast as 16 or 25 on ResNet-50 and 5-10% faster on MobileNetV2 and EfficientNet-Lite0,
+#: whose activations at batch 16 outgrow the caches; batch 1 was 10-20% slower. A cap of 8 also
+#: keeps peak memory the same for n = 25 and n = 200 samples.
+MAX_BATCH = 8
 #: Memory bound for one group of images' preprocessed inputs, clean A and g and moment sums.
 GROUP_MEMORY = 256 * 2**20
 MAX_GROUP_BATCHES = 8
@@ -280,12 +281,12 @@ class Explainer:
         session.warm_up(plan)
         setup = time.perf_counter() - setup_start + self._unreported_setup.pop(gm.layer, 0.0)
 
-        for start in range(0, len(items), group):
-            chunk = items[start:start + group]
+        groups = self._loaded_groups(items, group, preprocessor)
+        if len(items) > group:  # decode the next group's images while this one runs
+            groups = prefetched(groups)
+        for start, chunk, (inputs, pictures, sizes, arrays), preprocess_s in groups:
             timings: dict[str, float] = {"setup_s": setup} if start == 0 else {"setup_s": 0.0}
             setup = 0.0
-            t0 = time.perf_counter()
-            inputs, pictures, sizes, arrays = self._load(chunk, preprocessor)
             t1 = time.perf_counter()
             chunk_classes = class_lists[start:start + group] if class_lists is not None else None
             clean = self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
@@ -305,7 +306,7 @@ class Explainer:
                     moments = moments_clean = moments_clean or GradientMoments.from_gradients(clean.gradient)
                 computed[name] = cam.compute(clean.activation, moments)
             t4 = time.perf_counter()
-            timings.update(preprocess_s=t1 - t0, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
+            timings.update(preprocess_s=preprocess_s, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
                            cam_s=t4 - t3, images=len(chunk))
             probabilities = self._probabilities(clean.logits)
             per_image: dict[int, dict[str, list[Explanation]]] = {row: {} for row in range(len(chunk))}
@@ -501,6 +502,14 @@ class Explainer:
         if not np.all(np.isfinite(array)):
             raise ImageError("the image array contains NaN or infinite values")
         return [_Item(i, array=array[i]) for i in range(len(array))]
+
+    def _loaded_groups(self, items: list[_Item], group: int, preprocessor: Preprocessor | None):
+        """(start, items, loaded batch, seconds spent loading) for each group of ``group`` items."""
+        for start in range(0, len(items), group):
+            chunk = items[start:start + group]
+            began = time.perf_counter()
+            loaded = self._load(chunk, preprocessor)
+            yield start, chunk, loaded, time.perf_counter() - began
 
     def _load(self, items: list[_Item], preprocessor: Preprocessor | None):
         """Preprocessed batch, PIL images (for overlays), map sizes (H, W), array inputs (H,W,C)."""

@@ -235,6 +235,38 @@ def test_noise_of_an_image_does_not_depend_on_the_other_images(mlp_head_model):
     assert not np.array_equal(explainer.explain(inputs[:1], samples=4, seed=4)[0].raw_map, first[0].raw_map)
 
 
+@pytest.mark.parametrize("averaging", ["moments", "maps"])
+def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, averaging, monkeypatch):
+    """The GPU path (noisy batch made in the graph from bound images and a bound noise bank),
+    run here on the CPU, gives the same maps as the NumPy noise, and uploads the bank once."""
+    import onnxcam.explain.explainer as explainer_module
+    from onnxcam.runtime.session import NOISY
+
+    inputs = random_inputs(3, seed=21)
+    numpy_noise = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=False)
+    in_graph = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=True)
+    made = []
+    real_stack = explainer_module.standard_normal_stack
+    monkeypatch.setattr(explainer_module, "standard_normal_stack",
+                        lambda *a, **k: made.append(a) or real_stack(*a, **k))
+    expected = numpy_noise.explain(inputs, samples=5, seed=11, averaging=averaging)
+    got = in_graph.explain(inputs, samples=5, seed=11, averaging=averaging)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-6, atol=1e-7)
+    assert in_graph.session.calls[NOISY] == math.ceil(3 * 5 / 4)
+    assert numpy_noise.session.calls[NOISY] == 0
+    again = in_graph.explain(inputs[:1], samples=5, seed=11, averaging=averaging)
+    np.testing.assert_array_equal(again[0].raw_map, got[0].raw_map)
+    assert len(made) == 1  # the bank stayed bound between the two calls
+    in_graph.explain(inputs[:1], samples=5, seed=12, averaging=averaging)
+    assert len(made) == 2
+
+
+def test_noise_in_graph_is_validated(mlp_head_model):
+    with pytest.raises(OptionError, match="noise_in_graph"):
+        Explainer(mlp_head_model, noise_in_graph="yes")
+
+
 @pytest.mark.parametrize("count,samples,batch", [(3, 5, 4), (2, 25, 8), (1, 7, 32), (5, 3, 2)])
 def test_noisy_samples_take_ceil_n_times_images_over_batch_runs(mlp_head_model, count, samples, batch):
     explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)

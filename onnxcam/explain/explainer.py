@@ -47,9 +47,9 @@ from onnxcam.cams import CamMethod, GradientMoments, get_method
 from onnxcam.errors import ImageError, LayerError, ModelError, OptionError, TargetError
 from onnxcam.explain import targets as tg
 from onnxcam.explain.labels import metadata_value, resolve_labels
-from onnxcam.explain.noise import check_noise_options, noisy_batches
+from onnxcam.explain.noise import check_noise_options, noise_sigma, noisy_batches, standard_normal_stack
 from onnxcam.explain.result import Explanation
-from onnxcam.graph.rewrite import GradientModel
+from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
@@ -101,11 +101,15 @@ class Explainer:
     ``onnxcam inspect``). ``score``: a tensor name for neuron-level CAMs (then pass ``neuron=`` to
     explain). ``device``: "auto" (default: CUDA when a session really gets it), "cpu" or "cuda".
     ``batch_size``: images or noisy samples per run (default: chosen from the input and layer
-    sizes under a 256 MiB bound, 1 to 16). ``preprocess``: a preset name (imagenet, caffe, unit,
+    sizes under a 256 MiB bound, 1 to 8). ``preprocess``: a preset name (imagenet, caffe, unit,
     symmetric, raw; default: the model's metadata onnxcam.mean/std, else imagenet); ``mean``/``std``
     override it; ``size`` = (H, W) for models with a dynamic input size. ``labels``: a file or a
     list of class names (default: metadata onnxcam.labels, or ImageNet for 1000 classes).
     ``cache``: keep rewritten models in the disk cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).
+    ``noise_in_graph``: make Smooth Grad-CAM++'s noisy batches inside the model, from the clean
+    images and a noise bank kept on the device (I/O binding); None (default) does so on CUDA,
+    where it keeps the noisy inputs off the bus, and uses NumPy on the CPU, where memory stays
+    bounded by the batch whatever the number of samples.
 
     The rewrite and the runtime sessions are made once per (layer, score) and reused.
     """
@@ -115,13 +119,16 @@ class Explainer:
                  preprocess: str | None = None, mean: Sequence[float] | float | None = None,
                  std: Sequence[float] | float | None = None, size: Sequence[int] | None = None,
                  labels: str | os.PathLike | Sequence[str] | None = None, cache: bool = True,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, noise_in_graph: bool | None = None) -> None:
         self.model_source = model
         self.model_name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
         self.requested_device = check_device(device)
         self.use_cache = bool(cache)
         self.threads = threads
         self._batch_option = _check_batch_size(batch_size)
+        if noise_in_graph not in (None, True, False):
+            raise OptionError(f"noise_in_graph {noise_in_graph!r} must be True, False or None (automatic)")
+        self.noise_in_graph = noise_in_graph
         self._models: dict[tuple, GradientModel] = {}
         self._sessions: dict[tuple, GradientSession] = {}
         self.setup_timings: dict[str, float] = {}
@@ -621,6 +628,10 @@ class Explainer:
         if one_each or not session.has_split:
             # units = (pair, sample); pairs of the same image get the same noise (same generator)
             pair_inputs = inputs if one_each else inputs[pair_image]
+            if self._noise_in_graph(session, pair_inputs):
+                self._noisy_passes_in_graph(session, pair_inputs, clean, accumulators, samples,
+                                            noise_level, seed, batch)
+                return
             for chunk in prefetched(noisy_batches(pair_inputs, samples, noise_level, seed, batch)):
                 activation, gradient, _ = session.run(chunk.inputs, clean.seeds[chunk.rows])
                 _feed(accumulators, chunk.rows, gradient, activation)
@@ -638,14 +649,39 @@ class Explainer:
                 _feed(accumulators, pairs[part], gradient, unit_activation)
 
 
+    def _noise_in_graph(self, session: GradientSession, inputs: np.ndarray) -> bool:
+        if self.noise_in_graph is not None:
+            return self.noise_in_graph
+        return session.device == "cuda" and session.input_dtype == np.float32
+
+    @staticmethod
+    def _noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: _Clean,
+                               accumulators: dict, samples: int, noise_level: float, seed: int,
+                               batch: int) -> None:
+        """The noisy passes with the noisy batch made in the graph (``GradientSession.run_noisy``):
+        the same units, in the same order, as ``noisy_batches``."""
+        shape = tuple(inputs.shape[1:])
+        sigma = np.array([noise_sigma(image, noise_level) for image in inputs], dtype=np.float32)
+        session.bind_noise(inputs, sigma, (seed, samples, shape),
+                           lambda: standard_normal_stack(seed, samples, shape))
+        keep_maps = any(getattr(a, "keep_maps", False) for a in accumulators.values())
+        outputs = (GRADIENT, ACTIVATION) if keep_maps else (GRADIENT,)
+        total = len(inputs) * samples
+        for start in range(0, total, batch):
+            units = np.arange(start, min(start + batch, total))
+            rows, sample = units // samples, units % samples
+            fetched = session.run_noisy(rows, sample, clean.seeds[rows], outputs)
+            _feed(accumulators, rows, fetched[0], fetched[1] if keep_maps else None)
+
+
 # -- helpers -------------------------------------------------------------------------------------
-def _feed(accumulators: dict, rows: np.ndarray, gradient: np.ndarray, activation: np.ndarray) -> None:
+def _feed(accumulators: dict, rows: np.ndarray, gradient: np.ndarray, activation: np.ndarray | None) -> None:
     """Add samples one at a time, in order: the float64 sums then do not depend on how the
     samples were cut into batches (bit-identical maps for any batch size)."""
     for i in range(len(rows)):
         one = slice(i, i + 1)
         for accumulator in accumulators.values():
-            accumulator.add(rows[one], gradient[one], activation[one])
+            accumulator.add(rows[one], gradient[one], None if activation is None else activation[one])
 
 
 def _full_runs(session: GradientSession, inputs: np.ndarray, seeds: np.ndarray, batch: int):

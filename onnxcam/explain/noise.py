@@ -160,3 +160,16 @@ def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: in
 
         list(_pool().map(fill, range(stop - start)))
         yield NoisyBatch(rows=rows, sample=sample, inputs=inputs)
+
+
+def standard_normal_stack(seed: int, samples: int, shape: tuple, dtype=np.float32,
+                          bank: NoiseBank | None = None) -> np.ndarray:
+    """``z_0 .. z_{samples-1}`` as one (samples, *shape) array, for noise made in the graph."""
+    bank = BANK if bank is None else bank
+    out = np.empty((samples, *shape), dtype=dtype)
+
+    def fill(sample: int) -> None:
+        out[sample] = bank.standard_normal(seed, sample, tuple(shape), dtype)
+
+    list(_pool().map(fill, range(samples)))
+    return out

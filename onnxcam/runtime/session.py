@@ -13,7 +13,13 @@ nothing), where two runs of the whole model would cost two forward passes. The c
 when every path from the input to the score passes through the layer (true for the automatic
 choice); otherwise ``has_split`` is False and callers run the whole model twice.
 
-``run_calls`` counts every ``InferenceSession.run`` (all three models), ``calls`` per model.
+A fourth model, the *noisy* one (``onnxcam.graph.noisy``), makes the noisy batch in the graph:
+``bind_noise`` puts the clean images, their sigmas and the bank of standard normal samples on the
+session's device once per call (ONNX Runtime I/O binding), then each ``run_noisy`` sends only the
+(image, sample) indices of a batch and fetches only the outputs asked for. That is the GPU path:
+the noisy inputs never cross the bus.
+
+``run_calls`` counts every ``InferenceSession.run`` (all models), ``calls`` per model.
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 from onnx.utils import Extractor
 
+from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
 from onnxcam.runtime.providers import check_device, create_session
 
-FULL, FORWARD, HEAD = "full", "forward", "head"
+FULL, FORWARD, HEAD, NOISY = "full", "forward", "head", "noisy"
 
 
 class GradientSession:
@@ -45,6 +53,8 @@ class GradientSession:
         self._sessions: dict[str, object] = {}
         self._parts: dict[str, onnx.ModelProto] | None = None
         self._split_possible: bool | None = None
+        self._bound: dict[str, ort.OrtValue] = {}
+        self._noise_key: object = None
         graph_input = next(i for i in gradient_model.model.graph.input if i.name == gradient_model.input_name)
         self.input_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type))
 
@@ -72,6 +82,37 @@ class GradientSession:
                                 {self.gradient_model.layer: self._as_input(activation),
                                  SEED: self._as_input(seed)})
         return gradient
+
+    def bind_noise(self, images: np.ndarray, sigma: np.ndarray, noise_key: object, make_noise) -> None:
+        """Put the clean images, their sigmas and the noise bank on the noisy model's device.
+        ``make_noise()`` gives the (samples, ...) bank; it is called only when ``noise_key``
+        differs from the previous call's, so the bank stays on the device between calls."""
+        self._session(NOISY)
+        device = "cuda" if self.device == "cuda" else "cpu"
+        if self._noise_key != noise_key or noisy.NOISE not in self._bound:
+            self._bound.pop(noisy.NOISE, None)  # free the old bank before making the new one
+            self._bound[noisy.NOISE] = ort.OrtValue.ortvalue_from_numpy(self._as_input(make_noise()), device, 0)
+            self._noise_key = noise_key
+        self._bound[noisy.IMAGES] = ort.OrtValue.ortvalue_from_numpy(self._as_input(images), device, 0)
+        self._bound[noisy.SIGMA] = ort.OrtValue.ortvalue_from_numpy(self._as_input(sigma), device, 0)
+
+    def run_noisy(self, rows: np.ndarray, samples: np.ndarray, seed: np.ndarray,
+                  outputs: tuple[str, ...] = (GRADIENT,)) -> list[np.ndarray]:
+        """``outputs`` for the noisy inputs ``images[rows] + sigma[rows] * noise[samples]``
+        (after ``bind_noise``), fetched to the host."""
+        session = self._session(NOISY)
+        binding = session.io_binding()
+        for name in (noisy.IMAGES, noisy.NOISE, noisy.SIGMA):
+            binding.bind_ortvalue_input(name, self._bound[name])
+        binding.bind_cpu_input(noisy.ROWS, np.ascontiguousarray(rows, dtype=np.int64))
+        binding.bind_cpu_input(noisy.SAMPLES, np.ascontiguousarray(samples, dtype=np.int64))
+        binding.bind_cpu_input(SEED, self._as_input(seed))
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        self.run_calls += 1
+        self.calls[NOISY] += 1
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     @property
     def has_split(self) -> bool:
@@ -101,6 +142,8 @@ class GradientSession:
             return session
         if kind == FULL:
             model, what = self.gradient_model.model, "the rewritten model"
+        elif kind == NOISY:
+            model, what = noisy.build_noisy_model(self.gradient_model), "the rewritten model's noisy front"
         else:
             if not self.has_split:
                 raise RuntimeError("this layer does not split the model; use run()")

@@ -18,7 +18,9 @@ For ResNet-50, MobileNetV2, EfficientNet-Lite0 and VGG-16 at 224x224, in one run
 
 * where torch is installed: torchcam ``SmoothGradCAMpp`` (n = 25) on the same weights and
   layers (rebuilt in torch; the logits are checked against the ONNX model), and
-  pytorch-grad-cam ``GradCAMPlusPlus`` when it can be imported (it imports torchvision).
+  pytorch-grad-cam ``GradCAMPlusPlus`` of the 25 inputs when it can be imported (it imports
+  torchvision, which does not install beside this machine's CPU torch 2.13.0: run the script
+  from a venv with ``torch==2.14.1 torchvision==0.29.1 grad-cam torchcam`` and onnxcam).
 
 Times are medians over ``--repeats`` rounds after ``--warmup`` rounds; within a round the
 configurations alternate, so drift in the machine's load hits all of them alike. Peak memory is
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import itertools
 import json
 import os
 import platform
@@ -121,11 +124,19 @@ def module(model, dotted: str):
 
 
 # -- timing ---------------------------------------------------------------------------------
-def time_alternating(runs: dict, repeats: int, warmup: int, log) -> dict[str, list[float]]:
+def time_alternating(runs: dict, repeats: int, warmup: int, log, settle: float = 0.0) -> dict[str, list[float]]:
+    """Times of each run per round, the runs alternating within a round.
+
+    ``settle`` seconds of sleep before each timed run: ONNX Runtime's worker threads keep spinning
+    for a while after a run, and on 2 cores the spinning threads of the session that ran just
+    before took 20-40% of the next configuration's time when that one used another session
+    (measured: 25 MobileNetV2 forwards took 181-186 ms right after another session, 129-145 ms
+    after the same session or after a 0.2 s pause)."""
     times = {name: [] for name in runs}
     for round_ in range(warmup + repeats):
         for name, run in runs.items():
             gc.collect()
+            time.sleep(settle)
             start = time.perf_counter()
             run()
             elapsed = time.perf_counter() - start
@@ -156,6 +167,7 @@ def bench_model(spec: Spec, args, log) -> dict:
             "default_linear": default.path_is_linear, "honest_linear": honest.path_is_linear,
             "batch": default.batch_size, "honest_batch": honest.batch_size}
 
+    fresh_seeds = itertools.count(1000)
     runs = {
         "floor batched": lambda: plain.run(None, {input_name: x25}),
         "floor one by one": lambda: [plain.run(None, {input_name: s}) for s in singles],
@@ -165,6 +177,9 @@ def bench_model(spec: Spec, args, log) -> dict:
         "onnxcam Smooth Grad-CAM++ default layer, maps": lambda: default.explain(
             x1, samples=SAMPLES, averaging="maps"),
         "onnxcam Smooth Grad-CAM++ last block's input": lambda: honest.explain(x1, samples=SAMPLES),
+        # a new seed per call: the noise is drawn every time (the bank cannot serve it)
+        "onnxcam Smooth Grad-CAM++ last block's input, new seed": lambda: honest.explain(
+            x1, samples=SAMPLES, seed=next(fresh_seeds)),
     }
     skipped = default.explain(x1, samples=SAMPLES)[0].noisy_passes_skipped
     info["default_skipped"] = bool(skipped)
@@ -182,9 +197,9 @@ def bench_model(spec: Spec, args, log) -> dict:
             model = torch_model(spec.name)
             info["torch_logits_rel_err"] = logits_agree(model, plain, x25[:2])
             runs.update(_torchcam_runs(model, spec, x1, info, cleanup))
-            runs.update(_gradcam_runs(model, spec, x1, info))
+            runs.update(_gradcam_runs(model, spec, x25, info))
     log(f"  {spec.title}: {json.dumps(info)}")
-    times = time_alternating(runs, args.repeats, args.warmup, log)
+    times = time_alternating(runs, args.repeats, args.warmup, log, args.settle)
     for close in cleanup:
         close()
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -223,18 +238,23 @@ def _torchcam_runs(model, spec, x1, info, cleanup) -> dict:
     return runs
 
 
-def _gradcam_runs(model, spec, x1, info) -> dict:
+def _gradcam_runs(model, spec, x25, info) -> dict:
+    """pytorch-grad-cam's Grad-CAM++ of the 25 inputs as 25 images (one batch), to set beside
+    onnxcam's Grad-CAM++ x25."""
     try:
         from pytorch_grad_cam import GradCAMPlusPlus  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - it imports torchvision at package import
         info["pytorch_grad_cam"] = f"not importable: {type(exc).__name__}: {exc}"
         return {}
+    from importlib.metadata import version
+
     import torch
     from pytorch_grad_cam import GradCAMPlusPlus
 
+    info["pytorch_grad_cam"] = f"grad-cam {version('grad-cam')}"
     cam = GradCAMPlusPlus(model=model, target_layers=[module(model, spec.torch_default)])
-    tensor = torch.from_numpy(x1)
-    return {"pytorch-grad-cam GradCAMPlusPlus default layer": lambda: cam(input_tensor=tensor)}
+    tensor = torch.from_numpy(x25)
+    return {"pytorch-grad-cam GradCAMPlusPlus default layer": lambda: cam(input_tensor=tensor, targets=None)}
 
 
 # -- memory (one fresh child process per configuration) ----------------------------------------
@@ -309,19 +329,24 @@ def report(results: dict, args, load: tuple, started: float) -> str:
              f"Load average at start / end: {load[0]:.2f} / {load[1]:.2f} (the machine was shared with other "
              "work: absolute times are noisy, the ratios within one round less so). "
              f"Medians of {args.repeats} rounds after {args.warmup} warm-up round(s); configurations alternate "
-             f"within a round. Whole run: {(time.perf_counter() - started) / 60:.1f} min. Times in seconds.",
+             f"within a round, each after a {args.settle:g} s pause (idle ONNX Runtime threads of the "
+             f"previous configuration's session stop spinning). Whole run: {(time.perf_counter() - started) / 60:.1f} min. Times in seconds.",
              "",
              "Inputs: random 224x224 inputs. Floor = plain ONNX Runtime forward of the 25 inputs, batched "
              "(one run of 25) and one by one (25 runs of 1). Grad-CAM / Grad-CAM++: the 25 inputs as "
-             "25 images. Smooth Grad-CAM++: one image, n = 25 noisy samples, predicted class.",
+             "25 images. Smooth Grad-CAM++: one image, n = 25 noisy samples, predicted class; the same "
+             "seed every call (the standard normal samples come from the in-process noise bank after the "
+             "first call, as for every image of a folder) and, in the \"new seed\" column, a new seed "
+             "per call (the noise is drawn every time: a one-off explanation).",
              "",
              "GPU: no GPU was lent to the session that made this table; the GPU figures (CUDA EP) are "
              "left for later.", ""]
     lines += ["## Times (s, median)", "",
               "| model | floor batched | floor one by one | Grad-CAM x25 | Grad-CAM++ x25 | "
               "Smooth default layer, moments | Smooth default layer, maps | Smooth last block's input | "
-              "torchcam default layer | torchcam last block's input | pytorch-grad-cam GradCAM++ |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Smooth last block's input, new seed | "
+              "torchcam default layer | torchcam last block's input | pytorch-grad-cam GradCAM++ x25 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         m = r["median"]
         lines.append("| " + " | ".join([
@@ -331,6 +356,7 @@ def report(results: dict, args, load: tuple, started: float) -> str:
             + (" (noisy passes skipped: exact)" if r["info"].get("default_skipped") else ""),
             _fmt(m.get("onnxcam Smooth Grad-CAM++ default layer, maps")),
             _fmt(m.get("onnxcam Smooth Grad-CAM++ last block's input")),
+            _fmt(m.get("onnxcam Smooth Grad-CAM++ last block's input, new seed")),
             _fmt(m.get("torchcam SmoothGradCAMpp default layer")),
             _fmt(m.get("torchcam SmoothGradCAMpp last block's input")),
             _fmt(m.get("pytorch-grad-cam GradCAMPlusPlus default layer"))]) + " |")
@@ -339,9 +365,11 @@ def report(results: dict, args, load: tuple, started: float) -> str:
               "torchcam / onnxcam >= 2 (ResNet-50), >= 4 (MobileNetV2, EfficientNet-Lite0); "
               "peak RSS n = 200 <= 1.2 x n = 25.", "",
               "| model | faster floor | Smooth default moments / floor | Smooth default maps / floor | "
-              "Smooth last block / floor | torchcam / onnxcam, default layer (moments) | "
-              "torchcam / onnxcam, last block's input | torch vs ONNX logits (max rel. diff) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Smooth last block / floor | Smooth last block, new seed / floor | "
+              "torchcam / onnxcam, default layer (moments) | "
+              "torchcam / onnxcam, last block's input | torchcam / onnxcam, last block, new seed | "
+              "pytorch-grad-cam / onnxcam, Grad-CAM++ x25 | torch vs ONNX logits (max rel. diff) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         m = r["median"]
         floor = min(m["floor batched"], m["floor one by one"])
@@ -352,10 +380,15 @@ def report(results: dict, args, load: tuple, started: float) -> str:
             _ratio(m.get("onnxcam Smooth Grad-CAM++ default layer, moments"), floor),
             _ratio(m.get("onnxcam Smooth Grad-CAM++ default layer, maps"), floor),
             _ratio(m.get("onnxcam Smooth Grad-CAM++ last block's input"), floor),
+            _ratio(m.get("onnxcam Smooth Grad-CAM++ last block's input, new seed"), floor),
             _ratio(m.get("torchcam SmoothGradCAMpp default layer"),
                    m.get("onnxcam Smooth Grad-CAM++ default layer, moments")),
             _ratio(m.get("torchcam SmoothGradCAMpp last block's input"),
                    m.get("onnxcam Smooth Grad-CAM++ last block's input")),
+            _ratio(m.get("torchcam SmoothGradCAMpp last block's input"),
+                   m.get("onnxcam Smooth Grad-CAM++ last block's input, new seed")),
+            _ratio(m.get("pytorch-grad-cam GradCAMPlusPlus default layer"),
+                   m.get("onnxcam Grad-CAM++ (25 images)")),
             "" if err is None else f"{err:.1e}"]) + " |")
     if any("memory" in r for r in results.values()):
         lines += ["", "## Peak memory (MiB, peak RSS of a fresh process per configuration)", "",
@@ -402,6 +435,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxcam's)")
+    parser.add_argument("--settle", type=float, default=0.25,
+                        help="seconds of pause before each timed run (idle ORT threads stop spinning)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--out", type=Path, default=REPO / "scripts" / "BENCHMARKS.md")

@@ -1,0 +1,178 @@
+"""One prepared device check: onnxcam against plain ONNX Runtime on one device (CUDA or the CPU).
+
+Issue 5's GPU targets, measured in one process on one device:
+
+* the floor: plain ONNX Runtime forward of 25 inputs at 224x224, batched and one by one, with
+  the same execution provider as onnxcam;
+* onnxcam Smooth Grad-CAM++ of one image with n = 25 at the last block's input (every noisy pass
+  runs), with the noisy batch made in the graph (``noise_in_graph=True``: the image and the noise
+  bank stay on the device, only the indices go over the bus) and with NumPy noise, and at the
+  default layer;
+* ``onnxcam explain`` (the CLI, a fresh process: start-up, rewrite from the disk cache, decoding,
+  overlays and records written) over a folder of ``--folder`` images: images per second.
+
+The device is recorded from ``nvidia-smi`` when present. Medians over ``--repeats`` rounds after a
+warm-up round; configurations alternate within a round, each after a short pause. Writes a
+markdown table (``--out``). Not a test: nothing is asserted.
+
+On the lent GPU machine (``../shared/docs/device.md``: onnxruntime-gpu on PYTHONPATH first)::
+
+    python scripts/bench_device.py --device cuda --out $OUT/DEVICE.md
+
+Here, as a CPU reference: ``.venv/bin/python scripts/bench_device.py --device cpu --models mobilenet_v2``.
+The models come from ``scripts/export_benchmark_models.py`` (needs torch, not torchvision; run it
+there when the files are missing: the ResNet-50 file is too big to carry) and ``models/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import SAMPLES, SIZE, SPECS, time_alternating  # noqa: E402
+
+
+def device_name(device: str) -> str:
+    if device == "cuda" and shutil.which("nvidia-smi"):
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                               "--format=csv,noheader"], capture_output=True, text=True)
+        if done.returncode == 0:
+            return done.stdout.strip().splitlines()[0]
+    import platform
+
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def plain_session(path: Path, device: str):
+    import onnxruntime as ort
+
+    from onnxcam.runtime.providers import CPU_PROVIDER, CUDA_PROVIDER, session_options
+
+    providers = [CUDA_PROVIDER, CPU_PROVIDER] if device == "cuda" else [CPU_PROVIDER]
+    session = ort.InferenceSession(str(path), sess_options=session_options(None), providers=providers)
+    if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
+        raise SystemExit("CUDA was asked for but the plain session fell back to the CPU")
+    return session
+
+
+def bench_model(name: str, args, log) -> dict:
+    from onnxcam import Explainer
+
+    spec = SPECS[name]
+    x25 = np.random.default_rng(0).standard_normal((SAMPLES, 3, SIZE, SIZE)).astype(np.float32)
+    x1 = x25[:1].copy()
+    plain = plain_session(spec.path, args.device)
+    input_name = plain.get_inputs()[0].name
+    graph = Explainer(spec.path, layer=spec.honest_layer, device=args.device, noise_in_graph=True)
+    host = Explainer(spec.path, layer=spec.honest_layer, device=args.device, noise_in_graph=False)
+    default = Explainer(spec.path, device=args.device)
+    runs = {
+        "floor batched": lambda: plain.run(None, {input_name: x25}),
+        "floor one by one": lambda: [plain.run(None, {input_name: x25[i:i + 1]}) for i in range(SAMPLES)],
+        "Smooth last block, noise in graph": lambda: graph.explain(x1, samples=SAMPLES),
+        "Smooth last block, NumPy noise": lambda: host.explain(x1, samples=SAMPLES),
+        "Smooth default layer": lambda: default.explain(x1, samples=SAMPLES),
+        "Grad-CAM x25": lambda: default.explain(x25, method="gradcam"),
+    }
+    times = time_alternating(runs, args.repeats, 1, log, args.settle)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    medians["explainer device"] = graph.session.device
+    return medians
+
+
+def folder_throughput(name: str, args, log) -> dict:
+    """``onnxcam explain`` over a folder of ``args.folder`` images, in a fresh process."""
+    from PIL import Image
+
+    spec = SPECS[name]
+    photos = sorted((REPO / "models" / "images").glob("*.png"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(args.folder):
+            with Image.open(photos[i % len(photos)]) as photo:
+                picture = photo.convert("RGB")
+            w, h = picture.size
+            left, top = int(rng.integers(0, w // 4)), int(rng.integers(0, h // 4))
+            picture.crop((left, top, left + 3 * w // 4, top + 3 * h // 4)).save(folder / f"{i:04d}.png")
+        command = [sys.executable, "-c", "from onnxcam.cli.main import main; main()", "explain",
+                   str(spec.path), str(folder), "--out", str(Path(tmp) / "out"), "--device", args.device]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        log(f"  onnxcam explain failed: {done.stderr[-500:]}")
+        return {}
+    log(f"  onnxcam explain, {args.folder} images: {elapsed:.1f} s")
+    return {"folder seconds": elapsed, "images per second": args.folder / elapsed}
+
+
+def report(results: dict, args, device: str) -> str:
+    import onnxruntime as ort
+
+    lines = ["# onnxcam on one device", "",
+             f"Made by `scripts/bench_device.py --device {args.device}`: {device}; onnxruntime "
+             f"{ort.__version__}. Medians of {args.repeats} rounds after one warm-up round, "
+             f"configurations alternating, each after a {args.settle:g} s pause. Times in seconds. "
+             "Smooth Grad-CAM++: one image, n = 25, predicted class.", "",
+             "| model | floor batched | floor one by one | Smooth last block, noise in graph | "
+             "Smooth last block, NumPy noise | Smooth default layer | Grad-CAM x25 | "
+             "noise in graph / floor | NumPy noise / floor | explain folder: images/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in results.items():
+        floor = min(m["floor batched"], m["floor one by one"])
+        cells = [SPECS[name].title] + [f"{m[key]:.4f}" for key in (
+            "floor batched", "floor one by one", "Smooth last block, noise in graph",
+            "Smooth last block, NumPy noise", "Smooth default layer", "Grad-CAM x25")]
+        cells += [f"{m['Smooth last block, noise in graph'] / floor:.2f}",
+                  f"{m['Smooth last block, NumPy noise'] / floor:.2f}",
+                  f"{m['images per second']:.1f}" if "images per second" in m else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Target (issue 5, GPU): Smooth Grad-CAM++ n = 25 within 1.2x of the faster floor. "
+              f"The explainer ran on: {', '.join(sorted({str(m['explainer device']) for m in results.values()}))}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2", "efficientnet_lite0"],
+                        choices=list(SPECS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--settle", type=float, default=0.25)
+    parser.add_argument("--folder", type=int, default=256, help="images for the CLI throughput (0: skip)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown report (default: print only)")
+    args = parser.parse_args(argv)
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    device = device_name(args.device)
+    log(device)
+    results = {}
+    for name in args.models:
+        if not SPECS[name].path.is_file():
+            log(f"{SPECS[name].title}: {SPECS[name].path} missing (scripts/export_benchmark_models.py)")
+            continue
+        log(SPECS[name].title)
+        results[name] = bench_model(name, args, log)
+        if args.folder:
+            results[name].update(folder_throughput(name, args, log))
+    text = report(results, args, device)
+    if args.out:
+        args.out.write_text(text)
+    log(text)
+
+
+if __name__ == "__main__":
+    main()

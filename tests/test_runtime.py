@@ -17,7 +17,7 @@ from onnxcam.explain.noise import NoiseBank, noise_sigma, noisy_batches, sample_
 from onnxcam.graph.rewrite import build_gradient_model
 from onnxcam.runtime import cache as cache_module
 from onnxcam.runtime.cache import cache_dir, load_gradient_model
-from onnxcam.runtime.providers import check_device, create_session, cuda_listed, default_threads
+from onnxcam.runtime.providers import check_device, create_session, cuda_listed, default_threads, session_options
 from onnxcam.runtime.session import GradientSession
 from tests.test_explainer import build_cnn, random_inputs, save_model
 
@@ -149,6 +149,13 @@ def test_batch_size_is_bounded_and_overridable(model_path):
     assert Explainer(model_path, batch_size=3).batch_size == 3
     with pytest.raises(OptionError, match="batch size"):
         Explainer(model_path, batch_size=0)
+
+
+def test_sessions_stop_spinning_after_each_run():
+    """An explanation alternates between sessions; idle spinning threads of one slowed the next."""
+    options = session_options(2)
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
 
 
 # ---------------------------------------------------------------------------------------------

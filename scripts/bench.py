@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SIZE = 224
 SAMPLES = 25
+FLOORS = ("floor batched", "floor one by one")
 
 
 @dataclass
@@ -242,14 +243,13 @@ def _gradcam_runs(model, spec, x25, info) -> dict:
     """pytorch-grad-cam's Grad-CAM++ of the 25 inputs as 25 images (one batch), to set beside
     onnxcam's Grad-CAM++ x25."""
     try:
-        from pytorch_grad_cam import GradCAMPlusPlus  # noqa: F401
+        from pytorch_grad_cam import GradCAMPlusPlus
     except Exception as exc:  # noqa: BLE001 - it imports torchvision at package import
         info["pytorch_grad_cam"] = f"not importable: {type(exc).__name__}: {exc}"
         return {}
     from importlib.metadata import version
 
     import torch
-    from pytorch_grad_cam import GradCAMPlusPlus
 
     info["pytorch_grad_cam"] = f"grad-cam {version('grad-cam')}"
     cam = GradCAMPlusPlus(model=model, target_layers=[module(model, spec.torch_default)])
@@ -313,11 +313,22 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _per_round(times: dict, top: str, bottom: tuple[str, ...]) -> str:
+    """Median over rounds of times[top] / min(times[b] for b in bottom) in the same round, with
+    the range: rounds share the machine's state, so this is steadier than a ratio of medians."""
+    if top not in times or any(b not in times for b in bottom):
+        return ""
+    ratios = [t / min(times[b][i] for b in bottom) for i, t in enumerate(times[top])]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def report(results: dict, args, load: tuple, started: float) -> str:
+def report(results: dict, args, run: dict) -> str:
+    """The markdown report; ``run`` holds the run's load averages and duration."""
+    load = run["load"]
     import onnxruntime as ort
 
     lines = ["# onnxcam speed and memory benchmark", "",
@@ -330,7 +341,8 @@ def report(results: dict, args, load: tuple, started: float) -> str:
              "work: absolute times are noisy, the ratios within one round less so). "
              f"Medians of {args.repeats} rounds after {args.warmup} warm-up round(s); configurations alternate "
              f"within a round, each after a {args.settle:g} s pause (idle ONNX Runtime threads of the "
-             f"previous configuration's session stop spinning). Whole run: {(time.perf_counter() - started) / 60:.1f} min. Times in seconds.",
+             "previous configuration's session stop spinning). "
+             f"Whole run: {run['minutes']:.1f} min. Times in seconds.",
              "",
              "Inputs: random 224x224 inputs. Floor = plain ONNX Runtime forward of the 25 inputs, batched "
              "(one run of 25) and one by one (25 runs of 1). Grad-CAM / Grad-CAM++: the 25 inputs as "
@@ -361,7 +373,8 @@ def report(results: dict, args, load: tuple, started: float) -> str:
             _fmt(m.get("torchcam SmoothGradCAMpp last block's input")),
             _fmt(m.get("pytorch-grad-cam GradCAMPlusPlus default layer"))]) + " |")
     lines += ["", "## Ratios", "",
-              "floor = the faster of the two floors. Targets (issue 5): Smooth Grad-CAM++ n = 25 <= 1.15 x floor; "
+              "Each ratio is the median over rounds of the ratio within a round (range in brackets); "
+              "floor = the faster of the two floors in that round. Targets (issue 5): Smooth Grad-CAM++ n = 25 <= 1.15 x floor; "
               "torchcam / onnxcam >= 2 (ResNet-50), >= 4 (MobileNetV2, EfficientNet-Lite0); "
               "peak RSS n = 200 <= 1.2 x n = 25.", "",
               "| model | faster floor | Smooth default moments / floor | Smooth default maps / floor | "
@@ -371,24 +384,21 @@ def report(results: dict, args, load: tuple, started: float) -> str:
               "pytorch-grad-cam / onnxcam, Grad-CAM++ x25 | torch vs ONNX logits (max rel. diff) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        m = r["median"]
+        m, times = r["median"], r["times"]
         floor = min(m["floor batched"], m["floor one by one"])
         which = "batched" if m["floor batched"] <= m["floor one by one"] else "one by one"
         err = r["info"].get("torch_logits_rel_err")
         lines.append("| " + " | ".join([
             SPECS[name].title, f"{floor:.3f} ({which})",
-            _ratio(m.get("onnxcam Smooth Grad-CAM++ default layer, moments"), floor),
-            _ratio(m.get("onnxcam Smooth Grad-CAM++ default layer, maps"), floor),
-            _ratio(m.get("onnxcam Smooth Grad-CAM++ last block's input"), floor),
-            _ratio(m.get("onnxcam Smooth Grad-CAM++ last block's input, new seed"), floor),
-            _ratio(m.get("torchcam SmoothGradCAMpp default layer"),
-                   m.get("onnxcam Smooth Grad-CAM++ default layer, moments")),
-            _ratio(m.get("torchcam SmoothGradCAMpp last block's input"),
-                   m.get("onnxcam Smooth Grad-CAM++ last block's input")),
-            _ratio(m.get("torchcam SmoothGradCAMpp last block's input"),
-                   m.get("onnxcam Smooth Grad-CAM++ last block's input, new seed")),
-            _ratio(m.get("pytorch-grad-cam GradCAMPlusPlus default layer"),
-                   m.get("onnxcam Grad-CAM++ (25 images)")),
+            *[_per_round(times, f"onnxcam Smooth Grad-CAM++ {config}", FLOORS) for config in (
+                "default layer, moments", "default layer, maps", "last block's input",
+                "last block's input, new seed")],
+            *[_per_round(times, top, (bottom,)) for top, bottom in (
+                ("torchcam SmoothGradCAMpp default layer", "onnxcam Smooth Grad-CAM++ default layer, moments"),
+                ("torchcam SmoothGradCAMpp last block's input", "onnxcam Smooth Grad-CAM++ last block's input"),
+                ("torchcam SmoothGradCAMpp last block's input",
+                 "onnxcam Smooth Grad-CAM++ last block's input, new seed"),
+                ("pytorch-grad-cam GradCAMPlusPlus default layer", "onnxcam Grad-CAM++ (25 images)"))],
             "" if err is None else f"{err:.1e}"]) + " |")
     if any("memory" in r for r in results.values()):
         lines += ["", "## Peak memory (MiB, peak RSS of a fresh process per configuration)", "",
@@ -442,7 +452,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "scripts" / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw times here")
     parser.add_argument("--reuse-times", type=Path, default=None,
-                        help="take the times from this --json file of an earlier run (memory only)")
+                        help="remake the report from this --json file of an earlier run (measures only missing memory)")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "CONFIG", "SAMPLES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -452,6 +462,7 @@ def main(argv=None) -> None:
 
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
+    earlier = json.loads(args.reuse_times.read_text()) if args.reuse_times else {}
     log = lambda text: print(text, flush=True)  # noqa: E731
     results = {}
     for name in args.models:
@@ -461,17 +472,18 @@ def main(argv=None) -> None:
             continue
         log(f"{spec.title}")
         if args.reuse_times:
-            results[name] = {k: v for k, v in json.loads(args.reuse_times.read_text())[name].items()
-                             if k != "memory"}
+            results[name] = earlier[name]
         else:
             results[name] = bench_model(spec, args, log)
-        if not args.no_memory:
+        if not args.no_memory and "memory" not in results[name]:
             results[name]["memory"] = measure_memory(name, args, log)
-    text = report(results, args, (load_start, os.getloadavg()[0]), started)
+    run = earlier.get("_run") or {"load": [load_start, os.getloadavg()[0]],
+                                  "minutes": (time.perf_counter() - started) / 60}
+    text = report(results, args, run)
     args.out.write_text(text)
     log(text)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+        args.json.write_text(json.dumps({**results, "_run": run}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -628,7 +628,7 @@ class Explainer:
         if one_each or not session.has_split:
             # units = (pair, sample); pairs of the same image get the same noise (same generator)
             pair_inputs = inputs if one_each else inputs[pair_image]
-            if self._noise_in_graph(session, pair_inputs):
+            if self._noise_in_graph(session):
                 self._noisy_passes_in_graph(session, pair_inputs, clean, accumulators, samples,
                                             noise_level, seed, batch)
                 return
@@ -648,8 +648,9 @@ class Explainer:
                 gradient = session.head(unit_activation, clean.seeds[pairs[part]])
                 _feed(accumulators, pairs[part], gradient, unit_activation)
 
-
-    def _noise_in_graph(self, session: GradientSession, inputs: np.ndarray) -> bool:
+    def _noise_in_graph(self, session: GradientSession) -> bool:
+        """The option, or automatically: on CUDA with a float32 input. (Several classes per image
+        on a cut model keep the NumPy noise: one forward per sample, the head per class.)"""
         if self.noise_in_graph is not None:
             return self.noise_in_graph
         return session.device == "cuda" and session.input_dtype == np.float32

@@ -15,6 +15,7 @@ from onnxcam.cli.common import batch_size_option, device_option, echo_json, prep
 from onnxcam.errors import OptionError
 from onnxcam.explain import Explainer
 from onnxcam.explain.result import check_not_protected
+from onnxcam.imaging.io import PNG_SAVE_OPTIONS
 from onnxcam.runtime.providers import describe
 
 
@@ -142,7 +143,7 @@ def evaluate(model, data, methods, layer, samples, noise_level, seed, steps, tol
             atomic_path(files["curves"]) as png_path:
         json_path.write_bytes(json.dumps(document, indent=2, allow_nan=False).encode("utf-8") + b"\n")
         csv_path.write_text(result.csv_text(), encoding="utf-8")
-        figure.save(png_path, format="PNG")
+        figure.save(png_path, **PNG_SAVE_OPTIONS)
 
     if as_json:
         echo_json(document)

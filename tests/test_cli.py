@@ -248,6 +248,37 @@ def test_explain_folder_top_k_compare_and_json(work):
     assert len(list(out.glob("*_compare_c*.png"))) == 4
 
 
+def test_explain_writes_while_explaining_and_keeps_image_order(work, monkeypatch):
+    """Files are written by background threads; the records and lines still follow the images,
+    and an error raised while writing one image is the run's one-line error."""
+    from onnxcam.explain.result import Explanation
+
+    folder = work / "many"
+    folder.mkdir()
+    names = [f"{i:02d}.png" for i in range(9)]
+    for seed, name in enumerate(names):
+        random_png(folder / name, seed=seed)
+    result = run(["explain", work / "cnn.onnx", folder, "--method", "gradcam", "--out", work / "out",
+                  "--json", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    images = json.loads(result.stdout)["images"]
+    assert [Path(image["image"]).name for image in images] == names
+    assert all(Path(p).is_file() for image in images for p in image["results"][0]["files"].values())
+
+    real_save = Explanation.save
+
+    def failing_save(self, out_dir, stem=None, **kwargs):
+        if stem == "03":
+            from onnxcam.errors import OptionError
+            raise OptionError("cannot write 03 (disk full)")
+        return real_save(self, out_dir, stem, **kwargs)
+
+    monkeypatch.setattr(Explanation, "save", failing_save)
+    result = run(["explain", work / "cnn.onnx", folder, "--method", "gradcam", "--out", work / "out2"])
+    assert_one_line_error(result, "cannot write 03")
+    assert not list((work / "out2").glob("03_*"))
+
+
 def test_explain_neuron_and_feature_maps(work):
     out = work / "out"
     result = run(["explain", work / "cnn.onnx", work / "a.png", "--layer", "a1", "--score", "c2",

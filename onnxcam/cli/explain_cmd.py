@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from onnxcam.errors import OptionError
 from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
 from onnxcam.explain.result import check_not_protected
 from onnxcam.imaging import COLORMAPS, compare_grid, find_images
-from onnxcam.imaging.io import display_path
+from onnxcam.imaging.io import PNG_SAVE_OPTIONS, display_path
 from onnxcam.runtime.providers import describe
 
 VARIANT_OPTIONS = ("numerator", "averaging", "denominator")
+#: Images whose files may still be being written while later images are explained.
+WRITE_AHEAD = 4
 
 
 @click.command("explain", short_help="Write CAM overlays, raw maps and JSON records for images.",
@@ -134,32 +137,58 @@ def explain(model, images, method, layer, classes, top_k, feature_maps, score, n
         noise_level=noise_level, seed=seed, feature_maps=list(feature_maps) if feature_maps else None,
         neuron=list(neuron) if neuron else None, method_options=method_options)
 
-    records, summaries, device_used, skipped = [], [], None, False
-    written = 0
+    def write(index: int, per_method: dict) -> tuple[dict, list[str], int, str | None, bool]:
+        """Write one image's files; (its record, its summary lines, files written, device, skipped)."""
+        stem = stems[index]
+        image_record = {"image": str(paths[index]), "results": [], "compare": []}
+        lines, count, device, was_skipped = [], 0, None, False
+        for explanation in per_method[main_method]:
+            files = explanation.save(out, stem=stem, alpha=alpha, colormap=colormap, protected=protected)
+            count += len(files)
+            record = explanation.to_dict()
+            record["files"] = {key: str(path) for key, path in files.items()}
+            image_record["results"].append(record)
+            device = explanation.device
+            was_skipped = was_skipped or explanation.noisy_passes_skipped
+            lines.append(_summary(paths[index], explanation, files["overlay"]))
+        if compare:
+            for figure_path in _write_compare(per_method, out, stem, alpha, colormap, protected):
+                image_record["compare"].append(str(figure_path))
+                count += 1
+                lines.append(f"  comparison -> {figure_path}")
+        return image_record, lines, count, device, was_skipped
+
+    records, summaries = [], []
+    totals = {"written": 0, "device": None, "skipped": False}
     show_bar = len(paths) > 1 and stderr_is_tty()
     bar = (click.progressbar(length=len(paths), label="Explaining", file=click.get_text_stream("stderr"),
                              show_pos=True) if show_bar else nullcontext())
-    with bar as progress:
-        for index, per_method in stream:
-            stem = stems[index]
-            image_record = {"image": str(paths[index]), "results": [], "compare": []}
-            for explanation in per_method[main_method]:
-                files = explanation.save(out, stem=stem, alpha=alpha, colormap=colormap, protected=protected)
-                written += len(files)
-                record = explanation.to_dict()
-                record["files"] = {key: str(path) for key, path in files.items()}
-                image_record["results"].append(record)
-                device_used = explanation.device
-                skipped = skipped or explanation.noisy_passes_skipped
-                summaries.append(_summary(paths[index], explanation, files["overlay"]))
-            if compare:
-                for figure_path in _write_compare(per_method, out, stem, alpha, colormap, protected):
-                    image_record["compare"].append(str(figure_path))
-                    written += 1
-                    summaries.append(f"  comparison -> {figure_path}")
-            records.append(image_record)
-            if show_bar:
-                progress.update(1)
+
+    def collect(future: Future) -> None:
+        image_record, lines, count, device, was_skipped = future.result()
+        records.append(image_record)
+        summaries.extend(lines)
+        totals["written"] += count
+        totals["device"] = device or totals["device"]
+        totals["skipped"] = totals["skipped"] or was_skipped
+        if show_bar:
+            progress.update(1)
+
+    # The files of one image are written (PNG encoding releases the GIL) while the next images are
+    # explained; they are collected in image order, at most WRITE_AHEAD images behind.
+    pending: deque[Future] = deque()
+    with bar as progress, ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxcam-write") as writer:
+        try:
+            for index, per_method in stream:
+                pending.append(writer.submit(write, index, per_method))
+                while pending and (len(pending) > WRITE_AHEAD or pending[0].done()):
+                    collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
+        finally:
+            for future in pending:  # after an error: write nothing more
+                future.cancel()
+    written, device_used, skipped = totals["written"], totals["device"], totals["skipped"]
 
     elapsed = time.perf_counter() - started
     notes = _notes(skipped)
@@ -251,7 +280,7 @@ def _write_compare(per_method, out: Path, stem: str, alpha: float, colormap: str
         figure = compare_grid(first.image(), panels, alpha=alpha, colormap=colormap,
                               image_title=f"Input: {title}")
         with atomic_path(path) as temporary:
-            figure.save(temporary, format="PNG")
+            figure.save(temporary, **PNG_SAVE_OPTIONS)
         written.append(path)
     return written
 

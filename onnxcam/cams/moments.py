@@ -41,7 +41,8 @@ class GradientMoments:
     def from_gradients(cls, gradients: np.ndarray) -> "GradientMoments":
         """Moments of a single sample per image (no noise): d1 = g, d2 = g^2, d3 = g^3."""
         g = _as_4d("gradients", gradients)
-        return cls(d1=g, d2=g * g, d3=g * g * g, count=np.ones(len(g), dtype=np.int64))
+        g2 = g * g
+        return cls(d1=g, d2=g2, d3=g2 * g, count=np.ones(len(g), dtype=np.int64))
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -17,11 +17,13 @@ markdown table (``--out``). Not a test: nothing is asserted.
 
 On the lent GPU machine (``../shared/docs/device.md``: onnxruntime-gpu on PYTHONPATH first)::
 
+    python scripts/export_benchmark_models.py        # the ResNet-50 file is too big to carry
+    python -m pytest tests/test_gpu.py                # CUDA maps against the CPU's
     python scripts/bench_device.py --device cuda --out $OUT/DEVICE.md
 
 Here, as a CPU reference: ``.venv/bin/python scripts/bench_device.py --device cpu --models mobilenet_v2``.
-The models come from ``scripts/export_benchmark_models.py`` (needs torch, not torchvision; run it
-there when the files are missing: the ResNet-50 file is too big to carry) and ``models/``.
+The models come from ``scripts/export_benchmark_models.py`` (needs torch, not torchvision) and
+``models/``.
 """
 
 from __future__ import annotations

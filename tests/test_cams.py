@@ -394,6 +394,21 @@ def test_accumulator_chunking_and_order_do_not_matter():
             assert moments.mean_map is None
 
 
+def test_accumulator_sums_sample_after_sample_whatever_the_chunks():
+    """Bit-identical sums for any chunking: the float64 sums add one sample after another. Summing
+    a chunk first would round differently: with 1e16, 1, -1e16, 1 the chunks [1e16, 1] and
+    [-1e16, 1] lose both ones (sum 0), one by one keeps the last (sum 1)."""
+    values = np.array([1e16, 1.0, -1e16, 1.0]).reshape(4, 1, 1, 1)
+    rows = np.zeros(4, dtype=np.int64)
+    sums = []
+    for chunk in (1, 2, 4):
+        accumulator = MomentAccumulator(1)
+        for start in range(0, 4, chunk):
+            accumulator.add(rows[start:start + chunk], values[start:start + chunk])
+        sums.append(accumulator.result().d1 * 4)
+    assert [float(s.ravel()[0]) for s in sums] == [1.0, 1.0, 1.0]
+
+
 def test_accumulator_accepts_float32_and_empty_chunks():
     g = np.random.default_rng(3).normal(size=(2, 2, 2, 2)).astype(np.float32)
     accumulator = MomentAccumulator(2)

@@ -71,7 +71,8 @@ class MomentAccumulator:
         self._map_sum: np.ndarray | None = None   # (N, h, w) when keep_maps
 
     def add(self, rows: np.ndarray, gradients: np.ndarray, activations: np.ndarray | None = None) -> None:
-        """Add B samples: rows (B,) names each sample's image; gradients and activations (B,K,h,w).
+        """Add B samples, in order: rows (B,) names each sample's image; gradients and activations
+        (B,K,h,w).
 
         activations (of the noisy samples themselves) are needed only with keep_maps.
         """
@@ -95,13 +96,14 @@ class MomentAccumulator:
         g2 = g * g
         g3 = g2 * g
         sample_maps = self._sample_maps(activations, g, g2, g3) if self.keep_maps else None
-        for row in np.unique(rows):
-            chosen = rows == row
-            self._sums[0, row] += g[chosen].sum(axis=0)
-            self._sums[1, row] += g2[chosen].sum(axis=0)
-            self._sums[2, row] += g3[chosen].sum(axis=0)
+        # one sample after another, in order: the float64 sums then do not depend on how the
+        # samples were cut into chunks (bit-identical maps for any batch size)
+        for i, row in enumerate(rows.tolist()):
+            self._sums[0, row] += g[i]
+            self._sums[1, row] += g2[i]
+            self._sums[2, row] += g3[i]
             if sample_maps is not None:
-                self._map_sum[row] += sample_maps[chosen].sum(axis=0)
+                self._map_sum[row] += sample_maps[i]
         self._count += np.bincount(rows, minlength=self.n_images)
 
     def result(self) -> GradientMoments:

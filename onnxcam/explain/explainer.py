@@ -677,12 +677,16 @@ class Explainer:
 
 # -- helpers -------------------------------------------------------------------------------------
 def _feed(accumulators: dict, rows: np.ndarray, gradient: np.ndarray, activation: np.ndarray | None) -> None:
-    """Add samples one at a time, in order: the float64 sums then do not depend on how the
-    samples were cut into batches (bit-identical maps for any batch size)."""
-    for i in range(len(rows)):
-        one = slice(i, i + 1)
-        for accumulator in accumulators.values():
-            accumulator.add(rows[one], gradient[one], None if activation is None else activation[one])
+    """Add a batch's samples. The accumulators sum them one after another, so the maps do not
+    depend on the batch size; the per-sample maps of the "maps" averaging are still made one
+    sample at a time, so that their arithmetic cannot depend on the batch either."""
+    for accumulator in accumulators.values():
+        if not accumulator.keep_maps:
+            accumulator.add(rows, gradient)
+            continue
+        for i in range(len(rows)):
+            one = slice(i, i + 1)
+            accumulator.add(rows[one], gradient[one], activation[one])
 
 
 def _full_runs(session: GradientSession, inputs: np.ndarray, seeds: np.ndarray, batch: int):

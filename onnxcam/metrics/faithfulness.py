@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onnxcam.errors import DataError, OptionError, TargetError
-from onnxcam.metrics.regions import check_maps
+from onnxcam.metrics.regions import check_maps, check_pixels
 
 __all__ = [
     "DeletionInsertionResult",
@@ -210,7 +210,7 @@ def gaussian_blur(images: Any, sigma: float) -> np.ndarray:
     scipy.ndimage's default "reflect"). ``sigma == 0`` returns a copy.
     """
     x = np.asarray(images, dtype=np.float32)
-    s = _check_sigma(sigma)
+    s = check_pixels(sigma, "blur_sigma")
     if s == 0:
         return x.copy()
     k = _gaussian_kernel(s)
@@ -258,16 +258,6 @@ def _trapezoid(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.sum((x[1:] - x[:-1]) * (y[..., 1:] + y[..., :-1]) / 2.0, axis=-1)
 
 
-def _check_sigma(sigma: Any) -> float:
-    try:
-        s = float(sigma)
-    except (TypeError, ValueError):
-        raise OptionError(f"blur_sigma: expected a number of pixels, got {sigma!r}") from None
-    if not np.isfinite(s) or s < 0:
-        raise OptionError(f"blur_sigma: expected a number of pixels >= 0, got {sigma!r}")
-    return s
-
-
 def _baseline(
     spec: Any, shape: tuple[int, ...], blur_sigma: Any, what: str
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -281,7 +271,7 @@ def _baseline(
         if spec == "mean":
             return lambda xs, idx: np.broadcast_to(xs.mean(axis=(2, 3), keepdims=True), xs.shape).astype(np.float32)
         if spec == "blur":
-            sigma = _check_sigma(blur_sigma)
+            sigma = check_pixels(blur_sigma, "blur_sigma")
             return lambda xs, idx: gaussian_blur(xs, sigma)
         raise OptionError(bad)
     if isinstance(spec, (bool, np.bool_)):

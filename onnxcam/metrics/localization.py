@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxcam.errors import DataError, OptionError
-from onnxcam.metrics.regions import _check_regions, check_maps, instance_masks, region_mask
+from onnxcam.metrics.regions import _check_regions, check_maps, check_pixels, instance_masks, region_mask
 
 __all__ = [
     "EnergyPointingResult",
@@ -61,12 +61,7 @@ def pointing_game(maps: Any, regions: Sequence[Any], tolerance: float = 15) -> P
     arr = check_maps(maps)
     n, h, w = arr.shape
     _check_regions(regions, n)
-    try:
-        tol = float(tolerance)
-    except (TypeError, ValueError):
-        raise OptionError(f"tolerance: expected a number of pixels, got {tolerance!r}") from None
-    if not np.isfinite(tol) or tol < 0:
-        raise OptionError(f"tolerance: expected a number of pixels >= 0, got {tolerance!r}")
+    tol = check_pixels(tolerance, "tolerance")
     flat_maps = arr.reshape(n, -1)
     idx = np.argmax(flat_maps, axis=1)
     flat = flat_maps.max(axis=1) == flat_maps.min(axis=1)

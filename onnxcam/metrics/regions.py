@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from onnxcam.errors import DataError
+from onnxcam.errors import DataError, OptionError
 
 __all__ = [
     "LocalizationItem",
@@ -217,3 +217,14 @@ def check_maps(maps: Any, what: str = "maps") -> np.ndarray:
         bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
         raise DataError(f"{what}[{bad}] contains NaN or infinity")
     return arr
+
+
+def check_pixels(value: Any, name: str) -> float:
+    """A finite number of pixels >= 0 (a tolerance, a blur sigma), or a one-line OptionError."""
+    try:
+        pixels = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name}: expected a number of pixels, got {value!r}") from None
+    if not np.isfinite(pixels) or pixels < 0:
+        raise OptionError(f"{name}: expected a number of pixels >= 0, got {value!r}")
+    return pixels

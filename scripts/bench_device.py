@@ -5,9 +5,11 @@ Issue 5's GPU targets, measured in one process on one device:
 * the floor: plain ONNX Runtime forward of 25 inputs at 224x224, batched and one by one, with
   the same execution provider as onnxcam;
 * onnxcam Smooth Grad-CAM++ of one image with n = 25 at the last block's input (every noisy pass
-  runs), with the noisy batch made in the graph (``noise_in_graph=True``: the image and the noise
-  bank stay on the device, only the indices go over the bus) and with NumPy noise, and at the
-  default layer;
+  runs), with everything made in the graph (``noise_in_graph=True``, the CUDA default: the image
+  and the noise bank stay on the device; the clean row rides in the noisy run, picks the class in
+  the graph, and only three moment sums come back) and with NumPy noise (a clean pass, then the
+  noisy batches and their gradients over the bus), and at the default layer;
+* on CUDA, the batched floor again without ``use_deterministic_compute`` (what determinism costs);
 * ``onnxcam explain`` (the CLI, a fresh process: start-up, rewrite from the disk cache, decoding,
   overlays and records written) over a folder of ``--folder`` images: images per second.
 
@@ -57,13 +59,14 @@ def device_name(device: str) -> str:
     return f"CPU: {platform.processor() or platform.machine()}"
 
 
-def plain_session(path: Path, device: str):
+def plain_session(path: Path, device: str, deterministic: bool = True):
     import onnxruntime as ort
 
     from onnxcam.runtime.providers import CPU_PROVIDER, CUDA_PROVIDER, session_options
 
     providers = [CUDA_PROVIDER, CPU_PROVIDER] if device == "cuda" else [CPU_PROVIDER]
-    session = ort.InferenceSession(str(path), sess_options=session_options(None), providers=providers)
+    options = session_options(None, cuda=device == "cuda" and deterministic)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
         raise SystemExit("CUDA was asked for but the plain session fell back to the CPU")
     return session
@@ -76,12 +79,15 @@ def bench_model(name: str, args, log) -> dict:
     x25 = np.random.default_rng(0).standard_normal((SAMPLES, 3, SIZE, SIZE)).astype(np.float32)
     x1 = x25[:1].copy()
     plain = plain_session(spec.path, args.device)
+    racy = plain_session(spec.path, args.device, deterministic=False) if args.device == "cuda" else None
     input_name = plain.get_inputs()[0].name
     graph = Explainer(spec.path, layer=spec.honest_layer, device=args.device, noise_in_graph=True)
     host = Explainer(spec.path, layer=spec.honest_layer, device=args.device, noise_in_graph=False)
     default = Explainer(spec.path, device=args.device)
     runs = {
         "floor batched": lambda: plain.run(None, {input_name: x25}),
+        **({"floor batched, not deterministic": lambda: racy.run(None, {input_name: x25})}
+           if args.device == "cuda" else {}),
         "floor one by one": lambda: [plain.run(None, {input_name: x25[i:i + 1]}) for i in range(SAMPLES)],
         "Smooth last block, noise in graph": lambda: graph.explain(x1, samples=SAMPLES),
         "Smooth last block, NumPy noise": lambda: host.explain(x1, samples=SAMPLES),
@@ -91,6 +97,8 @@ def bench_model(name: str, args, log) -> dict:
     times = time_alternating(runs, args.repeats, 1, log, args.settle)
     medians = {key: statistics.median(values) for key, values in times.items()}
     medians["explainer device"] = graph.session.device
+    medians["batch"] = graph.batch_size
+    log("  medians: " + ", ".join(f"{k} {v:.4f}" for k, v in medians.items() if isinstance(v, float)))
     return medians
 
 
@@ -143,6 +151,11 @@ def report(results: dict, args, device: str) -> str:
                   f"{m['Smooth last block, NumPy noise'] / floor:.2f}",
                   f"{m['images per second']:.1f}" if "images per second" in m else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    racy = [f"{SPECS[name].title} {m['floor batched, not deterministic']:.4f}"
+            for name, m in results.items() if "floor batched, not deterministic" in m]
+    if racy:
+        lines += ["", "Batched floor without `use_deterministic_compute` (onnxcam's CUDA sessions set it): "
+                  + ", ".join(racy) + "."]
     lines += ["", f"Target (issue 5, GPU): Smooth Grad-CAM++ n = 25 within 1.2x of the faster floor. "
               f"The explainer ran on: {', '.join(sorted({str(m['explainer device']) for m in results.values()}))}.", ""]
     return "\n".join(lines)
@@ -151,7 +164,7 @@ def report(results: dict, args, device: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2", "efficientnet_lite0"],
+    parser.add_argument("--models", nargs="+", default=list(SPECS),
                         choices=list(SPECS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--settle", type=float, default=0.25)
@@ -170,6 +183,8 @@ def main(argv=None) -> None:
         results[name] = bench_model(name, args, log)
         if args.folder:
             results[name].update(folder_throughput(name, args, log))
+        if args.out:  # the table so far, in case the run is cut short
+            args.out.write_text(report(results, args, device))
     text = report(results, args, device)
     if args.out:
         args.out.write_text(text)

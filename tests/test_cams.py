@@ -409,6 +409,31 @@ def test_accumulator_sums_sample_after_sample_whatever_the_chunks():
     assert [float(s.ravel()[0]) for s in sums] == [1.0, 1.0, 1.0]
 
 
+def test_accumulator_takes_sums_made_elsewhere():
+    """add_sums (sums of g, g^2, g^3 over some samples of one image, as a device returns them)
+    gives the moments of the samples themselves, mixed with add() in any order."""
+    rng = np.random.default_rng(12)
+    rows = np.array([0, 0, 1, 0, 1, 1, 1])
+    samples = rng.normal(size=(len(rows), 2, 3, 3))
+    D1, D2, D3 = ref_moments(samples, rows, 2)
+    accumulator = MomentAccumulator(2)
+    accumulator.add(rows[:2], samples[:2])
+    for row in (0, 1):
+        mine = np.flatnonzero(rows[2:] == row) + 2
+        sums = [np.sum(samples[mine] ** p, axis=0, keepdims=p == 2) for p in (1, 2, 3)]
+        accumulator.add_sums(row, len(mine), *sums)
+    moments = accumulator.result()
+    for got, expected in ((moments.d1, D1), (moments.d2, D2), (moments.d3, D3)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(moments.count, [3, 4])
+    with pytest.raises(ValueError, match="count"):
+        accumulator.add_sums(0, 0, *sums)
+    with pytest.raises(ValueError, match="row"):
+        accumulator.add_sums(2, 1, *sums)
+    with pytest.raises(ValueError, match="keep_maps"):
+        MomentAccumulator(1, keep_maps=True).add_sums(0, 1, *sums)
+
+
 def test_accumulator_accepts_float32_and_empty_chunks():
     g = np.random.default_rng(3).normal(size=(2, 2, 2, 2)).astype(np.float32)
     accumulator = MomentAccumulator(2)

@@ -240,7 +240,7 @@ def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, aver
     """The GPU path (noisy batch made in the graph from bound images and a bound noise bank),
     run here on the CPU, gives the same maps as the NumPy noise, and uploads the bank once."""
     import onnxcam.explain.explainer as explainer_module
-    from onnxcam.runtime.session import NOISY
+    from onnxcam.runtime.session import FULL, NOISY
 
     inputs = random_inputs(3, seed=21)
     numpy_noise = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=False)
@@ -253,13 +253,42 @@ def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, aver
     got = in_graph.explain(inputs, samples=5, seed=11, averaging=averaging)
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-6, atol=1e-7)
-    assert in_graph.session.calls[NOISY] == math.ceil(3 * 5 / 4)
+        assert (b.class_index, b.score, b.probability) == pytest.approx((a.class_index, a.score, a.probability))
+    if averaging == "moments":  # clean row + 3 noisy rows, then 2 noisy rows, per image
+        assert in_graph.session.calls[NOISY] == 3 * math.ceil((5 + 1) / 4)
+        assert in_graph.session.calls[FULL] == 0
+    else:  # the clean pass, then the noisy units in batches of 4
+        assert in_graph.session.calls[NOISY] == math.ceil(3 * 5 / 4)
     assert numpy_noise.session.calls[NOISY] == 0
     again = in_graph.explain(inputs[:1], samples=5, seed=11, averaging=averaging)
     np.testing.assert_array_equal(again[0].raw_map, got[0].raw_map)
     assert len(made) == 1  # the bank stayed bound between the two calls
     in_graph.explain(inputs[:1], samples=5, seed=12, averaging=averaging)
     assert len(made) == 2
+
+
+@pytest.mark.parametrize("targets", [None, [4, 0]])
+def test_clean_rows_in_the_noisy_runs_give_the_separate_passes_maps(mlp_head_model, targets):
+    """With the noise in the graph, each image's clean row rides in its first noisy run and its
+    predicted (or given) class is picked in the graph; Grad-CAM from that clean row and Smooth
+    Grad-CAM++ from the moment sums made in the graph match the separate clean and noisy passes,
+    for n below and above the batch."""
+    from onnxcam.runtime.session import FULL, NOISY
+
+    inputs = random_inputs(2, seed=41)
+    separate = Explainer(mlp_head_model, layer="a1", batch_size=8, noise_in_graph=False)
+    together = Explainer(mlp_head_model, layer="a1", batch_size=8, noise_in_graph=True)
+    for samples in (3, 20):
+        expected = separate.compare(inputs, methods=("gradcam", "smoothgradcampp"), targets=targets,
+                                    samples=samples, seed=9)
+        got = together.compare(inputs, methods=("gradcam", "smoothgradcampp"), targets=targets,
+                               samples=samples, seed=9)
+        for name in ("gradcam", "smoothgradcampp"):
+            for a, b in zip(expected[name], got[name]):
+                assert b.class_index == a.class_index
+                np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-5, atol=1e-6 * np.abs(a.raw_map).max())
+    assert together.session.calls[FULL] == 0
+    assert together.session.calls[NOISY] == 2 * (1 + math.ceil((20 + 1) / 8))
 
 
 def test_noise_in_graph_is_validated(mlp_head_model):

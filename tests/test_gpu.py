@@ -1,8 +1,11 @@
 """The CUDA path, where a GPU is usable (skipped everywhere else, CI included).
 
 Run on a lent GPU machine (``../shared/docs/device.md``) with ``python -m pytest tests/test_gpu.py``:
-the maps on CUDA, with the noisy batches made in the graph from device-bound tensors, must match
-the CPU's NumPy path, and the same seed must give the same map twice.
+the maps on CUDA, with the noisy batches, the target classes and the gradient moments made in the
+graph from device-bound tensors, must match the CPU's NumPy path, and the same seed must give the
+same map twice. ONNX Runtime's CUDA convolutions may use TF32 on Ampere and newer GPUs (10-bit
+mantissa products), so the CPU comparison allows 1% of the map's peak; a wrong rule, front or
+moment is off by far more (the CPU tests of the same graphs pin the exact maths).
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ def model_path(tmp_path_factory):
     return save_model(build_cnn("mlp", seed=3), tmp_path_factory.mktemp("gpu") / "cnn_mlp.onnx")
 
 
+def close_maps(got, expected):
+    for a, b in zip(expected, got):
+        assert b.class_index == a.class_index
+        peak = float(np.abs(a.raw_map).max())
+        np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-2, atol=1e-2 * peak)
+
+
 @pytest.mark.parametrize("averaging", ["moments", "maps"])
 def test_cuda_maps_match_the_cpu_and_repeat(model_path, averaging):
     inputs = random_inputs(3, seed=31)
@@ -33,18 +43,34 @@ def test_cuda_maps_match_the_cpu_and_repeat(model_path, averaging):
     expected = cpu.explain(inputs, samples=6, seed=5, averaging=averaging)
     got = gpu.explain(inputs, samples=6, seed=5, averaging=averaging)
     assert gpu.session.device == "cuda" and got[0].device == "cuda"
-    assert gpu.session.calls[NOISY] == math.ceil(3 * 6 / 4)  # the noise was made in the graph
-    assert gpu.session.calls[FULL] >= 1
-    for a, b in zip(expected, got):
-        np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-3, atol=1e-5 * float(np.abs(a.raw_map).max()))
+    if averaging == "moments":  # clean row + 3 samples, then 3 samples, per image
+        assert gpu.session.calls[NOISY] == 3 * 2 and gpu.session.calls[FULL] == 0
+    else:  # a clean pass, then the noisy batches made in the graph
+        assert gpu.session.calls[NOISY] == math.ceil(3 * 6 / 4) and gpu.session.calls[FULL] >= 1
+    close_maps(got, expected)
     again = gpu.explain(inputs, samples=6, seed=5, averaging=averaging)
     for a, b in zip(got, again):
         np.testing.assert_array_equal(a.raw_map, b.raw_map)
+
+
+def test_cuda_gradcam_and_given_targets_match_the_cpu(model_path):
+    inputs = random_inputs(2, seed=33)
+    methods = ("gradcam", "gradcampp", "smoothgradcampp")
+    for targets in (None, [1, 7]):
+        expected = Explainer(model_path, layer="a1", device="cpu").compare(inputs, methods, targets=targets,
+                                                                           samples=30, seed=4)
+        got = Explainer(model_path, layer="a1", device="cuda").compare(inputs, methods, targets=targets,
+                                                                       samples=30, seed=4)
+        for name in methods:
+            close_maps(got[name], expected[name])
 
 
 def test_cuda_numpy_noise_matches_noise_in_the_graph(model_path):
     inputs = random_inputs(2, seed=32)
     in_graph = Explainer(model_path, layer="a1", device="cuda").explain(inputs, samples=5, seed=2)
     host = Explainer(model_path, layer="a1", device="cuda", noise_in_graph=False).explain(inputs, samples=5, seed=2)
-    for a, b in zip(in_graph, host):
-        np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-5, atol=1e-7)
+    close_maps(in_graph, host)
+
+
+def test_cuda_automatic_batch_is_larger(model_path):
+    assert Explainer(model_path, device="cuda").batch_size > Explainer(model_path, device="cpu").batch_size

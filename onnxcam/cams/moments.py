@@ -106,6 +106,25 @@ class MomentAccumulator:
                 self._map_sum[row] += sample_maps[i]
         self._count += np.bincount(rows, minlength=self.n_images)
 
+    def add_sums(self, row: int, count: int, sum_g: np.ndarray, sum_g2: np.ndarray, sum_g3: np.ndarray) -> None:
+        """Add ``count`` samples of image ``row`` given as their sums of g, g^2 and g^3, each
+        (K,h,w) or (1,K,h,w): the sums a device made itself (``onnxcam.graph.noisy``), so only
+        they cross the bus. Not with keep_maps, whose per-sample maps need each sample."""
+        if self.keep_maps:
+            raise ValueError("keep_maps needs every sample's activation and gradient: use add()")
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise ValueError(f"count must be a positive integer, got {count!r}")
+        if not 0 <= row < self.n_images:
+            raise ValueError(f"row must lie in 0..{self.n_images - 1}, got {row}")
+        sums = [np.asarray(s, dtype=np.float64) for s in (sum_g, sum_g2, sum_g3)]
+        sums = [s[0] if s.ndim == 4 and len(s) == 1 else s for s in sums]
+        if any(s.ndim != 3 or s.shape != sums[0].shape for s in sums):
+            raise ValueError(f"sums must all have shape (K,h,w), got {[s.shape for s in sums]}")
+        self._allocate(sums[0].shape)
+        for k, values in enumerate(sums):
+            self._sums[k, row] += values
+        self._count[row] += int(count)
+
     def result(self) -> GradientMoments:
         """The means so far; every image must have at least one sample."""
         missing = np.flatnonzero(self._count == 0)

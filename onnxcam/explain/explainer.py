@@ -49,13 +49,14 @@ from onnxcam.explain import targets as tg
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.explain.noise import check_noise_options, noise_sigma, noisy_batches, standard_normal_stack
 from onnxcam.explain.result import Explanation
+from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
 from onnxcam.runtime.providers import check_device
-from onnxcam.runtime.session import FORWARD, FULL, HEAD, GradientSession
+from onnxcam.runtime.session import FORWARD, FULL, HEAD, NOISY, GradientSession
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
@@ -64,6 +65,10 @@ BATCH_MEMORY = 256 * 2**20
 #: whose activations at batch 16 outgrow the caches; batch 1 was 10-20% slower. A cap of 8 also
 #: keeps peak memory the same for n = 25 and n = 200 samples.
 MAX_BATCH = 8
+#: On a GPU one run of many rows costs little more than one of a few (the kernels are not full
+#: at batch 8): a Smooth Grad-CAM++ image with n = 25 then fits in one run with its clean row.
+CUDA_BATCH_MEMORY = 1024 * 2**20
+CUDA_MAX_BATCH = 32
 #: Memory bound for one group of images' preprocessed inputs, clean A and g and moment sums.
 GROUP_MEMORY = 256 * 2**20
 MAX_GROUP_BATCHES = 8
@@ -282,8 +287,10 @@ class Explainer:
         group = self._group_for(gm, batch)
         preprocessor = self._preprocessor_for(items)
 
-        plan, split_clean = self._plan(session, class_lists, k, neuron_mode, len(items), batch,
-                                       any(cam.needs_noise and not skip_noise[name] for name, cam in cams.items()))
+        noisy_cams = [cam for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]]
+        fused = self._fused(session, noisy_cams, class_lists, k, neuron_mode)
+        plan, split_clean = ((NOISY,), False) if fused else self._plan(
+            session, class_lists, k, neuron_mode, len(items), batch, bool(noisy_cams))
         setup_start = time.perf_counter()
         session.warm_up(plan)
         setup = time.perf_counter() - setup_start + self._unreported_setup.pop(gm.layer, 0.0)
@@ -296,13 +303,20 @@ class Explainer:
             setup = 0.0
             t1 = time.perf_counter()
             chunk_classes = class_lists[start:start + group] if class_lists is not None else None
-            clean = self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
-                                     need_gradient)
-            t2 = time.perf_counter()
-            accumulators = {name: cam.new_accumulator(len(clean.pair_image))
-                            for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
-            if accumulators:
-                self._noisy_passes(session, inputs, clean, accumulators, samples, noise_level, seed, batch)
+            if fused:  # the clean rows ride in the noisy runs: all the time is "noisy passes"
+                accumulators = {name: cam.new_accumulator(len(inputs)) for name, cam in cams.items()
+                                if cam.needs_noise and not skip_noise[name]}
+                t2 = t1
+                clean = self._fused_passes(session, inputs, chunk_classes, accumulators, samples,
+                                           noise_level, seed, batch, need_gradient)
+            else:
+                clean = self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
+                                         need_gradient)
+                t2 = time.perf_counter()
+                accumulators = {name: cam.new_accumulator(len(clean.pair_image))
+                                for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
+                if accumulators:
+                    self._noisy_passes(session, inputs, clean, accumulators, samples, noise_level, seed, batch)
             t3 = time.perf_counter()
             computed = {}
             moments_clean = None
@@ -432,7 +446,9 @@ class Explainer:
             return self._batch_option
         per_sample = 4 * (_elements(self._item_shape(gm)) + 2 * _elements(gm.activation_shape[1:],
                                                                           default=_elements(self._item_shape(gm))))
-        return int(max(1, min(MAX_BATCH, BATCH_MEMORY // max(per_sample, 1))))
+        cap, memory = ((CUDA_MAX_BATCH, CUDA_BATCH_MEMORY) if self._session(gm).likely_device == "cuda"
+                       else (MAX_BATCH, BATCH_MEMORY))
+        return int(max(1, min(cap, memory // max(per_sample, 1))))
 
     def _group_for(self, gm: GradientModel, batch: int) -> int:
         image = _elements(self._item_shape(gm))
@@ -653,7 +669,66 @@ class Explainer:
         on a cut model keep the NumPy noise: one forward per sample, the head per class.)"""
         if self.noise_in_graph is not None:
             return self.noise_in_graph
-        return session.device == "cuda" and session.input_dtype == np.float32
+        return session.likely_device == "cuda" and session.input_dtype == np.float32
+
+    def _fused(self, session: GradientSession, noisy_cams: list, class_lists, k: int, neuron_mode: bool) -> bool:
+        """Whether the clean pass and the noisy passes run together in the noisy model
+        (``_fused_passes``): noise made in the graph, one class per image (given, or the top
+        prediction), and only moment-averaged noisy methods."""
+        one_class = (class_lists is None and k == 1) or (class_lists is not None
+                                                          and all(len(c) == 1 for c in class_lists))
+        return (bool(noisy_cams) and one_class and not neuron_mode
+                and noisy.targets_in_graph(session.gradient_model)
+                and all(getattr(cam, "averaging", "moments") == "moments" for cam in noisy_cams)
+                and self._noise_in_graph(session))
+
+    @staticmethod
+    def _fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,
+                      samples: int, noise_level: float, seed: int, batch: int, need_gradient: bool) -> _Clean:
+        """The clean pass and the noisy passes of each image in runs of the noisy model.
+
+        An image's first run holds its clean row (scale 0, weight 0) ahead of its first noisy
+        rows, and the clean row's predicted class (or the given one) is the target of every
+        row, chosen in the graph. Each run returns only the sums of g, g^2, g^3 over its noisy
+        rows, and the first run the clean row's A, logits, class (and g when a method without
+        noise needs it): one run per image for n < batch, and no batch of gradients on the bus.
+        """
+        shape = tuple(inputs.shape[1:])
+        session.bind_noise(inputs, (seed, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
+        first_outputs = (*noisy.SUMS, noisy.FIRST_ACTIVATION, noisy.FIRST_LOGITS, noisy.CLASSES)
+        first_outputs += (noisy.FIRST_GRADIENT,) if need_gradient else ()
+        activation, gradient, logits, classes = [], [], [], []
+        for image in range(len(inputs)):
+            sigma = noise_sigma(inputs[image], noise_level)
+            target = chunk_classes[image][0] if chunk_classes is not None else -1
+            start = 0
+            while start < samples:
+                clean_row = start == 0
+                stop = min(samples, start + max(1, batch - clean_row))
+                count = stop - start
+                ids = np.arange(start, stop)
+                if clean_row:
+                    feeds = noisy.row_feeds(np.full(count + 1, image), np.r_[0, ids],
+                                            np.r_[0.0, np.full(count, sigma)], np.r_[0.0, np.ones(count)],
+                                            targets=np.full(count + 1, target))
+                    fetched = session.run_noisy(feeds, first_outputs)
+                    activation.append(fetched[3])
+                    logits.append(fetched[4])
+                    target = int(fetched[5][0])
+                    classes.append(target)
+                    if need_gradient:
+                        gradient.append(fetched[6])
+                else:
+                    feeds = noisy.row_feeds(np.full(count, image), ids, np.full(count, sigma), np.ones(count),
+                                            targets=np.full(count, target))
+                    fetched = session.run_noisy(feeds, noisy.SUMS)
+                for accumulator in accumulators.values():
+                    accumulator.add_sums(image, count, *fetched[:3])
+                start = stop
+        num_classes = session.gradient_model.num_classes
+        return _Clean(np.arange(len(inputs)), classes, tg.one_hot(classes, num_classes),
+                      np.concatenate(activation), np.concatenate(gradient) if need_gradient else None,
+                      np.concatenate(logits))
 
     @staticmethod
     def _noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: _Clean,
@@ -663,15 +738,18 @@ class Explainer:
         the same units, in the same order, as ``noisy_batches``."""
         shape = tuple(inputs.shape[1:])
         sigma = np.array([noise_sigma(image, noise_level) for image in inputs], dtype=np.float32)
-        session.bind_noise(inputs, sigma, (seed, samples, shape),
-                           lambda: standard_normal_stack(seed, samples, shape))
+        session.bind_noise(inputs, (seed, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
         keep_maps = any(getattr(a, "keep_maps", False) for a in accumulators.values())
         outputs = (GRADIENT, ACTIVATION) if keep_maps else (GRADIENT,)
+        classes = noisy.targets_in_graph(session.gradient_model)
         total = len(inputs) * samples
         for start in range(0, total, batch):
             units = np.arange(start, min(start + batch, total))
             rows, sample = units // samples, units % samples
-            fetched = session.run_noisy(rows, sample, clean.seeds[rows], outputs)
+            feeds = noisy.row_feeds(rows, sample, sigma[rows], np.ones(len(rows)),
+                                    targets=np.asarray(clean.pair_class)[rows] if classes else None,
+                                    seed=None if classes else clean.seeds[rows])
+            fetched = session.run_noisy(feeds, outputs)
             _feed(accumulators, rows, fetched[0], fetched[1] if keep_maps else None)
 
 

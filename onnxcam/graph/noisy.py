@@ -1,34 +1,65 @@
-"""The noisy-input front of the rewritten model: the noisy batch is made inside the graph.
+"""The noisy-input model: the noisy batch, the target classes and the gradient moments are made
+inside the graph.
 
 ``build_noisy_model(gm)`` puts in front of the rewritten model's input::
 
-    x = images[rows] + sigma[rows] * noise[samples]
+    x = images[rows] + scales * noise[samples]
 
 with ``images`` the clean images of a call, ``noise`` the bank of standard normal samples
-``z_1 .. z_n`` (onnxcam.explain.noise) and ``rows`` / ``samples`` naming the (image, sample) pair of
-each row of the batch. On a GPU the images and the bank are uploaded once (bound as device
-tensors) and each batch only sends two small index vectors: the noisy batch is made and kept on
-the device. On the CPU it gives the same inputs as the NumPy path (same float32 products and sums,
-in the same order).
+``z_1 .. z_n`` (onnxcam.explain.noise), and per batch row its image, its sample and its scale
+(the image's sigma; 0 gives the clean image exactly, so one run can hold an image's clean pass
+and its noisy samples). On a GPU the images and the bank are uploaded once (bound as device
+tensors) and each batch sends only small per-row vectors. On the CPU it gives the same inputs as
+the NumPy path (same float32 products and sums, in the same order).
+
+For class scores the seed is made in the graph too: row i explains class ``targets[i]``, or, where
+that is -1, the class the model predicts for row ``picks[i]`` (the argmax of its logits: the
+lowest index among ties, as ``onnxcam.explain.targets.top_classes``). So the clean row's
+prediction steers its own noisy rows within one run, with no trip to the host in between.
+
+Behind the gradient it sums ``weights * g``, ``weights * g^2`` and ``weights * g^3`` over the
+batch rows: Smooth Grad-CAM++'s moments leave the device as three (1, K, h, w) tensors instead of
+the whole batch's gradients. ``FIRST_*`` outputs are row 0's activation, gradient and logits (the
+clean row) and ``CLASSES`` each row's class.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from onnxcam.errors import OptionError
-from onnxcam.graph.rewrite import GradientModel
+from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
 
 IMAGES = "onnxcam_images"
 NOISE = "onnxcam_noise"
 ROWS = "onnxcam_rows"
 SAMPLES = "onnxcam_samples"
-SIGMA = "onnxcam_sigma"
+SCALES = "onnxcam_scales"
+TARGETS = "onnxcam_targets"
+PICKS = "onnxcam_picks"
+WEIGHTS = "onnxcam_weights"
+
+SUMS = ("onnxcam_sum_g", "onnxcam_sum_g2", "onnxcam_sum_g3")
+FIRST_ACTIVATION = "onnxcam_first_activation"
+FIRST_GRADIENT = "onnxcam_first_gradient"
+FIRST_LOGITS = "onnxcam_first_logits"
+CLASSES = "onnxcam_classes"
+
+_PREFIX = "onnxcam_noisy/"
+
+
+def targets_in_graph(gm: GradientModel) -> bool:
+    """Whether the noisy model takes class targets (class scores with a fixed number of
+    classes); otherwise it takes the seed rows themselves (neuron scores)."""
+    return gm.is_class_score and gm.num_classes is not None
 
 
 def build_noisy_model(gm: GradientModel) -> onnx.ModelProto:
-    """A copy of ``gm.model`` whose input is computed from (images, noise, rows, samples, sigma)."""
+    """A copy of ``gm.model`` fed by (images, noise, rows, samples, scales[, targets, picks],
+    weights) with the extra outputs described in the module docstring."""
     model = onnx.ModelProto()
     model.CopyFrom(gm.model)
     graph = model.graph
@@ -39,28 +70,88 @@ def build_noisy_model(gm: GradientModel) -> onnx.ModelProto:
                           "(noise_in_graph=False)")
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
             for d in original.type.tensor_type.shape.dim]
-    item = dims[1:]
     rank = len(dims)
-    inputs = [helper.make_tensor_value_info(IMAGES, elem_type, ["M", *item]),
-              helper.make_tensor_value_info(NOISE, elem_type, ["S", *item]),
+    inputs = [helper.make_tensor_value_info(IMAGES, elem_type, ["M", *dims[1:]]),
+              helper.make_tensor_value_info(NOISE, elem_type, ["S", *dims[1:]]),
               helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["N"]),
               helper.make_tensor_value_info(SAMPLES, TensorProto.INT64, ["N"]),
-              helper.make_tensor_value_info(SIGMA, elem_type, ["M"])]
-    prefix = "onnxcam_noisy/"
-    shape = helper.make_tensor(prefix + "sigma_shape", TensorProto.INT64, [rank], [-1] + [1] * (rank - 1))
+              helper.make_tensor_value_info(SCALES, elem_type, ["N"]),
+              helper.make_tensor_value_info(WEIGHTS, elem_type, ["N"])]
+    p = _PREFIX
+    initializers = [helper.make_tensor(p + "column", TensorProto.INT64, [rank], [-1] + [1] * (rank - 1)),
+                    helper.make_tensor(p + "axis0", TensorProto.INT64, [1], [0]),
+                    helper.make_tensor(p + "one", TensorProto.INT64, [1], [1])]
     nodes = [
-        helper.make_node("Gather", [IMAGES, ROWS], [prefix + "clean"], axis=0),
-        helper.make_node("Gather", [NOISE, SAMPLES], [prefix + "z"], axis=0),
-        helper.make_node("Gather", [SIGMA, ROWS], [prefix + "sigma"], axis=0),
-        helper.make_node("Reshape", [prefix + "sigma", prefix + "sigma_shape"], [prefix + "sigma_b"]),
-        helper.make_node("Mul", [prefix + "z", prefix + "sigma_b"], [prefix + "noise"]),
-        helper.make_node("Add", [prefix + "noise", prefix + "clean"], [gm.input_name]),
+        helper.make_node("Gather", [IMAGES, ROWS], [p + "clean"], axis=0),
+        helper.make_node("Gather", [NOISE, SAMPLES], [p + "z"], axis=0),
+        helper.make_node("Reshape", [SCALES, p + "column"], [p + "scale"]),
+        helper.make_node("Mul", [p + "z", p + "scale"], [p + "noise"]),
+        helper.make_node("Add", [p + "noise", p + "clean"], [gm.input_name]),
     ]
+    gradient_rank = len(gm.activation_shape) or rank
+    initializers.append(helper.make_tensor(p + "gradient_column", TensorProto.INT64, [gradient_rank],
+                                           [-1] + [1] * (gradient_rank - 1)))
+    nodes += [helper.make_node("Reshape", [WEIGHTS, p + "gradient_column"], [p + "weight"]),
+              helper.make_node("CastLike", [p + "weight", GRADIENT], [p + "weight_cast"]),
+              helper.make_node("Mul", [GRADIENT, p + "weight_cast"], [p + "wg1"]),
+              helper.make_node("Mul", [p + "wg1", GRADIENT], [p + "wg2"]),
+              helper.make_node("Mul", [p + "wg2", GRADIENT], [p + "wg3"])]
+    nodes += [helper.make_node("ReduceSum", [p + f"wg{k}", p + "axis0"], [SUMS[k - 1]], keepdims=1)
+              for k in (1, 2, 3)]
+    nodes += [helper.make_node("Slice", [source, p + "axis0", p + "one", p + "axis0"], [first])
+              for source, first in ((ACTIVATION, FIRST_ACTIVATION), (GRADIENT, FIRST_GRADIENT),
+                                    (LOGITS, FIRST_LOGITS))]
     kept_inputs = [i for i in graph.input if i.name != gm.input_name]
+    if targets_in_graph(gm):
+        seed_input = next(i for i in kept_inputs if i.name == SEED)
+        kept_inputs = [i for i in kept_inputs if i.name != SEED]
+        inputs += [helper.make_tensor_value_info(TARGETS, TensorProto.INT64, ["N"]),
+                   helper.make_tensor_value_info(PICKS, TensorProto.INT64, ["N"])]
+        initializers += [helper.make_tensor(p + "classes", TensorProto.INT64, [1, gm.num_classes],
+                                            list(range(gm.num_classes))),
+                         helper.make_tensor(p + "zero", TensorProto.INT64, [], [0])]
+        nodes += [
+            helper.make_node("ArgMax", [LOGITS], [p + "predicted"], axis=1, keepdims=0),
+            helper.make_node("Gather", [p + "predicted", PICKS], [p + "picked"], axis=0),
+            helper.make_node("GreaterOrEqual", [TARGETS, p + "zero"], [p + "given"]),
+            helper.make_node("Where", [p + "given", TARGETS, p + "picked"], [CLASSES]),
+            helper.make_node("Unsqueeze", [CLASSES, p + "one"], [p + "class_column"]),
+            helper.make_node("Equal", [p + "class_column", p + "classes"], [p + "hot"]),
+            helper.make_node("Cast", [p + "hot"], [SEED], to=seed_input.type.tensor_type.elem_type),
+        ]
+    outputs = {o.name: o for o in graph.output}
+    extra = [helper.make_tensor_value_info(name, outputs[source].type.tensor_type.elem_type, None)
+             for name, source in ((SUMS[0], GRADIENT), (SUMS[1], GRADIENT), (SUMS[2], GRADIENT),
+                                  (FIRST_ACTIVATION, ACTIVATION), (FIRST_GRADIENT, GRADIENT),
+                                  (FIRST_LOGITS, LOGITS))]
+    if targets_in_graph(gm):
+        extra.append(helper.make_tensor_value_info(CLASSES, TensorProto.INT64, ["N"]))
     del graph.input[:]
     graph.input.extend(inputs + kept_inputs)
-    graph.initializer.append(shape)
-    existing = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + existing)
-    return model
+    graph.initializer.extend(initializers)
+    graph.output.extend(extra)
+    graph.node.extend(nodes)
+    # the seed is now computed from the logits, deep inside the graph: put every node in order
+    sorted_graph = gs.import_onnx(model)
+    sorted_graph.toposort()
+    ordered = gs.export_onnx(sorted_graph)
+    ordered.ir_version = model.ir_version
+    del ordered.metadata_props[:]
+    ordered.metadata_props.extend(model.metadata_props)
+    return ordered
+
+
+def row_feeds(rows, samples, scales, weights, targets=None, picks=None, seed=None) -> dict[str, np.ndarray]:
+    """The per-batch inputs of the noisy model: ``targets`` and ``picks`` for class scores,
+    ``seed`` rows otherwise."""
+    feeds = {ROWS: np.ascontiguousarray(rows, dtype=np.int64),
+             SAMPLES: np.ascontiguousarray(samples, dtype=np.int64),
+             SCALES: np.ascontiguousarray(scales, dtype=np.float32),
+             WEIGHTS: np.ascontiguousarray(weights, dtype=np.float32)}
+    if seed is not None:
+        feeds[SEED] = np.ascontiguousarray(seed, dtype=np.float32)
+    else:
+        feeds[TARGETS] = np.ascontiguousarray(targets, dtype=np.int64)
+        feeds[PICKS] = np.ascontiguousarray(np.zeros(len(feeds[ROWS])) if picks is None else picks,
+                                            dtype=np.int64)
+    return feeds

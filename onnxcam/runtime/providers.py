@@ -69,12 +69,13 @@ def default_threads() -> int:
     return max(1, min(16, available))
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, cuda: bool = False) -> ort.SessionOptions:
     """Full graph optimisation, quiet logging, ``threads`` intra-op threads, one inter-op thread,
     and worker threads that stop spinning when a run returns: an explanation alternates between
     sessions (forward part, head, whole model), and on 2 cores the idle spinning threads of one
     session took 20-30% of the next one's time (25 MobileNetV2 forwards: 174 ms after another
-    session's run, 137 ms with the spinning stopped; runs of one session lost nothing)."""
+    session's run, 137 ms with the spinning stopped; runs of one session lost nothing).
+    On CUDA (``cuda``): deterministic kernels only."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -82,6 +83,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.log_severity_level = QUIET
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    if cuda:  # the same seed must give the same map: no kernels whose sums race (atomics)
+        options.use_deterministic_compute = True
     return options
 
 
@@ -107,6 +110,17 @@ def create_session(model: bytes, device: str | None = "auto", threads: int | Non
             "this onnxruntime build has no CUDAExecutionProvider")
         raise OptionError(_cuda_message(reason))
     return _create(model, [CPU_PROVIDER], threads, what), "cpu"
+
+
+def likely_device(device: str | None) -> str:
+    """The device a session asked for ``device`` will most likely get, without creating one:
+    "cuda" where CUDA is asked for, or "auto" while CUDA is offered and has not failed in this
+    process; else "cpu". For the choices made before the first session exists (batch size,
+    where the noise is made); the session's own device is the fact."""
+    device = check_device(device)
+    if device == "auto":
+        return "cuda" if cuda_listed() and _cuda_state["usable"] is not False else "cpu"
+    return device
 
 
 def describe(device: str) -> str:
@@ -153,7 +167,8 @@ def _preload_cuda_libraries() -> None:
 
 def _create(model: bytes, providers: list[str], threads: int | None, what: str) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
+        return ort.InferenceSession(model, sess_options=session_options(threads, CUDA_PROVIDER in providers),
+                                    providers=providers)
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
         text = " ".join(_ANSI.sub("", str(exc)).split())
         text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)

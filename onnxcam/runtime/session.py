@@ -14,10 +14,10 @@ when every path from the input to the score passes through the layer (true for t
 choice); otherwise ``has_split`` is False and callers run the whole model twice.
 
 A fourth model, the *noisy* one (``onnxcam.graph.noisy``), makes the noisy batch in the graph:
-``bind_noise`` puts the clean images, their sigmas and the bank of standard normal samples on the
-session's device once per call (ONNX Runtime I/O binding), then each ``run_noisy`` sends only the
-(image, sample) indices of a batch and fetches only the outputs asked for. That is the GPU path:
-the noisy inputs never cross the bus.
+``bind_noise`` puts the clean images and the bank of standard normal samples on the session's
+device once per call (ONNX Runtime I/O binding), then each ``run_noisy`` sends only small per-row
+vectors (image, sample, scale, class) and fetches only the outputs asked for: on a GPU, the noisy
+inputs never cross the bus, and Smooth Grad-CAM++ fetches three moment sums per run.
 
 ``run_calls`` counts every ``InferenceSession.run`` (all models), ``calls`` per model.
 """
@@ -34,7 +34,7 @@ from onnx.utils import Extractor
 
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
-from onnxcam.runtime.providers import check_device, create_session
+from onnxcam.runtime.providers import check_device, create_session, likely_device
 
 FULL, FORWARD, HEAD, NOISY = "full", "forward", "head", "noisy"
 
@@ -83,10 +83,11 @@ class GradientSession:
                                  SEED: self._as_input(seed)})
         return gradient
 
-    def bind_noise(self, images: np.ndarray, sigma: np.ndarray, noise_key: object, make_noise) -> None:
-        """Put the clean images, their sigmas and the noise bank on the noisy model's device.
-        ``make_noise()`` gives the (samples, ...) bank; it is called only when ``noise_key``
-        differs from the previous call's, so the bank stays on the device between calls."""
+    def bind_noise(self, images: np.ndarray, noise_key: object, make_noise) -> None:
+        """Put the clean images and the bank of standard normal samples on the noisy model's
+        device. ``make_noise()`` gives the (samples, ...) bank; it is called only when
+        ``noise_key`` differs from the previous call's, so the bank stays on the device between
+        calls."""
         self._session(NOISY)
         device = "cuda" if self.device == "cuda" else "cpu"
         if self._noise_key != noise_key or noisy.NOISE not in self._bound:
@@ -94,25 +95,28 @@ class GradientSession:
             self._bound[noisy.NOISE] = ort.OrtValue.ortvalue_from_numpy(self._as_input(make_noise()), device, 0)
             self._noise_key = noise_key
         self._bound[noisy.IMAGES] = ort.OrtValue.ortvalue_from_numpy(self._as_input(images), device, 0)
-        self._bound[noisy.SIGMA] = ort.OrtValue.ortvalue_from_numpy(self._as_input(sigma), device, 0)
 
-    def run_noisy(self, rows: np.ndarray, samples: np.ndarray, seed: np.ndarray,
-                  outputs: tuple[str, ...] = (GRADIENT,)) -> list[np.ndarray]:
-        """``outputs`` for the noisy inputs ``images[rows] + sigma[rows] * noise[samples]``
-        (after ``bind_noise``), fetched to the host."""
+    def run_noisy(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = (GRADIENT,)) -> list[np.ndarray]:
+        """``outputs`` of the noisy model for one batch (``noisy.row_feeds``, after
+        ``bind_noise``), fetched to the host."""
         session = self._session(NOISY)
         binding = session.io_binding()
-        for name in (noisy.IMAGES, noisy.NOISE, noisy.SIGMA):
+        for name in (noisy.IMAGES, noisy.NOISE):
             binding.bind_ortvalue_input(name, self._bound[name])
-        binding.bind_cpu_input(noisy.ROWS, np.ascontiguousarray(rows, dtype=np.int64))
-        binding.bind_cpu_input(noisy.SAMPLES, np.ascontiguousarray(samples, dtype=np.int64))
-        binding.bind_cpu_input(SEED, self._as_input(seed))
+        for name, values in feeds.items():
+            binding.bind_cpu_input(name, values)
         for name in outputs:
             binding.bind_output(name, "cpu")
         self.run_calls += 1
         self.calls[NOISY] += 1
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+    @property
+    def likely_device(self) -> str:
+        """The device the sessions run on, or, before the first exists, the one they will most
+        likely get (``providers.likely_device``)."""
+        return self.device or likely_device(self.requested_device)
 
     @property
     def has_split(self) -> bool:

@@ -6,7 +6,9 @@
 # (.ortgpu/part-0*.d/part-0* and .ortgpu/SHA256) and the onnx-graphsurgeon wheel (.whl/), and
 # the first one started the benchmark models' export in the background:
 #     setsid nohup python3 scripts/export_benchmark_models.py >/tmp/export.log 2>&1 </dev/null &
-# The machine has numpy, onnx, torch, pillow, click and pytest already.
+# The machine has numpy, onnx, torch, pillow, click and pytest already. Seen on 2026-11-26: after
+# a call that failed to copy, the .whl folder carried earlier was gone; carry it again in the last
+# call (it is small). A failed copy also held the machine for ~6 minutes of the 15.
 #
 # Stages: install; the GPU tests (CUDA maps against the CPU's, repeats); the same seed in two
 # processes; scripts/bench_device.py (floors, Smooth Grad-CAM++ n = 25, `onnxcam explain` over

@@ -257,8 +257,9 @@ def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, aver
     if averaging == "moments":  # clean row + 3 noisy rows, then 2 noisy rows, per image
         assert in_graph.session.calls[NOISY] == 3 * math.ceil((5 + 1) / 4)
         assert in_graph.session.calls[FULL] == 0
-    else:  # the clean pass, then the noisy units in batches of 4
-        assert in_graph.session.calls[NOISY] == math.ceil(3 * 5 / 4)
+    else:  # the clean pass (scale 0), then the noisy units in batches of 4
+        assert in_graph.session.calls[NOISY] == 1 + math.ceil(3 * 5 / 4)
+        assert in_graph.session.calls[FULL] == 0
     assert numpy_noise.session.calls[NOISY] == 0
     again = in_graph.explain(inputs[:1], samples=5, seed=11, averaging=averaging)
     np.testing.assert_array_equal(again[0].raw_map, got[0].raw_map)
@@ -289,6 +290,31 @@ def test_clean_rows_in_the_noisy_runs_give_the_separate_passes_maps(mlp_head_mod
                 np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-5, atol=1e-6 * np.abs(a.raw_map).max())
     assert together.session.calls[FULL] == 0
     assert together.session.calls[NOISY] == 2 * (1 + math.ceil((20 + 1) / 8))
+
+
+@pytest.mark.parametrize("targets", [None, [3, 3, 8]])
+def test_clean_pass_in_the_noisy_model_gives_the_whole_models_maps(mlp_head_model, targets):
+    """With the noise in the graph (the CUDA path) the clean pass is a run of the noisy model
+    with scale 0, each row picking its own top class in the graph (or taking the given one):
+    Grad-CAM and Grad-CAM++ match the whole model's, with no other session."""
+    from onnxcam.runtime.session import FULL, NOISY
+
+    inputs = random_inputs(3, seed=43) * 0.1  # plus one strong channel each: classes 8, 7, 5
+    for row, (channel, value) in enumerate([(0, -5.0), (2, -20.0), (2, 20.0)]):
+        inputs[row, channel] += value
+    separate = Explainer(mlp_head_model, layer="a1", batch_size=2, noise_in_graph=False)
+    together = Explainer(mlp_head_model, layer="a1", batch_size=2, noise_in_graph=True)
+    methods = ("gradcam", "gradcampp")
+    expected = separate.compare(inputs, methods=methods, targets=targets)
+    got = together.compare(inputs, methods=methods, targets=targets)
+    for name in methods:
+        for a, b in zip(expected[name], got[name]):
+            assert (b.class_index, b.score) == pytest.approx((a.class_index, a.score))
+            np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-5, atol=1e-6 * np.abs(a.raw_map).max())
+    if targets is None:  # each row picked its own prediction
+        assert [e.class_index for e in got["gradcam"]] == [8, 7, 5]
+    assert together.session.calls[FULL] == 0 and together.session.calls[NOISY] == 2
+    assert together.device == "cpu"
 
 
 def test_noise_in_graph_is_validated(mlp_head_model):

@@ -145,7 +145,7 @@ def test_layer_beside_a_skip_connection_cannot_be_cut_but_still_explains(tmp_pat
 
 
 def test_batch_size_is_bounded_and_overridable(model_path):
-    assert Explainer(model_path).batch_size == MAX_BATCH == 8
+    assert Explainer(model_path, device="cpu").batch_size == MAX_BATCH == 8
     assert Explainer(model_path, batch_size=3).batch_size == 3
     with pytest.raises(OptionError, match="batch size"):
         Explainer(model_path, batch_size=0)
@@ -322,3 +322,15 @@ def test_cache_key_follows_the_rewriters_source(monkeypatch):
     before = cache.cache_key("model-sha", None, None)
     monkeypatch.setattr(cache, "rewriter_fingerprint", lambda: "a different rule table")
     assert cache.cache_key("model-sha", None, None) != before
+
+
+def test_cuda_sessions_ask_for_determinism_unless_told_not_to(monkeypatch):
+    from onnxcam.runtime.providers import cuda_deterministic
+
+    assert session_options(1, cuda=True).use_deterministic_compute
+    assert not session_options(1).use_deterministic_compute
+    monkeypatch.setenv("ONNXCAM_DETERMINISTIC", "0")
+    assert not cuda_deterministic() and not session_options(1, cuda=True).use_deterministic_compute
+    monkeypatch.setenv("ONNXCAM_DETERMINISTIC", "maybe")
+    with pytest.raises(OptionError, match="ONNXCAM_DETERMINISTIC"):
+        cuda_deterministic()

@@ -23,10 +23,17 @@ folder of any size; the results do not depend on the grouping):
    the noisy passes are skipped; the record says ``noisy_passes_skipped: true``.
 4. Maps are computed at layer resolution (``raw_map``) and upsampled/normalised on demand.
 
+On CUDA (``noise_in_graph``, automatic) the single-class runs all go through the noisy model
+(``onnxcam.graph.noisy``), fed by I/O binding: the clean pass is a run with scale 0 whose rows
+pick their own class in the graph, and for Smooth Grad-CAM++ the clean row rides in each image's
+first noisy run and the graph sums the moments, so one image with n < batch is one run and only
+the moment sums come back. Top-k and neuron scores keep the steps above.
+
 Determinism: noisy sample s of every image uses the standard normal array z_s of generator (seed,
 s) (common random numbers, ``onnxcam.explain.noise``), and the moments are accumulated sample by
 sample in sample order, so the same seed gives the same map bit for bit on the CPU whatever the
-batch size and whichever other images share the call.
+batch size and whichever other images share the call. On CUDA the same seed gives the same map
+for the same batch size (deterministic kernels; sums made on the device, in float32).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.explain.noise import check_noise_options, noise_sigma, noisy_batches, standard_normal_stack
 from onnxcam.explain.result import Explanation
 from onnxcam.graph import noisy
-from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, GradientModel
+from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
@@ -184,7 +191,7 @@ class Explainer:
         """"cpu" or "cuda": the device the sessions really run on (creates the session if needed)."""
         session = self._session(self.gradient_model)
         if session.device is None:
-            session.warm_up((FULL,))
+            session.warm_up((NOISY,) if self._noise_in_graph(session) else (FULL,))
         return session.device  # type: ignore[return-value]
 
     @property
@@ -288,8 +295,10 @@ class Explainer:
         preprocessor = self._preprocessor_for(items)
 
         noisy_cams = [cam for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]]
-        fused = self._fused(session, noisy_cams, class_lists, k, neuron_mode)
-        plan, split_clean = ((NOISY,), False) if fused else self._plan(
+        in_graph = self._one_class_in_graph(session, class_lists, k, neuron_mode)
+        fused = in_graph and bool(noisy_cams) and all(
+            getattr(cam, "averaging", "moments") == "moments" for cam in noisy_cams)
+        plan, split_clean = ((NOISY,), False) if in_graph else self._plan(
             session, class_lists, k, neuron_mode, len(items), batch, bool(noisy_cams))
         setup_start = time.perf_counter()
         session.warm_up(plan)
@@ -310,8 +319,10 @@ class Explainer:
                 clean = self._fused_passes(session, inputs, chunk_classes, accumulators, samples,
                                            noise_level, seed, batch, need_gradient)
             else:
-                clean = self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
-                                         need_gradient)
+                clean = (self._clean_pass_in_graph(session, inputs, chunk_classes, batch, need_gradient)
+                         if in_graph else
+                         self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
+                                          need_gradient))
                 t2 = time.perf_counter()
                 accumulators = {name: cam.new_accumulator(len(clean.pair_image))
                                 for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
@@ -671,16 +682,36 @@ class Explainer:
             return self.noise_in_graph
         return session.likely_device == "cuda" and session.input_dtype == np.float32
 
-    def _fused(self, session: GradientSession, noisy_cams: list, class_lists, k: int, neuron_mode: bool) -> bool:
-        """Whether the clean pass and the noisy passes run together in the noisy model
-        (``_fused_passes``): noise made in the graph, one class per image (given, or the top
-        prediction), and only moment-averaged noisy methods."""
+    def _one_class_in_graph(self, session: GradientSession, class_lists, k: int, neuron_mode: bool) -> bool:
+        """Whether every run goes through the noisy model (the CUDA path): noise made in the
+        graph and one class per image, given or the top prediction, which the graph picks
+        itself. The clean pass is then a noisy run with scale 0 (``_clean_pass_in_graph``), and
+        with moment-averaged noisy methods it shares the noisy runs (``_fused_passes``)."""
         one_class = (class_lists is None and k == 1) or (class_lists is not None
                                                           and all(len(c) == 1 for c in class_lists))
-        return (bool(noisy_cams) and one_class and not neuron_mode
-                and noisy.targets_in_graph(session.gradient_model)
-                and all(getattr(cam, "averaging", "moments") == "moments" for cam in noisy_cams)
+        return (one_class and not neuron_mode and noisy.targets_in_graph(session.gradient_model)
                 and self._noise_in_graph(session))
+
+    @staticmethod
+    def _clean_pass_in_graph(session: GradientSession, inputs: np.ndarray, chunk_classes, batch: int,
+                             need_gradient: bool) -> _Clean:
+        """The clean pass as runs of the noisy model with scale 0: each row explains its given
+        class or its own top prediction (``picks`` = its own position), all on the device."""
+        count = len(inputs)
+        session.bind_noise(inputs)
+        targets = np.array([c[0] for c in chunk_classes] if chunk_classes is not None else [-1] * count)
+        outputs = (ACTIVATION, LOGITS, noisy.CLASSES) + ((GRADIENT,) if need_gradient else ())
+        parts = []
+        for start in range(0, count, batch):
+            rows = np.arange(start, min(start + batch, count))
+            zeros = np.zeros(len(rows))
+            parts.append(session.run_noisy(noisy.row_feeds(rows, zeros, zeros, zeros, targets=targets[rows],
+                                                            picks=np.arange(len(rows))), outputs))
+        activation, logits, classes = (np.concatenate([part[i] for part in parts]) for i in range(3))
+        gradient = np.concatenate([part[3] for part in parts]) if need_gradient else None
+        chosen = [int(c) for c in classes]
+        return _Clean(np.arange(count), chosen, tg.one_hot(chosen, session.gradient_model.num_classes),
+                      activation, gradient, logits)
 
     @staticmethod
     def _fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,

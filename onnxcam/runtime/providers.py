@@ -83,9 +83,19 @@ def session_options(threads: int | None = None, cuda: bool = False) -> ort.Sessi
     options.inter_op_num_threads = 1
     options.log_severity_level = QUIET
     options.add_session_config_entry("session.force_spinning_stop", "1")
-    if cuda:  # the same seed must give the same map: no kernels whose sums race (atomics)
+    if cuda and cuda_deterministic():  # the same seed, the same map: no racing sums (atomics)
         options.use_deterministic_compute = True
     return options
+
+
+def cuda_deterministic() -> bool:
+    """Whether CUDA sessions ask for deterministic kernels: yes, unless ``ONNXCAM_DETERMINISTIC=0``
+    (for measuring what determinism costs: with it, ONNX Runtime's plain ``run()`` sessions were
+    18-220x slower on an H200, scripts/DEVICE_H200.md)."""
+    value = os.environ.get("ONNXCAM_DETERMINISTIC", "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", ""):
+        raise OptionError(f"ONNXCAM_DETERMINISTIC={value!r} must be 1 or 0")
+    return value not in ("0", "false", "no")
 
 
 def cuda_listed() -> bool:

@@ -12,7 +12,9 @@
 #
 # Stages: install; the GPU tests (CUDA maps against the CPU's, repeats); the same seed in two
 # processes; scripts/bench_device.py (floors, Smooth Grad-CAM++ n = 25, `onnxcam explain` over
-# 256 images) on every model that exported.
+# 256 images) on every model that exported; scripts/profile_ops.py on ResNet-50. About 6 minutes
+# (2026-11-26, H200: the first four stages took 4.5 minutes, VGG-16's folder step was cut off).
+# scripts/device_prepare.sh makes the pieces and says how to carry them.
 set -u
 OUT=${OUT:-/tmp/onnxcam_device}
 mkdir -p "$OUT"
@@ -69,4 +71,13 @@ cp /tmp/export.log "$OUT/export.log" 2>/dev/null; tail -3 /tmp/export.log 2>/dev
 stage bench
 timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench_device.py --device cuda --repeats 5 \
     --out "$OUT/DEVICE.md" 2>&1 | tee "$OUT/bench.log"
+
+stage "operator profile, ResNet-50 (with and without deterministic kernels)"
+if [ -f .cache/bench_models/resnet50.onnx ]; then
+    LAYER=$(python3 -c 'import sys; sys.path.insert(0, "scripts"); from bench import SPECS; print(SPECS["resnet50"].honest_layer)')
+    for det in 1 0; do
+        timeout 90 python3 scripts/profile_ops.py .cache/bench_models/resnet50.onnx --layer "$LAYER" \
+            --device cuda --deterministic $det 2>&1 | head -40 | tee -a "$OUT/profile.log"
+    done
+fi
 stage done

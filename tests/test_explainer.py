@@ -239,15 +239,15 @@ def test_noise_of_an_image_does_not_depend_on_the_other_images(mlp_head_model):
 def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, averaging, monkeypatch):
     """The GPU path (noisy batch made in the graph from bound images and a bound noise bank),
     run here on the CPU, gives the same maps as the NumPy noise, and uploads the bank once."""
-    import onnxcam.explain.explainer as explainer_module
+    import onnxcam.explain.passes as passes_module
     from onnxcam.runtime.session import FULL, NOISY
 
     inputs = random_inputs(3, seed=21)
     numpy_noise = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=False)
     in_graph = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=True)
     made = []
-    real_stack = explainer_module.standard_normal_stack
-    monkeypatch.setattr(explainer_module, "standard_normal_stack",
+    real_stack = passes_module.standard_normal_stack
+    monkeypatch.setattr(passes_module, "standard_normal_stack",
                         lambda *a, **k: made.append(a) or real_stack(*a, **k))
     expected = numpy_noise.explain(inputs, samples=5, seed=11, averaging=averaging)
     got = in_graph.explain(inputs, samples=5, seed=11, averaging=averaging)

@@ -1,7 +1,8 @@
 """The public API: ``Explainer(model).explain(images)`` -> one ``Explanation`` per image and class.
 
 Pipeline for a group of images (a call is processed in groups, so memory stays bounded for a
-folder of any size; the results do not depend on the grouping):
+folder of any size; the results do not depend on the grouping). This module decides which
+passes run; ``onnxcam.explain.passes`` runs them:
 
 1. Load and preprocess the images into one float batch.
 2. Clean pass, in chunks of ``batch_size``: the target layer's activation A, the gradient g of
@@ -54,16 +55,17 @@ from onnxcam.cams import CamMethod, GradientMoments, get_method
 from onnxcam.errors import ImageError, LayerError, ModelError, OptionError, TargetError
 from onnxcam.explain import targets as tg
 from onnxcam.explain.labels import metadata_value, resolve_labels
-from onnxcam.explain.noise import check_noise_options, noise_sigma, noisy_batches, standard_normal_stack
+from onnxcam.explain import passes
+from onnxcam.explain.noise import check_noise_options
 from onnxcam.explain.result import Explanation
 from onnxcam.graph import noisy
-from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, GradientModel
+from onnxcam.graph.rewrite import GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
 from onnxcam.runtime.providers import check_device
-from onnxcam.runtime.session import FORWARD, FULL, HEAD, NOISY, GradientSession
+from onnxcam.runtime.session import FULL, NOISY, GradientSession
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
@@ -91,18 +93,6 @@ class _Item:
     path: str | None = None
     pil: Image.Image | None = None
     array: np.ndarray | None = None
-
-
-@dataclass
-class _Clean:
-    """Per (image, target) pair of a group: the image row, the class (or None for neurons), A, g."""
-
-    pair_image: np.ndarray      # (R,) row in the group
-    pair_class: list[int | None]
-    seeds: np.ndarray           # (R, ...) seed rows
-    activation: np.ndarray      # (R, K, h, w)
-    gradient: np.ndarray | None  # (R, K, h, w); None when no method needs the clean gradient
-    logits: np.ndarray          # (G, classes)
 
 
 class Explainer:
@@ -298,7 +288,7 @@ class Explainer:
         in_graph = self._one_class_in_graph(session, class_lists, k, neuron_mode)
         fused = in_graph and bool(noisy_cams) and all(
             getattr(cam, "averaging", "moments") == "moments" for cam in noisy_cams)
-        plan, split_clean = ((NOISY,), False) if in_graph else self._plan(
+        plan, split_clean = ((NOISY,), False) if in_graph else passes.plan_sessions(
             session, class_lists, k, neuron_mode, len(items), batch, bool(noisy_cams))
         setup_start = time.perf_counter()
         session.warm_up(plan)
@@ -316,18 +306,19 @@ class Explainer:
                 accumulators = {name: cam.new_accumulator(len(inputs)) for name, cam in cams.items()
                                 if cam.needs_noise and not skip_noise[name]}
                 t2 = t1
-                clean = self._fused_passes(session, inputs, chunk_classes, accumulators, samples,
-                                           noise_level, seed, batch, need_gradient)
+                clean = passes.fused_passes(session, inputs, chunk_classes, accumulators, samples,
+                                            noise_level, seed, batch, need_gradient)
             else:
-                clean = (self._clean_pass_in_graph(session, inputs, chunk_classes, batch, need_gradient)
+                clean = (passes.clean_pass_in_graph(session, inputs, chunk_classes, batch, need_gradient)
                          if in_graph else
-                         self._clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
-                                          need_gradient))
+                         passes.clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
+                                           need_gradient))
                 t2 = time.perf_counter()
                 accumulators = {name: cam.new_accumulator(len(clean.pair_image))
                                 for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
                 if accumulators:
-                    self._noisy_passes(session, inputs, clean, accumulators, samples, noise_level, seed, batch)
+                    passes.noisy_passes(session, inputs, clean, accumulators, samples, noise_level, seed,
+                                        batch, in_graph=self._noise_in_graph(session))
             t3 = time.perf_counter()
             computed = {}
             moments_clean = None
@@ -578,103 +569,6 @@ class Explainer:
         exp = np.exp(shifted)
         return exp / exp.sum(axis=1, keepdims=True)
 
-    # -- the passes ----------------------------------------------------------------------------
-    @staticmethod
-    def _plan(session: GradientSession, class_lists, k, neuron_mode, count, batch,
-              noisy_needed) -> tuple[tuple[str, ...], bool]:
-        """The sessions the passes will use (created before the passes are timed), and whether
-        the clean pass uses the cut model (forward part + head).
-
-        The cut model serves seeds that are only known after the forward pass (predicted classes)
-        and several classes per image. Exception: when the noisy passes need the whole model
-        anyway and all images fit in one batch, two runs of the whole model (zero seed for the
-        logits, then the seeds) are cheaper than creating two more sessions.
-        """
-        one_each = neuron_mode or (class_lists is not None and all(len(c) == 1 for c in class_lists))
-        multi = not one_each and (class_lists is not None or k > 1)
-        noisy_kinds = ([FORWARD, HEAD] if (multi and session.has_split) else [FULL]) if noisy_needed else []
-        split_clean = (not one_each and session.has_split
-                       and not (noisy_kinds == [FULL] and count <= batch))
-        kinds = ([FORWARD, HEAD] if split_clean else [FULL]) + noisy_kinds
-        return tuple(dict.fromkeys(kinds)), split_clean
-
-    def _clean_pass(self, gm: GradientModel, session: GradientSession, inputs: np.ndarray,
-                    class_lists, k: int, neurons, batch: int, split: bool,
-                    need_gradient: bool = True) -> _Clean:
-        """A, g and the logits of the clean images (g is None when ``need_gradient`` is False
-        and the classes are predicted: then the runs that would only give g are skipped)."""
-        count = len(inputs)
-        if neurons is not None:
-            row = tg.neuron_seed(neurons, gm.seed_shape)
-            seeds = np.broadcast_to(row, (count, *row.shape))
-            activation, gradient, logits = _full_runs(session, inputs, seeds, batch)
-            return _Clean(np.arange(count), [None] * count, seeds, activation, gradient, logits)
-        classes = gm.num_classes
-        if class_lists is not None and all(len(c) == 1 for c in class_lists):
-            chosen = [c[0] for c in class_lists]
-            seeds = tg.one_hot(chosen, classes)
-            activation, gradient, logits = _full_runs(session, inputs, seeds, batch)
-            return _Clean(np.arange(count), chosen, seeds, activation, gradient, logits)
-        if split:
-            activation, logits = _chunked(lambda s: session.forward(inputs[s]), count, batch)
-            lists = class_lists if class_lists is not None else tg.top_classes(logits, k)
-            pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
-            pair_class = [c for cs in lists for c in cs]
-            seeds = tg.one_hot(pair_class, classes)
-            pair_activation = activation[pair_image]
-            gradient = None
-            if need_gradient:
-                (gradient,) = _chunked(lambda s: (session.head(pair_activation[s], seeds[s]),),
-                                       len(pair_image), batch)
-            return _Clean(pair_image, pair_class, seeds, pair_activation, gradient, logits)
-        # whole model twice (the layer does not cut the model, or it is cheaper): a zero seed
-        # gives the logits, then the real seeds
-        if class_lists is None:
-            zero = np.zeros((count, classes), dtype=np.float32)
-            zero_activation, _, logits = _full_runs(session, inputs, zero, batch)
-            lists = tg.top_classes(logits, k)
-        else:
-            lists, logits = class_lists, None
-        pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
-        pair_class = [c for cs in lists for c in cs]
-        seeds = tg.one_hot(pair_class, classes)
-        if logits is not None and not need_gradient:  # the zero-seed run gave A and the logits
-            return _Clean(pair_image, pair_class, seeds, zero_activation[pair_image], None, logits)
-        activation, gradient, pair_logits = _full_runs(session, inputs[pair_image], seeds, batch)
-        if logits is None:
-            first = np.array([pair_image.tolist().index(row) for row in range(count)])
-            logits = pair_logits[first]
-        return _Clean(pair_image, pair_class, seeds, activation, gradient, logits)
-
-    def _noisy_passes(self, session: GradientSession, inputs: np.ndarray, clean: _Clean,
-                      accumulators: dict, samples: int, noise_level: float, seed: int,
-                      batch: int) -> None:
-        """Feed every accumulator the gradients of ``samples`` noisy copies of every pair's image."""
-        pair_image = clean.pair_image
-        one_each = len(pair_image) == len(inputs) and np.array_equal(pair_image, np.arange(len(inputs)))
-        if one_each or not session.has_split:
-            # units = (pair, sample); pairs of the same image get the same noise (same generator)
-            pair_inputs = inputs if one_each else inputs[pair_image]
-            if self._noise_in_graph(session):
-                self._noisy_passes_in_graph(session, pair_inputs, clean, accumulators, samples,
-                                            noise_level, seed, batch)
-                return
-            for chunk in prefetched(noisy_batches(pair_inputs, samples, noise_level, seed, batch)):
-                activation, gradient, _ = session.run(chunk.inputs, clean.seeds[chunk.rows])
-                _feed(accumulators, chunk.rows, gradient, activation)
-            return
-        # several classes per image and a cut model: one forward per noisy sample, the head per class
-        pairs_of = [np.flatnonzero(pair_image == row) for row in range(len(inputs))]
-        for chunk in prefetched(noisy_batches(inputs, samples, noise_level, seed, batch)):
-            activation, _ = session.forward(chunk.inputs)
-            unit = np.concatenate([np.full(len(pairs_of[row]), i) for i, row in enumerate(chunk.rows)])
-            pairs = np.concatenate([pairs_of[row] for row in chunk.rows])
-            for start in range(0, len(pairs), batch):
-                part = slice(start, start + batch)
-                unit_activation = activation[unit[part]]
-                gradient = session.head(unit_activation, clean.seeds[pairs[part]])
-                _feed(accumulators, pairs[part], gradient, unit_activation)
-
     def _noise_in_graph(self, session: GradientSession) -> bool:
         """The option, or automatically: on CUDA with a float32 input. (Several classes per image
         on a cut model keep the NumPy noise: one forward per sample, the head per class.)"""
@@ -685,130 +579,15 @@ class Explainer:
     def _one_class_in_graph(self, session: GradientSession, class_lists, k: int, neuron_mode: bool) -> bool:
         """Whether every run goes through the noisy model (the CUDA path): noise made in the
         graph and one class per image, given or the top prediction, which the graph picks
-        itself. The clean pass is then a noisy run with scale 0 (``_clean_pass_in_graph``), and
-        with moment-averaged noisy methods it shares the noisy runs (``_fused_passes``)."""
+        itself. The clean pass is then a noisy run with scale 0 (``passes.clean_pass_in_graph``),
+        and with moment-averaged noisy methods it shares the noisy runs (``passes.fused_passes``)."""
         one_class = (class_lists is None and k == 1) or (class_lists is not None
                                                           and all(len(c) == 1 for c in class_lists))
         return (one_class and not neuron_mode and noisy.targets_in_graph(session.gradient_model)
                 and self._noise_in_graph(session))
 
-    @staticmethod
-    def _clean_pass_in_graph(session: GradientSession, inputs: np.ndarray, chunk_classes, batch: int,
-                             need_gradient: bool) -> _Clean:
-        """The clean pass as runs of the noisy model with scale 0: each row explains its given
-        class or its own top prediction (``picks`` = its own position), all on the device."""
-        count = len(inputs)
-        session.bind_noise(inputs)
-        targets = np.array([c[0] for c in chunk_classes] if chunk_classes is not None else [-1] * count)
-        outputs = (ACTIVATION, LOGITS, noisy.CLASSES) + ((GRADIENT,) if need_gradient else ())
-        parts = []
-        for start in range(0, count, batch):
-            rows = np.arange(start, min(start + batch, count))
-            zeros = np.zeros(len(rows))
-            parts.append(session.run_noisy(noisy.row_feeds(rows, zeros, zeros, zeros, targets=targets[rows],
-                                                            picks=np.arange(len(rows))), outputs))
-        activation, logits, classes = (np.concatenate([part[i] for part in parts]) for i in range(3))
-        gradient = np.concatenate([part[3] for part in parts]) if need_gradient else None
-        chosen = [int(c) for c in classes]
-        return _Clean(np.arange(count), chosen, tg.one_hot(chosen, session.gradient_model.num_classes),
-                      activation, gradient, logits)
-
-    @staticmethod
-    def _fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,
-                      samples: int, noise_level: float, seed: int, batch: int, need_gradient: bool) -> _Clean:
-        """The clean pass and the noisy passes of each image in runs of the noisy model.
-
-        An image's first run holds its clean row (scale 0, weight 0) ahead of its first noisy
-        rows, and the clean row's predicted class (or the given one) is the target of every
-        row, chosen in the graph. Each run returns only the sums of g, g^2, g^3 over its noisy
-        rows, and the first run the clean row's A, logits, class (and g when a method without
-        noise needs it): one run per image for n < batch, and no batch of gradients on the bus.
-        """
-        shape = tuple(inputs.shape[1:])
-        session.bind_noise(inputs, (seed, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
-        first_outputs = (*noisy.SUMS, noisy.FIRST_ACTIVATION, noisy.FIRST_LOGITS, noisy.CLASSES)
-        first_outputs += (noisy.FIRST_GRADIENT,) if need_gradient else ()
-        activation, gradient, logits, classes = [], [], [], []
-        for image in range(len(inputs)):
-            sigma = noise_sigma(inputs[image], noise_level)
-            target = chunk_classes[image][0] if chunk_classes is not None else -1
-            start = 0
-            while start < samples:
-                clean_row = start == 0
-                stop = min(samples, start + max(1, batch - clean_row))
-                count = stop - start
-                ids = np.arange(start, stop)
-                if clean_row:
-                    feeds = noisy.row_feeds(np.full(count + 1, image), np.r_[0, ids],
-                                            np.r_[0.0, np.full(count, sigma)], np.r_[0.0, np.ones(count)],
-                                            targets=np.full(count + 1, target))
-                    fetched = session.run_noisy(feeds, first_outputs)
-                    activation.append(fetched[3])
-                    logits.append(fetched[4])
-                    target = int(fetched[5][0])
-                    classes.append(target)
-                    if need_gradient:
-                        gradient.append(fetched[6])
-                else:
-                    feeds = noisy.row_feeds(np.full(count, image), ids, np.full(count, sigma), np.ones(count),
-                                            targets=np.full(count, target))
-                    fetched = session.run_noisy(feeds, noisy.SUMS)
-                for accumulator in accumulators.values():
-                    accumulator.add_sums(image, count, *fetched[:3])
-                start = stop
-        num_classes = session.gradient_model.num_classes
-        return _Clean(np.arange(len(inputs)), classes, tg.one_hot(classes, num_classes),
-                      np.concatenate(activation), np.concatenate(gradient) if need_gradient else None,
-                      np.concatenate(logits))
-
-    @staticmethod
-    def _noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: _Clean,
-                               accumulators: dict, samples: int, noise_level: float, seed: int,
-                               batch: int) -> None:
-        """The noisy passes with the noisy batch made in the graph (``GradientSession.run_noisy``):
-        the same units, in the same order, as ``noisy_batches``."""
-        shape = tuple(inputs.shape[1:])
-        sigma = np.array([noise_sigma(image, noise_level) for image in inputs], dtype=np.float32)
-        session.bind_noise(inputs, (seed, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
-        keep_maps = any(getattr(a, "keep_maps", False) for a in accumulators.values())
-        outputs = (GRADIENT, ACTIVATION) if keep_maps else (GRADIENT,)
-        classes = noisy.targets_in_graph(session.gradient_model)
-        total = len(inputs) * samples
-        for start in range(0, total, batch):
-            units = np.arange(start, min(start + batch, total))
-            rows, sample = units // samples, units % samples
-            feeds = noisy.row_feeds(rows, sample, sigma[rows], np.ones(len(rows)),
-                                    targets=np.asarray(clean.pair_class)[rows] if classes else None,
-                                    seed=None if classes else clean.seeds[rows])
-            fetched = session.run_noisy(feeds, outputs)
-            _feed(accumulators, rows, fetched[0], fetched[1] if keep_maps else None)
-
 
 # -- helpers -------------------------------------------------------------------------------------
-def _feed(accumulators: dict, rows: np.ndarray, gradient: np.ndarray, activation: np.ndarray | None) -> None:
-    """Add a batch's samples. The accumulators sum them one after another, so the maps do not
-    depend on the batch size; the per-sample maps of the "maps" averaging are still made one
-    sample at a time, so that their arithmetic cannot depend on the batch either."""
-    for accumulator in accumulators.values():
-        if not accumulator.keep_maps:
-            accumulator.add(rows, gradient)
-            continue
-        for i in range(len(rows)):
-            one = slice(i, i + 1)
-            accumulator.add(rows[one], gradient[one], activation[one])
-
-
-def _full_runs(session: GradientSession, inputs: np.ndarray, seeds: np.ndarray, batch: int):
-    return _chunked(lambda s: session.run(inputs[s], seeds[s]), len(inputs), batch)
-
-
-def _chunked(run, count: int, batch: int) -> list[np.ndarray]:
-    """Concatenate the outputs of ``run(slice)`` over chunks of ``batch``."""
-    parts = [run(slice(start, start + batch)) for start in range(0, count, batch)]
-    return [np.concatenate([part[i] for part in parts]) if len(parts) > 1 else parts[0][i]
-            for i in range(len(parts[0]))]
-
-
 def _method_key(name: str) -> str:
     from onnxcam.cams import canonical_method_name
 

@@ -334,3 +334,21 @@ def test_cuda_sessions_ask_for_determinism_unless_told_not_to(monkeypatch):
     monkeypatch.setenv("ONNXCAM_DETERMINISTIC", "maybe")
     with pytest.raises(OptionError, match="ONNXCAM_DETERMINISTIC"):
         cuda_deterministic()
+
+
+def test_the_device_is_known_before_the_first_session(model_path, monkeypatch):
+    """Where onnxruntime offers CUDA but cannot use it (onnxruntime-gpu without a GPU, as in CI),
+    "auto" must plan for the CPU from the start: the CPU batch and the NumPy noise, not the
+    CUDA path run on the CPU."""
+    from onnxcam.runtime import providers
+    from onnxcam.runtime.session import NOISY
+
+    if _cuda_usable():
+        pytest.skip("CUDA works on this machine")
+    monkeypatch.setitem(providers._cuda_state, "usable", None)  # as in a fresh process
+    assert providers.resolve_device("cpu") == "cpu" and providers.resolve_device("cuda") == "cuda"
+    explainer = Explainer(model_path)
+    assert explainer.batch_size == MAX_BATCH
+    assert providers.resolve_device("auto") == "cpu"
+    explainer.explain(np.zeros((1, 3, 32, 32), np.float32), samples=3)
+    assert explainer.session.calls[NOISY] == 0 and explainer.device == "cpu"

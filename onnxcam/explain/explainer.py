@@ -448,7 +448,7 @@ class Explainer:
             return self._batch_option
         per_sample = 4 * (_elements(self._item_shape(gm)) + 2 * _elements(gm.activation_shape[1:],
                                                                           default=_elements(self._item_shape(gm))))
-        cap, memory = ((CUDA_MAX_BATCH, CUDA_BATCH_MEMORY) if self._session(gm).likely_device == "cuda"
+        cap, memory = ((CUDA_MAX_BATCH, CUDA_BATCH_MEMORY) if self._session(gm).planned_device == "cuda"
                        else (MAX_BATCH, BATCH_MEMORY))
         return int(max(1, min(cap, memory // max(per_sample, 1))))
 
@@ -574,7 +574,7 @@ class Explainer:
         on a cut model keep the NumPy noise: one forward per sample, the head per class.)"""
         if self.noise_in_graph is not None:
             return self.noise_in_graph
-        return session.likely_device == "cuda" and session.input_dtype == np.float32
+        return session.planned_device == "cuda" and session.input_dtype == np.float32
 
     def _one_class_in_graph(self, session: GradientSession, class_lists, k: int, neuron_mode: bool) -> bool:
         """Whether every run goes through the noisy model (the CUDA path): noise made in the

@@ -122,15 +122,30 @@ def create_session(model: bytes, device: str | None = "auto", threads: int | Non
     return _create(model, [CPU_PROVIDER], threads, what), "cpu"
 
 
-def likely_device(device: str | None) -> str:
-    """The device a session asked for ``device`` will most likely get, without creating one:
-    "cuda" where CUDA is asked for, or "auto" while CUDA is offered and has not failed in this
-    process; else "cpu". For the choices made before the first session exists (batch size,
-    where the noise is made); the session's own device is the fact."""
+def resolve_device(device: str | None) -> str:
+    """The device a session asked for ``device`` gets, "cpu" or "cuda", known before the first
+    real session: choices such as the batch size and where the noise is made depend on it. For
+    "auto" where this onnxruntime offers CUDA, CUDA is tried once per process on a one-node model
+    (the same try the first session would make; on a machine without a GPU it fails fast and
+    later sessions go straight to the CPU). "cuda" is taken at its word: the session raises if
+    CUDA cannot be used."""
     device = check_device(device)
-    if device == "auto":
-        return "cuda" if cuda_listed() and _cuda_state["usable"] is not False else "cpu"
-    return device
+    if device != "auto":
+        return device
+    if not cuda_listed():
+        return "cpu"
+    if _cuda_state["usable"] is None:
+        _try_cuda(_probe_model(), 1, "a CUDA probe")
+    return "cuda" if _cuda_state["usable"] else "cpu"
+
+
+def _probe_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "onnxcam_cuda_probe", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
 def describe(device: str) -> str:

@@ -34,7 +34,7 @@ from onnx.utils import Extractor
 
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
-from onnxcam.runtime.providers import check_device, create_session, likely_device
+from onnxcam.runtime.providers import check_device, create_session, resolve_device
 
 FULL, FORWARD, HEAD, NOISY = "full", "forward", "head", "noisy"
 
@@ -121,10 +121,10 @@ class GradientSession:
         return binding.copy_outputs_to_cpu()
 
     @property
-    def likely_device(self) -> str:
-        """The device the sessions run on, or, before the first exists, the one they will most
-        likely get (``providers.likely_device``)."""
-        return self.device or likely_device(self.requested_device)
+    def planned_device(self) -> str:
+        """The device the sessions run on, known before the first one exists
+        (``providers.resolve_device``)."""
+        return self.device or resolve_device(self.requested_device)
 
     @property
     def has_split(self) -> bool:

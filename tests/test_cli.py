@@ -377,3 +377,11 @@ def test_efficientnet_compare_end_to_end(tmp_path):
     assert image_size(tmp_path / "chelsea_compare.png")[1] > 100
     assert "Note:" in result.stderr and "linear" in result.stderr
     assert hashlib.sha256((IMAGES / "chelsea.png").read_bytes()).hexdigest() == before
+
+
+def test_writer_threads_follow_the_cpus(monkeypatch):
+    from onnxcam.cli import explain_cmd
+
+    for cpus, threads in ((1, 2), (2, 2), (6, 3), (16, 8), (64, 8)):
+        monkeypatch.setattr(explain_cmd.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert explain_cmd.writer_threads() == threads

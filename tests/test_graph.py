@@ -136,6 +136,27 @@ def test_rewritten_model_keeps_original_outputs_and_passes_full_check():
     assert [o.name for o in gm.model.graph.output] == ["prob", ACTIVATION, GRADIENT, LOGITS]
 
 
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_pooling_gradient_is_broadcast_by_the_mask_not_written_out(activation):
+    """GAP's backward is a (N, C, 1, 1) gradient expanded to (N, C, h, w); the ReLU / ReLU6 mask
+    after it takes the small tensor and broadcasts it (the Expand is gone), with the same
+    gradient (finite differences)."""
+    model = small_cnn()
+    if activation == "Clip":
+        relu2 = next(n for n in model.graph.node if n.name == "relu2")
+        relu2.op_type = "Clip"
+        relu2.input.extend(["lo", "hi"])
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+                                        numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
+    gm = build_gradient_model(model, layer="c2")
+    produced_by = {out: node for node in gm.model.graph.node for out in node.output}
+    wheres = [n for n in gm.model.graph.node if n.op_type == "Where"]
+    assert wheres and all(produced_by.get(n.input[1]) is None or produced_by[n.input[1]].op_type != "Expand"
+                          for n in wheres)
+    assert not any(n.op_type == "Expand" for n in gm.model.graph.node)
+    check_gradient(model, RNG.standard_normal([2, 3, 8, 8]).astype(np.float32), layer="c2")
+
+
 def test_gradient_through_softmax_model_is_of_the_logits():
     """The score is the pre-softmax logit: the gradient ignores the Softmax."""
     check_gradient(small_cnn(head_ops=["Sigmoid"]), RNG.standard_normal([2, 3, 8, 8]).astype(np.float32),

@@ -85,7 +85,13 @@ class Emitter:
         return self.op("Where", cond, a, b)
 
     def mask(self, cond: Tensor, dy: Tensor) -> Tensor:
-        """``dy`` where ``cond`` holds, else 0."""
+        """``dy`` where ``cond`` holds, else 0. ``cond`` is elementwise over the activation whose
+        gradient ``dy`` is, so it has ``dy``'s full shape: a ``dy`` that is only an Expand of a
+        smaller tensor (the backward of a global pooling) is broadcast by the Where itself
+        rather than written out in full first."""
+        producer = dy.inputs[0] if dy.inputs else None
+        if producer is not None and producer.op == "Expand":
+            dy = producer.inputs[0]
         return self.where(cond, dy, self.const(0.0))
 
     def unbroadcast(self, dy: Tensor, x: Tensor, y: Tensor) -> Tensor:

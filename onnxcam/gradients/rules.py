@@ -597,7 +597,7 @@ def _global_average_pool(em, node, dy):
         scale = em.const(1.0 / float(np.prod(spatial)))
     else:
         scale = _size_ratio(em, _y(node), x)
-    return [em.op("Mul", em.op("Expand", dy[0], em.shape(x)), scale)]
+    return [em.op("Expand", em.op("Mul", dy[0], scale), em.shape(x))]  # scale the (N, C, 1, 1) dy
 
 
 def _size_ratio(em, small, large):
@@ -632,10 +632,10 @@ def _reduce_sum_mean(em, node, dy):
     axes = _reduce_axes(node, len(static_shape(x)))
     if axes is None:
         return [dy[0]] + [None] * (len(node.inputs) - 1)
-    dx = em.op("Expand", _keepdims_gradient(em, node, dy[0], axes), em.shape(x))
-    if node.op == "ReduceMean":
-        dx = em.op("Mul", dx, _size_ratio(em, _y(node), x))
-    return [dx] + [None] * (len(node.inputs) - 1)
+    kept = _keepdims_gradient(em, node, dy[0], axes)
+    if node.op == "ReduceMean":  # scale the reduced dy, before it is expanded
+        kept = em.op("Mul", kept, _size_ratio(em, _y(node), x))
+    return [em.op("Expand", kept, em.shape(x))] + [None] * (len(node.inputs) - 1)
 
 
 def _max_gradient(em, x, y_kept, dy_kept, axes):

@@ -351,8 +351,8 @@ def report(results: dict, args, run: dict) -> str:
              "first call, as for every image of a folder) and, in the \"new seed\" column, a new seed "
              "per call (the noise is drawn every time: a one-off explanation).",
              "",
-             "GPU: no GPU was lent to the session that made this table; the GPU figures (CUDA EP) are "
-             "left for later.", ""]
+             "This table is the CPU. The GPU figures (CUDA EP, one run on an NVIDIA H200) are in "
+             "`scripts/DEVICE_H200.md`, made by `scripts/device_check.sh`.", ""]
     lines += ["## Times (s, median)", "",
               "| model | floor batched | floor one by one | Grad-CAM x25 | Grad-CAM++ x25 | "
               "Smooth default layer, moments | Smooth default layer, maps | Smooth last block's input | "

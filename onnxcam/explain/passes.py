@@ -150,7 +150,8 @@ def clean_pass_in_graph(session: GradientSession, inputs: np.ndarray, chunk_clas
     gradient = np.concatenate([part[3] for part in parts]) if need_gradient else None
     chosen = [int(c) for c in classes]
     return CleanPass(np.arange(count), chosen, tg.one_hot(chosen, session.gradient_model.num_classes),
-                  activation, gradient, logits)
+                     activation, gradient, logits)
+
 
 def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,
                  samples: int, noise_level: float, seed: int, batch: int, need_gradient: bool) -> CleanPass:
@@ -196,8 +197,9 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
             start = stop
     num_classes = session.gradient_model.num_classes
     return CleanPass(np.arange(len(inputs)), classes, tg.one_hot(classes, num_classes),
-                  np.concatenate(activation), np.concatenate(gradient) if need_gradient else None,
-                  np.concatenate(logits))
+                     np.concatenate(activation), np.concatenate(gradient) if need_gradient else None,
+                     np.concatenate(logits))
+
 
 def noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: CleanPass,
                           accumulators: dict, samples: int, noise_level: float, seed: int,
@@ -219,8 +221,6 @@ def noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: C
                                 seed=None if classes else clean.seeds[rows])
         fetched = session.run_noisy(feeds, outputs)
         feed(accumulators, rows, fetched[0], fetched[1] if keep_maps else None)
-
-
 
 
 def feed(accumulators: dict, rows: np.ndarray, gradient: np.ndarray, activation: np.ndarray | None) -> None:

@@ -26,12 +26,12 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
     "onnx-graphsurgeon==$($PY -c 'import importlib.metadata as m; print(m.version("onnx-graphsurgeon"))')"
 # each call carries the working tree (tracked and untracked files) plus one piece: 64 MiB in all
 TREE=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-PIECE=$(( (63 * 1024 * 1024 - TREE) / 1024 / 1024 ))  # 1 MiB of margin
-echo "working tree $((TREE / 1024 / 1024)) MiB: pieces of ${PIECE} MiB"
+PIECE=$(( 63 * 1024 * 1024 - TREE ))  # 1 MiB of margin
+echo "working tree $((TREE / 1024)) KiB: pieces of $((PIECE / 1024)) KiB"
 cd .ortgpu
 rm -rf part-0*
 WHEEL=$(ls onnxruntime_gpu-"$VERSION"-*.whl)
-split -b "${PIECE}M" -d "$WHEEL" part-
+split -b "$PIECE" -d "$WHEEL" part-
 sha256sum "$WHEEL" > SHA256
 for piece in part-0?; do mkdir -p "$piece.d" && mv "$piece" "$piece.d/"; done
 echo "pieces: $(ls -d part-0*.d | wc -l) (.ortgpu/part-0*.d)"

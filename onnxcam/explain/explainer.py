@@ -284,10 +284,10 @@ class Explainer:
         group = self._group_for(gm, batch)
         preprocessor = self._preprocessor_for(items)
 
-        noisy_cams = [cam for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]]
+        noisy_cams = {name: cam for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
         in_graph = self._one_class_in_graph(session, class_lists, k, neuron_mode)
         fused = in_graph and bool(noisy_cams) and all(
-            getattr(cam, "averaging", "moments") == "moments" for cam in noisy_cams)
+            getattr(cam, "averaging", "moments") == "moments" for cam in noisy_cams.values())
         plan, split_clean = ((NOISY,), False) if in_graph else passes.plan_sessions(
             session, class_lists, k, neuron_mode, len(items), batch, bool(noisy_cams))
         setup_start = time.perf_counter()
@@ -303,8 +303,7 @@ class Explainer:
             t1 = time.perf_counter()
             chunk_classes = class_lists[start:start + group] if class_lists is not None else None
             if fused:  # the clean rows ride in the noisy runs: all the time is "noisy passes"
-                accumulators = {name: cam.new_accumulator(len(inputs)) for name, cam in cams.items()
-                                if cam.needs_noise and not skip_noise[name]}
+                accumulators = {name: cam.new_accumulator(len(inputs)) for name, cam in noisy_cams.items()}
                 t2 = t1
                 clean = passes.fused_passes(session, inputs, chunk_classes, accumulators, samples,
                                             noise_level, seed, batch, need_gradient)
@@ -315,7 +314,7 @@ class Explainer:
                                            need_gradient))
                 t2 = time.perf_counter()
                 accumulators = {name: cam.new_accumulator(len(clean.pair_image))
-                                for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
+                                for name, cam in noisy_cams.items()}
                 if accumulators:
                     passes.noisy_passes(session, inputs, clean, accumulators, samples, noise_level, seed,
                                         batch, in_graph=self._noise_in_graph(session))

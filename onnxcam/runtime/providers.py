@@ -75,7 +75,7 @@ def session_options(threads: int | None = None, cuda: bool = False) -> ort.Sessi
     sessions (forward part, head, whole model), and on 2 cores the idle spinning threads of one
     session took 20-30% of the next one's time (25 MobileNetV2 forwards: 174 ms after another
     session's run, 137 ms with the spinning stopped; runs of one session lost nothing).
-    On CUDA (``cuda``): deterministic kernels only."""
+    On CUDA (``cuda``): deterministic kernels, unless ``ONNXCAM_DETERMINISTIC=0``."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

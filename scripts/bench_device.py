@@ -9,8 +9,11 @@ Issue 5's GPU targets, measured in one process on one device:
   and the noise bank stay on the device; the clean row rides in the noisy run, picks the class in
   the graph, and only three moment sums come back) and with NumPy noise (a clean pass, then the
   noisy batches and their gradients over the bus), and at the default layer;
-* on CUDA, the batched floor and the Smooth Grad-CAM++ with everything in the graph again without
-  ``use_deterministic_compute`` (``ONNXCAM_DETERMINISTIC=0``: what determinism costs);
+* the batched floor again fed by I/O binding from a device copy of the inputs, and on CUDA the
+  batched floor and the Smooth Grad-CAM++ with everything in the graph again without
+  ``use_deterministic_compute`` (``ONNXCAM_DETERMINISTIC=0``): on the H200 the flag made
+  ``run()`` sessions 18-220x slower but not the I/O-bound noisy model; these columns tell
+  whether ``run()`` or the flag is the cause;
 * ``onnxcam explain`` (the CLI, a fresh process: start-up, rewrite from the disk cache, decoding,
   overlays and records written) over a folder of ``--folder`` images: images per second.
 
@@ -95,8 +98,20 @@ def bench_model(name: str, args, log) -> dict:
             del os.environ["ONNXCAM_DETERMINISTIC"]
     host = Explainer(spec.path, layer=spec.honest_layer, device=args.device, noise_in_graph=False)
     default = Explainer(spec.path, device=args.device)
+    def bound_run():  # the same session fed by I/O binding from a device copy of the inputs
+        binding = plain.io_binding()
+        binding.bind_ortvalue_input(input_name, x25_bound)
+        for output in plain.get_outputs():
+            binding.bind_output(output.name, "cpu")
+        plain.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    import onnxruntime as ort
+
+    x25_bound = ort.OrtValue.ortvalue_from_numpy(x25, "cuda" if args.device == "cuda" else "cpu", 0)
     runs = {
         "floor batched": lambda: plain.run(None, {input_name: x25}),
+        "floor batched, I/O binding": bound_run,
         **({"floor batched, not deterministic": lambda: racy.run(None, {input_name: x25})}
            if args.device == "cuda" else {}),
         "floor one by one": lambda: [plain.run(None, {input_name: x25[i:i + 1]}) for i in range(SAMPLES)],
@@ -143,7 +158,7 @@ def folder_throughput(name: str, args, log) -> dict:
     return {"folder seconds": elapsed, "images per second": args.folder / elapsed}
 
 
-FLOORS = ("floor batched", "floor batched, not deterministic", "floor one by one")
+FLOORS = ("floor batched", "floor batched, I/O binding", "floor batched, not deterministic", "floor one by one")
 TIMED = ("Smooth last block, noise in graph", "Smooth last block, noise in graph, not deterministic",
          "Smooth last block, NumPy noise", "Smooth default layer",
          "Grad-CAM x25")

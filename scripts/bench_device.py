@@ -79,6 +79,8 @@ def plain_session(path: Path, device: str, deterministic: bool = True):
 
 
 def bench_model(name: str, args, log) -> dict:
+    import onnxruntime as ort
+
     from onnxcam import Explainer
 
     spec = SPECS[name]
@@ -98,6 +100,8 @@ def bench_model(name: str, args, log) -> dict:
             del os.environ["ONNXCAM_DETERMINISTIC"]
     host = Explainer(spec.path, layer=spec.honest_layer, device=args.device, noise_in_graph=False)
     default = Explainer(spec.path, device=args.device)
+    x25_bound = ort.OrtValue.ortvalue_from_numpy(x25, args.device, 0)
+
     def bound_run():  # the same session fed by I/O binding from a device copy of the inputs
         binding = plain.io_binding()
         binding.bind_ortvalue_input(input_name, x25_bound)
@@ -106,9 +110,6 @@ def bench_model(name: str, args, log) -> dict:
         plain.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
-    import onnxruntime as ort
-
-    x25_bound = ort.OrtValue.ortvalue_from_numpy(x25, "cuda" if args.device == "cuda" else "cpu", 0)
     runs = {
         "floor batched": lambda: plain.run(None, {input_name: x25}),
         "floor batched, I/O binding": bound_run,

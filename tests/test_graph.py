@@ -139,8 +139,8 @@ def test_rewritten_model_keeps_original_outputs_and_passes_full_check():
 @pytest.mark.parametrize("activation", ["Relu", "Clip"])
 def test_pooling_gradient_is_broadcast_by_the_mask_not_written_out(activation):
     """GAP's backward is a (N, C, 1, 1) gradient expanded to (N, C, h, w); the ReLU / ReLU6 mask
-    after it takes the small tensor and broadcasts it (the Expand is gone), with the same
-    gradient (finite differences)."""
+    after it takes the small tensor and broadcasts it (the Expand is gone), read off the
+    activation's output, with the same gradient (finite differences)."""
     model = small_cnn()
     if activation == "Clip":
         relu2 = next(n for n in model.graph.node if n.name == "relu2")
@@ -149,11 +149,22 @@ def test_pooling_gradient_is_broadcast_by_the_mask_not_written_out(activation):
         model.graph.initializer.extend([numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
                                         numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
     gm = build_gradient_model(model, layer="c2")
-    produced_by = {out: node for node in gm.model.graph.node for out in node.output}
-    wheres = [n for n in gm.model.graph.node if n.op_type == "Where"]
-    assert wheres and all(produced_by.get(n.input[1]) is None or produced_by[n.input[1]].op_type != "Expand"
-                          for n in wheres)
-    assert not any(n.op_type == "Expand" for n in gm.model.graph.node)
+    nodes = gm.model.graph.node
+    produced_by = {out: node for node in nodes for out in node.output}
+    # the mask is dy * Cast(condition) (ONNX Runtime's CPU Where runs on one thread)
+    masks = [n for n in nodes if n.op_type == "Mul"
+             and any(produced_by.get(i) is not None and produced_by[i].op_type == "Cast" for i in n.input)]
+    assert masks and not any(n.op_type == "Where" for n in nodes)
+    assert all(produced_by.get(i) is None or produced_by[i].op_type != "Expand" for n in masks for i in n.input)
+    assert not any(n.op_type == "Expand" for n in nodes)
+    # the pooling's 1/(h w) is the alpha of the linear head's backward Gemm, not a Mul
+    gemms = [n for n in nodes if n.op_type == "Gemm" and n.name.startswith("onnxcam_grad")]
+    assert [a.f for n in gemms for a in n.attribute if a.name == "alpha"] == [pytest.approx(1 / 64)]
+    # the condition reads the activation's output, so its input (the Conv's output, here also
+    # the layer, exposed by an Identity) feeds no gradient node: ONNX Runtime can fuse the Conv
+    # with the activation
+    relu2 = next(n for n in nodes if n.name == "relu2")
+    assert [n.name for n in nodes if relu2.input[0] in n.input] == ["relu2", "onnxcam/onnxcam_activation"]
     check_gradient(model, RNG.standard_normal([2, 3, 8, 8]).astype(np.float32), layer="c2")
 
 
@@ -210,3 +221,24 @@ def test_dynamic_input_size_is_named_as_the_cause():
     dims[2].dim_param, dims[3].dim_param = "H", "W"
     with pytest.raises(LayerError, match="input size is dynamic"):
         build_gradient_model(model)
+
+
+@pytest.mark.parametrize("other_reader", [False, True])
+def test_a_scale_goes_into_the_emitted_gemm_only_when_nothing_else_reads_it(other_reader):
+    """``Emitter.scaled`` folds a factor into the alpha of a Gemm it made, through a Reshape,
+    unless another node reads the Gemm's result (then it would change that node's input)."""
+    from onnxcam.gradients.emitter import Emitter
+
+    graph = gs.Graph(opset=17)
+    em = Emitter(graph)
+    seed = gs.Variable("seed", np.float32, (2, 3))
+    product = em.op("Gemm", seed, em.const(np.ones((3, 4))))
+    if other_reader:
+        em.op("Relu", product)
+    reshaped = em.op("Reshape", product, em.ints([2, 4, 1, 1]))
+    out = em.scaled(reshaped, 0.25)
+    gemm = next(n for n in graph.nodes if n.op == "Gemm")
+    if other_reader:
+        assert gemm.attrs.get("alpha", 1.0) == 1.0 and out.inputs[0].op == "Mul"
+    else:
+        assert gemm.attrs["alpha"] == 0.25 and out is reshaped

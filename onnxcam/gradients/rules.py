@@ -249,11 +249,14 @@ def _elu(em, node, dy):
 
 @rule("Clip")
 def _clip(em, node, dy):
-    x = _x(node)
+    """dy where min < x < max, read off the output (min < y < max holds exactly there), so
+    that x keeps its single consumer and ONNX Runtime can fuse a Conv with the Clip after it.
+    At x = min or x = max exactly the gradient is 0, as PyTorch's hardtanh/ReLU6 give it."""
+    y = _y(node)
     inside = None
-    for i, compare in ((1, "GreaterOrEqual"), (2, "LessOrEqual")):
+    for i, compare in ((1, "Greater"), (2, "Less")):
         if _present(node, i):
-            cond = em.op(compare, x, node.inputs[i])
+            cond = em.op(compare, y, node.inputs[i])
             inside = cond if inside is None else em.op("And", inside, cond)
     dx = dy[0] if inside is None else em.mask(inside, dy[0])
     return [dx] + [None] * (len(node.inputs) - 1)
@@ -593,11 +596,11 @@ def _average_pool(em, node, dy):
 def _global_average_pool(em, node, dy):
     x = _x(node)
     spatial = static_shape(x)[2:]
-    if all(isinstance(s, int) for s in spatial):
-        scale = em.const(1.0 / float(np.prod(spatial)))
+    if all(isinstance(s, int) for s in spatial):  # scale the (N, C, 1, 1) dy
+        scaled = em.scaled(dy[0], 1.0 / float(np.prod(spatial)))
     else:
-        scale = _size_ratio(em, _y(node), x)
-    return [em.op("Expand", em.op("Mul", dy[0], scale), em.shape(x))]  # scale the (N, C, 1, 1) dy
+        scaled = em.op("Mul", dy[0], _size_ratio(em, _y(node), x))
+    return [em.op("Expand", scaled, em.shape(x))]
 
 
 def _size_ratio(em, small, large):

@@ -69,6 +69,7 @@ class MomentAccumulator:
         self._count = np.zeros(self.n_images, dtype=np.int64)
         self._sums: np.ndarray | None = None      # (3, N, K, h, w): sums of g, g^2, g^3
         self._map_sum: np.ndarray | None = None   # (N, h, w) when keep_maps
+        self._work: np.ndarray | None = None      # (3, B, K, h, w) scratch for g, g^2, g^3
 
     def add(self, rows: np.ndarray, gradients: np.ndarray, activations: np.ndarray | None = None) -> None:
         """Add B samples, in order: rows (B,) names each sample's image; gradients and activations
@@ -79,7 +80,9 @@ class MomentAccumulator:
         rows = np.asarray(rows)
         if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
             raise ValueError(f"rows must be a 1-D integer array, got dtype {rows.dtype} shape {rows.shape}")
-        g = _as_4d("gradients", gradients)
+        g = np.asarray(gradients)
+        if g.ndim != 4:
+            raise ValueError(f"gradients must have shape (B, K, h, w), got {g.shape}")
         if len(g) != len(rows):
             raise ValueError(f"rows has {len(rows)} entries but gradients has {len(g)} samples")
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_images):
@@ -93,17 +96,26 @@ class MomentAccumulator:
         self._allocate(g.shape[1:])
         if not rows.size:
             return
-        g2 = g * g
-        g3 = g2 * g
-        sample_maps = self._sample_maps(activations, g, g2, g3) if self.keep_maps else None
+        powers = self._powers(g)
+        sample_maps = self._sample_maps(activations, *powers) if self.keep_maps else None
         # one sample after another, in order: the float64 sums then do not depend on how the
-        # samples were cut into chunks (bit-identical maps for any batch size)
-        for i, row in enumerate(rows.tolist()):
-            self._sums[0, row] += g[i]
-            self._sums[1, row] += g2[i]
-            self._sums[2, row] += g3[i]
+        # samples were cut into chunks (bit-identical maps for any batch size). A chunk's samples
+        # of one image are contiguous; add.reduce along the first axis is the same left fold
+        # as adding them one by one, from the running sum on.
+        rows_list = rows.tolist()
+        start = 0
+        while start < len(rows_list):
+            row = rows_list[start]
+            stop = start + 1
+            while stop < len(rows_list) and rows_list[stop] == row:
+                stop += 1
+            block = powers[:, start:stop]
+            block[:, 0] += self._sums[:, row]
+            np.add.reduce(block, axis=1, out=self._sums[:, row])
             if sample_maps is not None:
-                self._map_sum[row] += sample_maps[i]
+                for i in range(start, stop):
+                    self._map_sum[row] += sample_maps[i]
+            start = stop
         self._count += np.bincount(rows, minlength=self.n_images)
 
     def add_sums(self, row: int, count: int, sum_g: np.ndarray, sum_g2: np.ndarray, sum_g3: np.ndarray) -> None:
@@ -147,6 +159,18 @@ class MomentAccumulator:
                 f"gradients of shape (K,h,w)={tuple(sample_shape)} differ from earlier chunks "
                 f"{self._sums.shape[2:]}"
             )
+
+    def _powers(self, gradients: np.ndarray) -> np.ndarray:
+        """(3, B, K, h, w): g, g^2, g^3 in float64, in a buffer kept between chunks (fresh
+        arrays of this size cost more to allocate and fault in than to fill)."""
+        shape = (3, *gradients.shape)
+        if self._work is None or self._work.shape[1] < shape[1] or self._work.shape[2:] != shape[2:]:
+            self._work = np.empty(shape)
+        powers = self._work[:, :len(gradients)]
+        np.copyto(powers[0], gradients)
+        np.multiply(powers[0], powers[0], out=powers[1])
+        np.multiply(powers[1], powers[0], out=powers[2])
+        return powers
 
     def _sample_maps(self, activations, g, g2, g3) -> np.ndarray:
         maps, _ = plusplus_map(activations, g, g2, g3, self.settings.numerator,

@@ -323,33 +323,53 @@ def test_noise_in_graph_is_validated(mlp_head_model):
 
 
 @pytest.mark.parametrize("count,samples,batch", [(3, 5, 4), (2, 25, 8), (1, 7, 32), (5, 3, 2)])
-def test_noisy_samples_take_ceil_n_times_images_over_batch_runs(mlp_head_model, count, samples, batch):
+@pytest.mark.parametrize("targets", ["given", "predicted"])
+def test_clean_and_noisy_rows_take_ceil_rows_over_batch_runs(mlp_head_model, count, samples, batch, targets):
+    """One class per image on the CPU: each image's clean row rides in the noisy runs, so an
+    image costs n + 1 rows and the whole call ceil(images * (n + 1) / batch) runs of one model."""
     explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)
     inputs = random_inputs(count, seed=12)
     session = explainer.session
     before = session.run_calls
-    explainer.explain(inputs, targets=[1] * count, samples=samples)
-    clean = math.ceil(count / batch)
+    explainer.explain(inputs, targets=[1] * count if targets == "given" else None, samples=samples)
+    runs = math.ceil(count * (samples + 1) / batch)
+    assert session.run_calls - before == runs
+    assert dict(session.calls) == {"picking": runs}
+
+
+@pytest.mark.parametrize("count,samples,batch", [(3, 5, 4), (2, 25, 8)])
+def test_top_k_noisy_samples_take_ceil_n_times_images_over_batch_runs(mlp_head_model, count, samples, batch):
+    """Several classes per image keep separate passes: the forward part and the head for the
+    clean images, then one forward per noisy sample and the head per class."""
+    explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)
+    inputs = random_inputs(count, seed=12)
+    explainer.explain(inputs, top_k=2, samples=samples)
     noisy = math.ceil(samples * count / batch)
-    assert session.run_calls - before == clean + noisy
-    assert dict(session.calls) == {"full": clean + noisy}
-    # predicted classes: the clean pass needs A and the logits only (the noisy passes give the
-    # gradients): one clean run per chunk, the whole model with a zero seed when the images fit
-    # in one batch (no extra sessions), else the forward part; never the head
-    before, calls_before = session.run_calls, dict(session.calls)
-    predicted = explainer.explain(inputs, samples=samples)
-    assert session.run_calls - before == clean + noisy
-    split = count > batch
-    assert session.calls["forward"] - calls_before.get("forward", 0) == (clean if split else 0)
-    assert session.calls["head"] - calls_before.get("head", 0) == 0
-    assert session.calls["full"] - calls_before["full"] == noisy + (0 if split else clean)
-    # with a method that uses the clean gradient too, the head (or a second run) gives it
-    before = session.run_calls
-    explainer.compare(inputs, methods=("gradcam", "smoothgradcampp"), samples=samples)
-    assert session.run_calls - before == 2 * clean + noisy
-    again = explainer.explain(inputs, targets=[p.class_index for p in predicted], samples=samples)
-    for p, a in zip(predicted, again):  # either way, the same maps as with the classes given
-        np.testing.assert_allclose(p.raw_map, a.raw_map, rtol=1e-5, atol=1e-9)
+    assert explainer.session.calls["forward"] == math.ceil(count / batch) + noisy
+    assert "picking" not in explainer.session.calls
+
+
+@pytest.mark.parametrize("batch", [3, 32])
+def test_predicted_class_picked_in_the_graph_gives_the_given_class_maps(mlp_head_model, batch):
+    """The class the graph picks from the clean row steers the noisy rows of the same run; the
+    maps, and Grad-CAM's from the clean rows, are those of the same classes given, bit for bit."""
+    explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)
+    inputs = random_inputs(4, seed=31) * 0.1  # a strong channel each: classes 8, 7, 5, 3
+    for row, (channel, value) in enumerate([(0, -5.0), (2, -20.0), (2, 20.0), (1, 9.0)]):
+        inputs[row, channel] += value
+    predicted = explainer.compare(inputs, methods=("gradcam", "smoothgradcampp"), samples=6, seed=2)
+    classes = [e.class_index for e in predicted["gradcam"]]
+    assert classes == [e.class_index for e in predicted["smoothgradcampp"]]
+    assert len(set(classes)) > 1
+    given = explainer.compare(inputs, methods=("gradcam", "smoothgradcampp"), targets=classes, samples=6, seed=2)
+    alone = Explainer(mlp_head_model, layer="a1").compare(inputs, methods=("gradcam",), targets=classes)
+    for name in ("gradcam", "smoothgradcampp"):
+        for p, g in zip(predicted[name], given[name]):
+            assert np.array_equal(p.raw_map, g.raw_map)
+            assert (p.score, p.probability) == (g.score, g.probability)
+    for p, a in zip(predicted["gradcam"], alone["gradcam"]):  # the clean rows are the clean pass
+        np.testing.assert_allclose(p.raw_map, a.raw_map, rtol=1e-6, atol=1e-7 * np.abs(a.raw_map).max())
+    assert set(explainer.session.calls) == {"picking"}
 
 
 def test_linear_path_skips_the_noisy_passes_exactly(linear_model):
@@ -366,7 +386,7 @@ def test_linear_path_skips_the_noisy_passes_exactly(linear_model):
     # the 'maps' averaging uses the noisy activations: it cannot be skipped
     maps = explainer.explain(inputs, samples=3, averaging="maps", targets=[2, 2, 2])
     assert not maps[0].noisy_passes_skipped
-    assert explainer.session.run_calls - before == 2 + 1 + math.ceil(9 / 4)
+    assert explainer.session.run_calls - before == 2 + math.ceil(3 * (3 + 1) / 4)  # clean rows ride along
 
 
 def test_linear_path_shortcut_matches_running_the_noisy_passes(linear_model):
@@ -611,7 +631,7 @@ def test_compare_shares_the_passes(mlp_head_model):
     before = explainer.session.run_calls
     results = explainer.compare(inputs, samples=3, targets=[0, 1])
     assert set(results) == {"gradcam", "gradcampp", "smoothgradcampp"}
-    assert explainer.session.run_calls - before == 1 + math.ceil(6 / 8)
+    assert explainer.session.run_calls - before == math.ceil(2 * (3 + 1) / 8)  # clean rows ride along
     single = explainer.explain(inputs, method="gradcam", targets=[0, 1])
     np.testing.assert_array_equal(results["gradcam"][1].raw_map, single[1].raw_map)
 

@@ -22,13 +22,16 @@ passes run; ``onnxcam.explain.passes`` runs them:
    Exact shortcut: when the path from the layer to the score is linear (global average pooling +
    a linear layer), every noisy gradient equals the clean one, so for the "moments" averaging
    the noisy passes are skipped; the record says ``noisy_passes_skipped: true``.
+   With one class per image (given, or the top prediction) steps 2 and 3 share their runs: each
+   image's clean row comes just before its noisy rows, and the graph picks the class the noisy
+   rows of the same run explain (``passes.picked_passes``). That saves the separate clean run.
 4. Maps are computed at layer resolution (``raw_map``) and upsampled/normalised on demand.
 
 On CUDA (``noise_in_graph``, automatic) the single-class runs all go through the noisy model
 (``onnxcam.graph.noisy``), fed by I/O binding: the clean pass is a run with scale 0 whose rows
 pick their own class in the graph, and for Smooth Grad-CAM++ the clean row rides in each image's
 first noisy run and the graph sums the moments, so one image with n < batch is one run and only
-the moment sums come back. Top-k and neuron scores keep the steps above.
+the moment sums come back. Top-k and neuron scores keep the steps above without the shared runs.
 
 Determinism: noisy sample s of every image uses the standard normal array z_s of generator (seed,
 s) (common random numbers, ``onnxcam.explain.noise``), and the moments are accumulated sample by
@@ -65,7 +68,7 @@ from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
 from onnxcam.runtime.providers import check_device
-from onnxcam.runtime.session import FULL, NOISY, GradientSession
+from onnxcam.runtime.session import FULL, NOISY, PICKING, GradientSession
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
@@ -180,8 +183,9 @@ class Explainer:
     def device(self) -> str:
         """"cpu" or "cuda": the device the sessions really run on (creates the session if needed)."""
         session = self._session(self.gradient_model)
-        if session.device is None:
-            session.warm_up((NOISY,) if self._noise_in_graph(session) else (FULL,))
+        if session.device is None:  # the session the default method (Smooth Grad-CAM++) uses
+            picking = noisy.targets_in_graph(session.gradient_model)
+            session.warm_up((NOISY,) if self._noise_in_graph(session) else (PICKING,) if picking else (FULL,))
         return session.device  # type: ignore[return-value]
 
     @property
@@ -285,11 +289,14 @@ class Explainer:
         preprocessor = self._preprocessor_for(items)
 
         noisy_cams = {name: cam for name, cam in cams.items() if cam.needs_noise and not skip_noise[name]}
-        in_graph = self._one_class_in_graph(session, class_lists, k, neuron_mode)
+        one_class = self._one_class_picked(session, class_lists, k, neuron_mode)
+        in_graph = one_class and self._noise_in_graph(session)
         fused = in_graph and bool(noisy_cams) and all(
             getattr(cam, "averaging", "moments") == "moments" for cam in noisy_cams.values())
-        plan, split_clean = ((NOISY,), False) if in_graph else passes.plan_sessions(
-            session, class_lists, k, neuron_mode, len(items), batch, bool(noisy_cams))
+        picked = one_class and not in_graph and bool(noisy_cams)
+        plan, split_clean = (((NOISY,), False) if in_graph else ((PICKING,), False) if picked else
+                             passes.plan_sessions(session, class_lists, k, neuron_mode, len(items), batch,
+                                                  bool(noisy_cams)))
         setup_start = time.perf_counter()
         session.warm_up(plan)
         setup = time.perf_counter() - setup_start + self._unreported_setup.pop(gm.layer, 0.0)
@@ -302,11 +309,12 @@ class Explainer:
             setup = 0.0
             t1 = time.perf_counter()
             chunk_classes = class_lists[start:start + group] if class_lists is not None else None
-            if fused:  # the clean rows ride in the noisy runs: all the time is "noisy passes"
+            if fused or picked:  # the clean rows ride in the noisy runs: all the time is "noisy passes"
                 accumulators = {name: cam.new_accumulator(len(inputs)) for name, cam in noisy_cams.items()}
                 t2 = t1
-                clean = passes.fused_passes(session, inputs, chunk_classes, accumulators, samples,
-                                            noise_level, seed, batch, need_gradient)
+                run_passes = passes.fused_passes if fused else passes.picked_passes
+                clean = run_passes(session, inputs, chunk_classes, accumulators, samples, noise_level, seed,
+                                   batch, need_gradient)
             else:
                 clean = (passes.clean_pass_in_graph(session, inputs, chunk_classes, batch, need_gradient)
                          if in_graph else
@@ -575,15 +583,16 @@ class Explainer:
             return self.noise_in_graph
         return session.planned_device == "cuda" and session.input_dtype == np.float32
 
-    def _one_class_in_graph(self, session: GradientSession, class_lists, k: int, neuron_mode: bool) -> bool:
-        """Whether every run goes through the noisy model (the CUDA path): noise made in the
-        graph and one class per image, given or the top prediction, which the graph picks
-        itself. The clean pass is then a noisy run with scale 0 (``passes.clean_pass_in_graph``),
-        and with moment-averaged noisy methods it shares the noisy runs (``passes.fused_passes``)."""
+    def _one_class_picked(self, session: GradientSession, class_lists, k: int, neuron_mode: bool) -> bool:
+        """Whether each image explains one class, given or its top prediction, which the graph
+        can pick itself. Then with the noise in the graph (the CUDA path) every run goes through
+        the noisy model: the clean pass is a noisy run with scale 0 (``passes.clean_pass_in_graph``),
+        and with moment-averaged noisy methods it shares the noisy runs (``passes.fused_passes``);
+        with NumPy's noise and noisy methods, the clean pass shares the noisy runs of the picking
+        model (``passes.picked_passes``)."""
         one_class = (class_lists is None and k == 1) or (class_lists is not None
                                                           and all(len(c) == 1 for c in class_lists))
-        return (one_class and not neuron_mode and noisy.targets_in_graph(session.gradient_model)
-                and self._noise_in_graph(session))
+        return one_class and not neuron_mode and noisy.targets_in_graph(session.gradient_model)
 
 
 # -- helpers -------------------------------------------------------------------------------------

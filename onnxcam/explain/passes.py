@@ -1,6 +1,7 @@
 """The passes of an explanation: runs of a GradientSession that give the clean A, g and logits
 (``clean_pass``) and feed the noisy samples' gradients to the moment accumulators
-(``noisy_passes``), and their CUDA forms, where every run goes through the noisy model
+(``noisy_passes``); both at once, with the class picked in the graph (``picked_passes``, the CPU's
+usual form); and their CUDA forms, where every run goes through the noisy model
 (``clean_pass_in_graph``, ``fused_passes``, ``noisy_passes_in_graph``; ``onnxcam.graph.noisy``).
 
 ``onnxcam.explain.explainer`` decides which passes run (options, device, classes); this module
@@ -199,6 +200,42 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
     return CleanPass(np.arange(len(inputs)), classes, tg.one_hot(classes, num_classes),
                      np.concatenate(activation), np.concatenate(gradient) if need_gradient else None,
                      np.concatenate(logits))
+
+
+def picked_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,
+                  samples: int, noise_level: float, seed: int, batch: int, need_gradient: bool) -> CleanPass:
+    """The clean pass and the noisy passes in one series of runs of the picking model, with
+    the noisy batches made by NumPy (the CPU form of ``fused_passes``).
+
+    Each image's clean row comes just before its noisy rows (``noisy_batches(clean_rows=True)``),
+    so it rides in a noisy batch: its noisy rows in the same run explain the class the graph
+    picks from its logits (or the given one), later runs the class that run returned. No
+    separate clean run, no batch of one at the end, and the next batch is made while this one
+    runs. The gradients come back per row, and the accumulators sum them one after another, as
+    ``noisy_passes`` does: the same maps, bit for bit, for any batch size."""
+    count = len(inputs)
+    classes = np.array([c[0] for c in chunk_classes] if chunk_classes is not None else [-1] * count,
+                       dtype=np.int64)  # -1: predicted, known once the image's clean row has run
+    keep_maps = any(accumulator.keep_maps for accumulator in accumulators.values())
+    activation, gradient, logits = [None] * count, [None] * count, [None] * count
+    for chunk in prefetched(noisy_batches(inputs, samples, noise_level, seed, batch, clean_rows=True)):
+        clean = chunk.sample < 0
+        own_clean = {row: i for i, row in enumerate(chunk.rows.tolist()) if clean[i]}
+        picks = np.array([own_clean.get(row, 0) for row in chunk.rows.tolist()])
+        outputs = (GRADIENT, noisy.CLASSES) + ((ACTIVATION, LOGITS) if clean.any() or keep_maps else ())
+        fetched = dict(zip(outputs, session.run_picking(chunk.inputs, classes[chunk.rows], picks, outputs)))
+        for i in np.flatnonzero(clean):
+            row = int(chunk.rows[i])
+            classes[row] = fetched[noisy.CLASSES][i]
+            activation[row], logits[row] = fetched[ACTIVATION][i], fetched[LOGITS][i]
+            gradient[row] = fetched[GRADIENT][i] if need_gradient else None
+        sampled = ~clean
+        if sampled.any():
+            feed(accumulators, chunk.rows[sampled], fetched[GRADIENT][sampled],
+                 fetched[ACTIVATION][sampled] if keep_maps else None)
+    chosen = [int(c) for c in classes]
+    return CleanPass(np.arange(count), chosen, tg.one_hot(chosen, session.gradient_model.num_classes),
+                     np.stack(activation), np.stack(gradient) if need_gradient else None, np.stack(logits))
 
 
 def noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: CleanPass,

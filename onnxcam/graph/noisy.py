@@ -103,22 +103,10 @@ def build_noisy_model(gm: GradientModel) -> onnx.ModelProto:
                                     (LOGITS, FIRST_LOGITS))]
     kept_inputs = [i for i in graph.input if i.name != gm.input_name]
     if targets_in_graph(gm):
-        seed_input = next(i for i in kept_inputs if i.name == SEED)
-        kept_inputs = [i for i in kept_inputs if i.name != SEED]
-        inputs += [helper.make_tensor_value_info(TARGETS, TensorProto.INT64, ["N"]),
-                   helper.make_tensor_value_info(PICKS, TensorProto.INT64, ["N"])]
-        initializers += [helper.make_tensor(p + "classes", TensorProto.INT64, [1, gm.num_classes],
-                                            list(range(gm.num_classes))),
-                         helper.make_tensor(p + "zero", TensorProto.INT64, [], [0])]
-        nodes += [
-            helper.make_node("ArgMax", [LOGITS], [p + "predicted"], axis=1, keepdims=0),
-            helper.make_node("Gather", [p + "predicted", PICKS], [p + "picked"], axis=0),
-            helper.make_node("GreaterOrEqual", [TARGETS, p + "zero"], [p + "given"]),
-            helper.make_node("Where", [p + "given", TARGETS, p + "picked"], [CLASSES]),
-            helper.make_node("Unsqueeze", [CLASSES, p + "one"], [p + "class_column"]),
-            helper.make_node("Equal", [p + "class_column", p + "classes"], [p + "hot"]),
-            helper.make_node("Cast", [p + "hot"], [SEED], to=seed_input.type.tensor_type.elem_type),
-        ]
+        kept_inputs, picking_inputs, picking_initializers, picking_nodes = _targets_picked(gm, kept_inputs)
+        inputs += picking_inputs
+        initializers += picking_initializers
+        nodes += picking_nodes
     outputs = {o.name: o for o in graph.output}
     extra = [helper.make_tensor_value_info(name, outputs[source].type.tensor_type.elem_type, None)
              for name, source in ((SUMS[0], GRADIENT), (SUMS[1], GRADIENT), (SUMS[2], GRADIENT),
@@ -126,12 +114,56 @@ def build_noisy_model(gm: GradientModel) -> onnx.ModelProto:
                                   (FIRST_LOGITS, LOGITS))]
     if targets_in_graph(gm):
         extra.append(helper.make_tensor_value_info(CLASSES, TensorProto.INT64, ["N"]))
+    return _finished(model, inputs + kept_inputs, initializers, nodes, extra)
+
+
+def build_picking_model(gm: GradientModel) -> onnx.ModelProto:
+    """A copy of ``gm.model`` whose seed is made in the graph from ``targets`` and ``picks`` (as
+    in the noisy model), fed the model's own input: the CPU's fused runs, whose noisy batches
+    NumPy makes while the previous batch runs. Outputs: the model's A, g, logits for every row,
+    and ``CLASSES``. Needs class scores (``targets_in_graph``)."""
+    if not targets_in_graph(gm):
+        raise OptionError("classes picked in the graph need class scores with a fixed number of classes")
+    model = onnx.ModelProto()
+    model.CopyFrom(gm.model)
+    kept_inputs, inputs, initializers, nodes = _targets_picked(gm, list(model.graph.input))
+    extra = [helper.make_tensor_value_info(CLASSES, TensorProto.INT64, ["N"])]
+    return _finished(model, kept_inputs + inputs, initializers, nodes, extra)
+
+
+def _targets_picked(gm: GradientModel, kept_inputs: list):
+    """The graph inputs, initializers and nodes that make the seed from ``targets`` and
+    ``picks`` (module docstring), and the graph inputs left once the seed input is gone."""
+    p = _PREFIX
+    seed_input = next(i for i in kept_inputs if i.name == SEED)
+    kept_inputs = [i for i in kept_inputs if i.name != SEED]
+    inputs = [helper.make_tensor_value_info(TARGETS, TensorProto.INT64, ["N"]),
+              helper.make_tensor_value_info(PICKS, TensorProto.INT64, ["N"])]
+    initializers = [helper.make_tensor(p + "classes", TensorProto.INT64, [1, gm.num_classes],
+                                       list(range(gm.num_classes))),
+                    helper.make_tensor(p + "zero", TensorProto.INT64, [], [0]),
+                    helper.make_tensor(p + "class_axis", TensorProto.INT64, [1], [1])]
+    nodes = [
+        helper.make_node("ArgMax", [LOGITS], [p + "predicted"], axis=1, keepdims=0),
+        helper.make_node("Gather", [p + "predicted", PICKS], [p + "picked"], axis=0),
+        helper.make_node("GreaterOrEqual", [TARGETS, p + "zero"], [p + "given"]),
+        helper.make_node("Where", [p + "given", TARGETS, p + "picked"], [CLASSES]),
+        helper.make_node("Unsqueeze", [CLASSES, p + "class_axis"], [p + "class_column"]),
+        helper.make_node("Equal", [p + "class_column", p + "classes"], [p + "hot"]),
+        helper.make_node("Cast", [p + "hot"], [SEED], to=seed_input.type.tensor_type.elem_type),
+    ]
+    return kept_inputs, inputs, initializers, nodes
+
+
+def _finished(model: onnx.ModelProto, inputs: list, initializers: list, nodes: list, extra: list) -> onnx.ModelProto:
+    """``model`` with its inputs replaced and the nodes, initializers and outputs added, in
+    topological order (the seed is now computed from the logits, deep inside the graph)."""
+    graph = model.graph
     del graph.input[:]
-    graph.input.extend(inputs + kept_inputs)
+    graph.input.extend(inputs)
     graph.initializer.extend(initializers)
     graph.output.extend(extra)
     graph.node.extend(nodes)
-    # the seed is now computed from the logits, deep inside the graph: put every node in order
     sorted_graph = gs.import_onnx(model)
     sorted_graph.toposort()
     ordered = gs.export_onnx(sorted_graph)

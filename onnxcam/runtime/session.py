@@ -19,6 +19,10 @@ device once per call (ONNX Runtime I/O binding), then each ``run_noisy`` sends o
 vectors (image, sample, scale, class) and fetches only the outputs asked for: on a GPU, the noisy
 inputs never cross the bus, and Smooth Grad-CAM++ fetches three moment sums per run.
 
+A fifth, the *picking* one, is the whole model with the noisy model's class picking and the
+model's own input (``run_picking``): on the CPU, NumPy makes the noisy batches, and an image's clean
+row rides in its first noisy batch even when its class is the predicted one.
+
 ``run_calls`` counts every ``InferenceSession.run`` (all models), ``calls`` per model.
 """
 
@@ -36,7 +40,7 @@ from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
 from onnxcam.runtime.providers import check_device, create_session, resolve_device
 
-FULL, FORWARD, HEAD, NOISY = "full", "forward", "head", "noisy"
+FULL, FORWARD, HEAD, NOISY, PICKING = "full", "forward", "head", "noisy", "picking"
 
 
 class GradientSession:
@@ -82,6 +86,17 @@ class GradientSession:
                                 {self.gradient_model.layer: self._as_input(activation),
                                  SEED: self._as_input(seed)})
         return gradient
+
+    def run_picking(self, inputs: np.ndarray, targets: np.ndarray, picks: np.ndarray,
+                    outputs: tuple[str, ...] = (ACTIVATION, GRADIENT, LOGITS, noisy.CLASSES)) -> list[np.ndarray]:
+        """``outputs`` of the whole model for a batch whose classes are picked in the graph
+        (``noisy.build_picking_model``): row i explains ``targets[i]``, or where that is -1 the
+        top prediction of row ``picks[i]``."""
+        session = self._session(PICKING)
+        return self._run(PICKING, session, list(outputs),
+                         {self.gradient_model.input_name: self._as_input(inputs),
+                          noisy.TARGETS: np.ascontiguousarray(targets, dtype=np.int64),
+                          noisy.PICKS: np.ascontiguousarray(picks, dtype=np.int64)})
 
     def bind_noise(self, images: np.ndarray, noise_key: object = None, make_noise=None) -> None:
         """Put the clean images and the bank of standard normal samples on the noisy model's
@@ -156,6 +171,8 @@ class GradientSession:
             model, what = self.gradient_model.model, "the rewritten model"
         elif kind == NOISY:
             model, what = noisy.build_noisy_model(self.gradient_model), "the rewritten model's noisy front"
+        elif kind == PICKING:
+            model, what = noisy.build_picking_model(self.gradient_model), "the rewritten model with its classes picked in the graph"
         else:
             if not self.has_split:
                 raise RuntimeError("this layer does not split the model; use run()")

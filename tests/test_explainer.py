@@ -202,18 +202,39 @@ def test_smooth_with_zero_noise_equals_gradcampp(mlp_head_model):
 
 
 def test_same_seed_gives_bit_identical_maps_for_any_batch_size(mlp_head_model):
+    """NumPy's noise (noise_in_graph=False): every row's gradient comes back and the moments are
+    summed in float64, sample after sample, so the batch size changes no bit of the map."""
     inputs = random_inputs(3, seed=8)
     maps = []
     for batch in (1, 4, 7, 32):
-        explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)
+        explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch, noise_in_graph=False)
         maps.append([r.raw_map for r in explainer.explain(inputs, samples=5, seed=11)])
     for other in maps[1:]:
         for a, b in zip(maps[0], other):
             assert np.array_equal(a, b)
-    again = Explainer(mlp_head_model, layer="a1").explain(inputs, samples=5, seed=11)
+    again = Explainer(mlp_head_model, layer="a1", noise_in_graph=False).explain(inputs, samples=5, seed=11)
     assert all(np.array_equal(a, r.raw_map) for a, r in zip(maps[0], again))
-    other_seed = Explainer(mlp_head_model, layer="a1").explain(inputs, samples=5, seed=12)
+    other_seed = Explainer(mlp_head_model, layer="a1", noise_in_graph=False).explain(inputs, samples=5, seed=12)
     assert not np.array_equal(maps[0][0], other_seed[0].raw_map)
+
+
+def test_same_seed_gives_the_same_maps_with_the_moments_summed_in_the_graph(mlp_head_model):
+    """The CPU's default for Smooth Grad-CAM++ (noise and moment sums in the graph): the same
+    seed and batch size give the same map bit for bit; other batch sizes sum the moments in
+    other groups (float32 in the graph), which moves the map by rounding only."""
+    inputs = random_inputs(3, seed=8)
+    reference = Explainer(mlp_head_model, layer="a1", batch_size=1, noise_in_graph=False).explain(
+        inputs, samples=5, seed=11)
+    for batch in (1, 4, 7, 32):
+        first = Explainer(mlp_head_model, layer="a1", batch_size=batch).explain(inputs, samples=5, seed=11)
+        second = Explainer(mlp_head_model, layer="a1", batch_size=batch).explain(inputs, samples=5, seed=11)
+        for a, b, r in zip(first, second, reference):
+            assert np.array_equal(a.raw_map, b.raw_map)
+            np.testing.assert_allclose(a.raw_map, r.raw_map, rtol=1e-5, atol=1e-6 * np.abs(r.raw_map).max())
+    assert Explainer(mlp_head_model, layer="a1").session.calls == {}
+    explainer = Explainer(mlp_head_model, layer="a1")
+    explainer.explain(inputs, samples=5, seed=11)
+    assert set(explainer.session.calls) == {"noisy"}
 
 
 def test_noise_of_an_image_does_not_depend_on_the_other_images(mlp_head_model):
@@ -266,6 +287,25 @@ def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, aver
     assert len(made) == 1  # the bank stayed bound between the two calls
     in_graph.explain(inputs[:1], samples=5, seed=12, averaging=averaging)
     assert len(made) == 2
+
+
+def test_a_bank_over_the_budget_is_bound_a_run_at_a_time(mlp_head_model, monkeypatch):
+    """Where n samples would not fit NOISE_BANK_MEMORY, each run binds only its own samples:
+    memory bounded by the batch, and the same maps, bit for bit."""
+    import onnxcam.explain.passes as passes_module
+
+    inputs = random_inputs(2, seed=23)
+    whole = Explainer(mlp_head_model, layer="a1", batch_size=4).explain(inputs, samples=9, seed=5)
+    made = []
+    real_stack = passes_module.standard_normal_stack
+    monkeypatch.setattr(passes_module, "standard_normal_stack",
+                        lambda *a, **k: made.append((a[1], k.get("first", 0))) or real_stack(*a, **k))
+    monkeypatch.setattr(passes_module, "NOISE_BANK_MEMORY", 4 * 3 * 32 * 32 * 8)  # 8 samples
+    parts = Explainer(mlp_head_model, layer="a1", batch_size=4).explain(inputs, samples=9, seed=5)
+    for a, b in zip(whole, parts):
+        assert np.array_equal(a.raw_map, b.raw_map) and a.class_index == b.class_index
+    # 10 rows per image in runs of 3, 3, 4: the clean row and samples 0-1, then 2-4, then 5-8
+    assert made == [(2, 0), (3, 2), (4, 5)] * 2
 
 
 @pytest.mark.parametrize("targets", [None, [4, 0]])
@@ -324,17 +364,24 @@ def test_noise_in_graph_is_validated(mlp_head_model):
 
 @pytest.mark.parametrize("count,samples,batch", [(3, 5, 4), (2, 25, 8), (1, 7, 32), (5, 3, 2)])
 @pytest.mark.parametrize("targets", ["given", "predicted"])
-def test_clean_and_noisy_rows_take_ceil_rows_over_batch_runs(mlp_head_model, count, samples, batch, targets):
-    """One class per image on the CPU: each image's clean row rides in the noisy runs, so an
-    image costs n + 1 rows and the whole call ceil(images * (n + 1) / batch) runs of one model."""
-    explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)
+@pytest.mark.parametrize("noise_in_graph", [None, False])
+def test_clean_and_noisy_rows_take_ceil_rows_over_batch_runs(mlp_head_model, count, samples, batch, targets,
+                                                             noise_in_graph):
+    """One class per image: each image's clean row rides in the noisy runs, so an image costs
+    n + 1 rows. With the noise and the moment sums in the graph (the default) each run holds
+    one image's rows: ceil((n + 1) / batch) runs per image; with NumPy's noise the rows of all
+    images share the runs: ceil(images * (n + 1) / batch)."""
+    explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch, noise_in_graph=noise_in_graph)
     inputs = random_inputs(count, seed=12)
     session = explainer.session
     before = session.run_calls
     explainer.explain(inputs, targets=[1] * count if targets == "given" else None, samples=samples)
-    runs = math.ceil(count * (samples + 1) / batch)
+    if noise_in_graph is None:
+        runs, kind = count * math.ceil((samples + 1) / batch), "noisy"
+    else:
+        runs, kind = math.ceil(count * (samples + 1) / batch), "picking"
     assert session.run_calls - before == runs
-    assert dict(session.calls) == {"picking": runs}
+    assert dict(session.calls) == {kind: runs}
 
 
 @pytest.mark.parametrize("count,samples,batch", [(3, 5, 4), (2, 25, 8)])
@@ -351,9 +398,10 @@ def test_top_k_noisy_samples_take_ceil_n_times_images_over_batch_runs(mlp_head_m
 
 @pytest.mark.parametrize("batch", [3, 32])
 def test_predicted_class_picked_in_the_graph_gives_the_given_class_maps(mlp_head_model, batch):
-    """The class the graph picks from the clean row steers the noisy rows of the same run; the
-    maps, and Grad-CAM's from the clean rows, are those of the same classes given, bit for bit."""
-    explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch)
+    """NumPy's noise: the class the graph picks from the clean row steers the noisy rows of the
+    same run; the maps, and Grad-CAM's from the clean rows, are those of the same classes given,
+    bit for bit."""
+    explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch, noise_in_graph=False)
     inputs = random_inputs(4, seed=31) * 0.1  # a strong channel each: classes 8, 7, 5, 3
     for row, (channel, value) in enumerate([(0, -5.0), (2, -20.0), (2, 20.0), (1, 9.0)]):
         inputs[row, channel] += value
@@ -631,7 +679,7 @@ def test_compare_shares_the_passes(mlp_head_model):
     before = explainer.session.run_calls
     results = explainer.compare(inputs, samples=3, targets=[0, 1])
     assert set(results) == {"gradcam", "gradcampp", "smoothgradcampp"}
-    assert explainer.session.run_calls - before == math.ceil(2 * (3 + 1) / 8)  # clean rows ride along
+    assert explainer.session.run_calls - before == 2 * math.ceil((3 + 1) / 8)  # clean rows ride along
     single = explainer.explain(inputs, method="gradcam", targets=[0, 1])
     np.testing.assert_array_equal(results["gradcam"][1].raw_map, single[1].raw_map)
 

@@ -43,7 +43,7 @@ def test_cuda_maps_match_the_cpu_and_repeat(model_path, averaging):
     expected = cpu.explain(inputs, samples=6, seed=5, averaging=averaging)
     got = gpu.explain(inputs, samples=6, seed=5, averaging=averaging)
     assert gpu.session.device == "cuda" and got[0].device == "cuda"
-    if averaging == "moments":  # clean row + 3 samples, then 3 samples, per image
+    if averaging == "moments":  # clean row + 2 samples, then 4 samples, per image
         assert gpu.session.calls[NOISY] == 3 * 2 and gpu.session.calls[FULL] == 0
     else:  # a clean pass (scale 0), then the noisy batches, all in the noisy model
         assert gpu.session.calls[NOISY] == 1 + math.ceil(3 * 6 / 4) and gpu.session.calls[FULL] == 0

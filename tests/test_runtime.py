@@ -338,8 +338,8 @@ def test_cuda_sessions_ask_for_determinism_unless_told_not_to(monkeypatch):
 
 def test_the_device_is_known_before_the_first_session(model_path, monkeypatch):
     """Where onnxruntime offers CUDA but cannot use it (onnxruntime-gpu without a GPU, as in CI),
-    "auto" must plan for the CPU from the start: the CPU batch and the NumPy noise, not the
-    CUDA path run on the CPU."""
+    "auto" must plan for the CPU from the start: the CPU batch and the CPU's passes (Grad-CAM++
+    from the whole model, not the CUDA path's runs of the noisy model)."""
     from onnxcam.runtime import providers
     from onnxcam.runtime.session import NOISY
 
@@ -350,5 +350,5 @@ def test_the_device_is_known_before_the_first_session(model_path, monkeypatch):
     explainer = Explainer(model_path)
     assert explainer.batch_size == MAX_BATCH
     assert providers.resolve_device("auto") == "cpu"
-    explainer.explain(np.zeros((1, 3, 32, 32), np.float32), samples=3)
+    explainer.explain(np.zeros((1, 3, 32, 32), np.float32), method="gradcampp")
     assert explainer.session.calls[NOISY] == 0 and explainer.device == "cpu"

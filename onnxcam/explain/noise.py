@@ -176,13 +176,14 @@ def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: in
 
 
 def standard_normal_stack(seed: int, samples: int, shape: tuple, dtype=np.float32,
-                          bank: NoiseBank | None = None) -> np.ndarray:
-    """``z_0 .. z_{samples-1}`` as one (samples, *shape) array, for noise made in the graph."""
+                          bank: NoiseBank | None = None, first: int = 0) -> np.ndarray:
+    """``z_first .. z_{first+samples-1}`` as one (samples, *shape) array, for noise made in
+    the graph."""
     bank = BANK if bank is None else bank
     out = np.empty((samples, *shape), dtype=dtype)
 
-    def fill(sample: int) -> None:
-        out[sample] = bank.standard_normal(seed, sample, tuple(shape), dtype)
+    def fill(i: int) -> None:
+        out[i] = bank.standard_normal(seed, first + i, tuple(shape), dtype)
 
     list(_pool().map(fill, range(samples)))
     return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcam.explain import targets as tg
-from onnxcam.explain.noise import noise_sigma, noisy_batches, standard_normal_stack
+from onnxcam.explain.noise import NOISE_BANK_MEMORY, chunk_bounds, noise_sigma, noisy_batches, standard_normal_stack
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, GradientModel
 from onnxcam.runtime.prefetch import prefetched
@@ -158,44 +158,50 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
                  samples: int, noise_level: float, seed: int, batch: int, need_gradient: bool) -> CleanPass:
     """The clean pass and the noisy passes of each image in runs of the noisy model.
 
-    An image's first run holds its clean row (scale 0, weight 0) ahead of its first noisy
-    rows, and the clean row's predicted class (or the given one) is the target of every
-    row, chosen in the graph. Each run returns only the sums of g, g^2, g^3 over its noisy
-    rows, and the first run the clean row's A, logits, class (and g when a method without
-    noise needs it): one run per image for n < batch, and no batch of gradients on the bus.
+    An image's n + 1 rows (its clean row, scale 0 and weight 0, then its noisy rows) are cut
+    into runs of near-equal size (``chunk_bounds``), and the clean row's predicted class (or
+    the given one) is the target of every row, chosen in the graph. Each run returns only the
+    sums of g, g^2, g^3 over its noisy rows, and the first run the clean row's A, logits, class
+    (and g when a method without noise needs it): one run per image for n < batch, and no batch
+    of gradients on the bus. The bank of standard normal samples stays bound between calls
+    when it fits ``NOISE_BANK_MEMORY``; a larger one is bound a run's samples at a time, so
+    memory stays bounded by the batch.
     """
     shape = tuple(inputs.shape[1:])
-    session.bind_noise(inputs, (seed, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
+    whole_bank = samples * int(np.prod(shape)) * 4 <= NOISE_BANK_MEMORY
+    if whole_bank:
+        session.bind_noise(inputs, (seed, 0, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
     first_outputs = (*noisy.SUMS, noisy.FIRST_ACTIVATION, noisy.FIRST_LOGITS, noisy.CLASSES)
     first_outputs += (noisy.FIRST_GRADIENT,) if need_gradient else ()
     activation, gradient, logits, classes = [], [], [], []
     for image in range(len(inputs)):
         sigma = noise_sigma(inputs[image], noise_level)
         target = chunk_classes[image][0] if chunk_classes is not None else -1
-        start = 0
-        while start < samples:
+        for start, stop in chunk_bounds(samples + 1, batch):
             clean_row = start == 0
-            stop = min(samples, start + max(1, batch - clean_row))
-            count = stop - start
-            ids = np.arange(start, stop)
+            ids = np.arange(max(start - 1, 0), stop - 1)  # sample numbers of the noisy rows
+            if not whole_bank:  # this run's samples only (at least one: the clean row's scale 0 needs a row)
+                first, bound = (int(ids[0]), len(ids)) if len(ids) else (0, 1)
+                session.bind_noise(inputs if image == 0 and start == 0 else None, (seed, first, bound, shape),
+                                   lambda: standard_normal_stack(seed, bound, shape, first=first))
+                ids = ids - first
+            count = len(ids)
+            scales, weights = np.full(count, sigma), np.ones(count)
             if clean_row:
-                feeds = noisy.row_feeds(np.full(count + 1, image), np.r_[0, ids],
-                                        np.r_[0.0, np.full(count, sigma)], np.r_[0.0, np.ones(count)],
-                                        targets=np.full(count + 1, target))
-                fetched = session.run_noisy(feeds, first_outputs)
+                ids, scales, weights = np.r_[0, ids], np.r_[0.0, scales], np.r_[0.0, weights]
+            feeds = noisy.row_feeds(np.full(len(ids), image), ids, scales, weights,
+                                    targets=np.full(len(ids), target))
+            fetched = session.run_noisy(feeds, first_outputs if clean_row else noisy.SUMS)
+            if clean_row:
                 activation.append(fetched[3])
                 logits.append(fetched[4])
                 target = int(fetched[5][0])
                 classes.append(target)
                 if need_gradient:
                     gradient.append(fetched[6])
-            else:
-                feeds = noisy.row_feeds(np.full(count, image), ids, np.full(count, sigma), np.ones(count),
-                                        targets=np.full(count, target))
-                fetched = session.run_noisy(feeds, noisy.SUMS)
-            for accumulator in accumulators.values():
-                accumulator.add_sums(image, count, *fetched[:3])
-            start = stop
+            if count:
+                for accumulator in accumulators.values():
+                    accumulator.add_sums(image, count, *fetched[:3])
     num_classes = session.gradient_model.num_classes
     return CleanPass(np.arange(len(inputs)), classes, tg.one_hot(classes, num_classes),
                      np.concatenate(activation), np.concatenate(gradient) if need_gradient else None,
@@ -245,7 +251,7 @@ def noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: C
     the same units, in the same order, as ``noisy_batches``."""
     shape = tuple(inputs.shape[1:])
     sigma = np.array([noise_sigma(image, noise_level) for image in inputs], dtype=np.float32)
-    session.bind_noise(inputs, (seed, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
+    session.bind_noise(inputs, (seed, 0, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
     keep_maps = any(getattr(a, "keep_maps", False) for a in accumulators.values())
     outputs = (GRADIENT, ACTIVATION) if keep_maps else (GRADIENT,)
     classes = noisy.targets_in_graph(session.gradient_model)

@@ -98,26 +98,28 @@ class GradientSession:
                           noisy.TARGETS: np.ascontiguousarray(targets, dtype=np.int64),
                           noisy.PICKS: np.ascontiguousarray(picks, dtype=np.int64)})
 
-    def bind_noise(self, images: np.ndarray, noise_key: object = None, make_noise=None) -> None:
-        """Put the clean images and the bank of standard normal samples on the noisy model's
-        device. ``make_noise()`` gives the (samples, ...) bank; it is called only when
-        ``noise_key`` differs from the previous call's, so the bank stays on the device between
-        calls. Without ``make_noise`` (clean rows only, scale 0) any bound bank of the images'
-        shape will do, else one zero sample is bound."""
+    def bind_noise(self, images: np.ndarray | None, noise_key: object = None, make_noise=None) -> None:
+        """Put the clean images (None: keep the bound ones) and the bank of standard normal
+        samples on the noisy model's device. ``make_noise()`` gives the (samples, ...) bank; it
+        is called only when ``noise_key`` differs from the previous call's, so the bank stays on
+        the device between calls. Without ``make_noise`` (clean rows only, scale 0) any bound
+        bank of the images' shape will do, else one zero sample is bound."""
         self._session(NOISY)
         device = "cuda" if self.device == "cuda" else "cpu"
-        images = self._as_input(images)
+        if images is not None:
+            images = self._as_input(images)
+            self._bound[noisy.IMAGES] = ort.OrtValue.ortvalue_from_numpy(images, device, 0)
+        sample_shape = tuple(self._bound[noisy.IMAGES].shape()[1:])
         bank = self._bound.get(noisy.NOISE)
         if make_noise is None:
-            if bank is None or tuple(bank.shape()[1:]) != images.shape[1:]:
+            if bank is None or tuple(bank.shape()[1:]) != sample_shape:
                 self._bound[noisy.NOISE] = ort.OrtValue.ortvalue_from_numpy(
-                    np.zeros((1, *images.shape[1:]), dtype=images.dtype), device, 0)
+                    np.zeros((1, *sample_shape), dtype=self.input_dtype), device, 0)
                 self._noise_key = None
         elif self._noise_key != noise_key or bank is None:
             self._bound.pop(noisy.NOISE, None)  # free the old bank before making the new one
             self._bound[noisy.NOISE] = ort.OrtValue.ortvalue_from_numpy(self._as_input(make_noise()), device, 0)
             self._noise_key = noise_key
-        self._bound[noisy.IMAGES] = ort.OrtValue.ortvalue_from_numpy(images, device, 0)
 
     def run_noisy(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = (GRADIENT,)) -> list[np.ndarray]:
         """``outputs`` of the noisy model for one batch (``noisy.row_feeds``, after

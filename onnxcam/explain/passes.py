@@ -142,8 +142,8 @@ def clean_pass_in_graph(session: GradientSession, inputs: np.ndarray, chunk_clas
     targets = np.array([c[0] for c in chunk_classes] if chunk_classes is not None else [-1] * count)
     outputs = (ACTIVATION, LOGITS, noisy.CLASSES) + ((GRADIENT,) if need_gradient else ())
     parts = []
-    for start in range(0, count, batch):
-        rows = np.arange(start, min(start + batch, count))
+    for start, stop in chunk_bounds(count, batch):
+        rows = np.arange(start, stop)
         zeros = np.zeros(len(rows))
         parts.append(session.run_noisy(noisy.row_feeds(rows, zeros, zeros, zeros, targets=targets[rows],
                                                         picks=np.arange(len(rows))), outputs))
@@ -256,8 +256,8 @@ def noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: C
     outputs = (GRADIENT, ACTIVATION) if keep_maps else (GRADIENT,)
     classes = noisy.targets_in_graph(session.gradient_model)
     total = len(inputs) * samples
-    for start in range(0, total, batch):
-        units = np.arange(start, min(start + batch, total))
+    for start, stop in chunk_bounds(total, batch):
+        units = np.arange(start, stop)
         rows, sample = units // samples, units % samples
         feeds = noisy.row_feeds(rows, sample, sigma[rows], np.ones(len(rows)),
                                 targets=np.asarray(clean.pair_class)[rows] if classes else None,
@@ -284,7 +284,8 @@ def full_runs(session: GradientSession, inputs: np.ndarray, seeds: np.ndarray, b
 
 
 def chunked(run, count: int, batch: int) -> list[np.ndarray]:
-    """Concatenate the outputs of ``run(slice)`` over chunks of ``batch``."""
-    parts = [run(slice(start, start + batch)) for start in range(0, count, batch)]
+    """Concatenate the outputs of ``run(slice)`` over chunks of at most ``batch``, of near-equal
+    size (``chunk_bounds``)."""
+    parts = [run(slice(start, stop)) for start, stop in chunk_bounds(count, batch)]
     return [np.concatenate([part[i] for part in parts]) if len(parts) > 1 else parts[0][i]
             for i in range(len(parts[0]))]

@@ -68,7 +68,7 @@ from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
 from onnxcam.runtime.providers import check_device
-from onnxcam.runtime.session import FULL, NOISY, PICKING, GradientSession
+from onnxcam.runtime.session import FULL, NOISY, NOISY_ROWS, PICKING, GradientSession
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
@@ -186,7 +186,8 @@ class Explainer:
         if session.device is None:  # the session the default method (Smooth Grad-CAM++) uses
             picking = noisy.targets_in_graph(session.gradient_model)
             in_graph = self._noise_in_graph(session, fused=picking)
-            session.warm_up((NOISY,) if in_graph else (PICKING,) if picking else (FULL,))
+            noisy_kind = NOISY_ROWS if picking and session.planned_device != "cuda" else NOISY
+            session.warm_up((noisy_kind,) if in_graph else (PICKING,) if picking else (FULL,))
         return session.device  # type: ignore[return-value]
 
     @property
@@ -296,7 +297,9 @@ class Explainer:
         in_graph = one_class and self._noise_in_graph(session, fused=moments_only)
         fused = in_graph and moments_only
         picked = one_class and not in_graph and bool(noisy_cams)
-        plan, split_clean = (((NOISY,), False) if in_graph else ((PICKING,), False) if picked else
+        rows_front = session.planned_device != "cuda"  # the bank stays on the host: no Gathers
+        in_graph_kind = NOISY_ROWS if fused and rows_front else NOISY
+        plan, split_clean = (((in_graph_kind,), False) if in_graph else ((PICKING,), False) if picked else
                              passes.plan_sessions(session, class_lists, k, neuron_mode, len(items), batch,
                                                   bool(noisy_cams)))
         setup_start = time.perf_counter()
@@ -314,9 +317,12 @@ class Explainer:
             if fused or picked:  # the clean rows ride in the noisy runs: all the time is "noisy passes"
                 accumulators = {name: cam.new_accumulator(len(inputs)) for name, cam in noisy_cams.items()}
                 t2 = t1
-                run_passes = passes.fused_passes if fused else passes.picked_passes
-                clean = run_passes(session, inputs, chunk_classes, accumulators, samples, noise_level, seed,
-                                   batch, need_gradient)
+                if fused:
+                    clean = passes.fused_passes(session, inputs, chunk_classes, accumulators, samples,
+                                                noise_level, seed, batch, need_gradient, rows_front)
+                else:
+                    clean = passes.picked_passes(session, inputs, chunk_classes, accumulators, samples,
+                                                 noise_level, seed, batch, need_gradient)
             else:
                 clean = (passes.clean_pass_in_graph(session, inputs, chunk_classes, batch, need_gradient)
                          if in_graph else

@@ -155,7 +155,8 @@ def clean_pass_in_graph(session: GradientSession, inputs: np.ndarray, chunk_clas
 
 
 def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,
-                 samples: int, noise_level: float, seed: int, batch: int, need_gradient: bool) -> CleanPass:
+                 samples: int, noise_level: float, seed: int, batch: int, need_gradient: bool,
+                 rows_front: bool = False) -> CleanPass:
     """The clean pass and the noisy passes of each image in runs of the noisy model.
 
     An image's n + 1 rows (its clean row, scale 0 and weight 0, then its noisy rows) are cut
@@ -163,13 +164,19 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
     the given one) is the target of every row, chosen in the graph. Each run returns only the
     sums of g, g^2, g^3 over its noisy rows, and the first run the clean row's A, logits, class
     (and g when a method without noise needs it): one run per image for n < batch, and no batch
-    of gradients on the bus. The bank of standard normal samples stays bound between calls
-    when it fits ``NOISE_BANK_MEMORY``; a larger one is bound a run's samples at a time, so
-    memory stays bounded by the batch.
+    of gradients on the bus.
+
+    The bank of standard normal samples stays bound between calls when it fits
+    ``NOISE_BANK_MEMORY``; a larger one is bound a run's samples at a time, so memory stays
+    bounded by the batch. With ``rows_front`` (the CPU) the bank is a host array of the rows
+    in order, a zero row for the clean one first (``noise_rows``), and each run binds its slice
+    of it: no copy and no Gather.
     """
     shape = tuple(inputs.shape[1:])
     whole_bank = samples * int(np.prod(shape)) * 4 <= NOISE_BANK_MEMORY
-    if whole_bank:
+    if whole_bank and rows_front:
+        bank = session.host_bank((seed, samples, shape), lambda: noise_rows(seed, 0, samples + 1, shape))
+    elif whole_bank:
         session.bind_noise(inputs, (seed, 0, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
     first_outputs = (*noisy.SUMS, noisy.FIRST_ACTIVATION, noisy.FIRST_LOGITS, noisy.CLASSES)
     first_outputs += (noisy.FIRST_GRADIENT,) if need_gradient else ()
@@ -179,19 +186,24 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
         target = chunk_classes[image][0] if chunk_classes is not None else -1
         for start, stop in chunk_bounds(samples + 1, batch):
             clean_row = start == 0
-            ids = np.arange(max(start - 1, 0), stop - 1)  # sample numbers of the noisy rows
-            if not whole_bank:  # this run's samples only (at least one: the clean row's scale 0 needs a row)
-                first, bound = (int(ids[0]), len(ids)) if len(ids) else (0, 1)
-                session.bind_noise(inputs if image == 0 and start == 0 else None, (seed, first, bound, shape),
-                                   lambda: standard_normal_stack(seed, bound, shape, first=first))
-                ids = ids - first
-            count = len(ids)
-            scales, weights = np.full(count, sigma), np.ones(count)
-            if clean_row:
-                ids, scales, weights = np.r_[0, ids], np.r_[0.0, scales], np.r_[0.0, weights]
-            feeds = noisy.row_feeds(np.full(len(ids), image), ids, scales, weights,
-                                    targets=np.full(len(ids), target))
-            fetched = session.run_noisy(feeds, first_outputs if clean_row else noisy.SUMS)
+            scales = np.where(np.arange(start, stop) == 0, 0.0, sigma)
+            weights = np.where(np.arange(start, stop) == 0, 0.0, 1.0)
+            targets = np.full(stop - start, target)
+            if rows_front:
+                session.bind_rows(inputs[image:image + 1],
+                                  bank[start:stop] if whole_bank else noise_rows(seed, start, stop, shape))
+                feeds = noisy.row_feeds(None, None, scales, weights, targets=targets)
+            else:
+                ids = np.maximum(np.arange(start, stop) - 1, 0)  # the clean row (scale 0) reads sample 0
+                if not whole_bank:  # this run's samples only
+                    first = int(ids[0])
+                    session.bind_noise(inputs if image == 0 and clean_row else None,
+                                       (seed, first, int(ids[-1]) + 1 - first, shape),
+                                       lambda: standard_normal_stack(seed, int(ids[-1]) + 1 - first, shape,
+                                                                     first=first))
+                    ids = ids - first
+                feeds = noisy.row_feeds(np.full(stop - start, image), ids, scales, weights, targets=targets)
+            fetched = session.run_noisy(feeds, first_outputs if clean_row else noisy.SUMS, rows_front=rows_front)
             if clean_row:
                 activation.append(fetched[3])
                 logits.append(fetched[4])
@@ -199,6 +211,7 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
                 classes.append(target)
                 if need_gradient:
                     gradient.append(fetched[6])
+            count = int(weights.sum())
             if count:
                 for accumulator in accumulators.values():
                     accumulator.add_sums(image, count, *fetched[:3])
@@ -206,6 +219,14 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
     return CleanPass(np.arange(len(inputs)), classes, tg.one_hot(classes, num_classes),
                      np.concatenate(activation), np.concatenate(gradient) if need_gradient else None,
                      np.concatenate(logits))
+
+
+def noise_rows(seed: int, start: int, stop: int, shape: tuple) -> np.ndarray:
+    """Rows ``start:stop`` of ``[0, z_0, z_1, ...]``: an image's rows in a fused run, its clean
+    row (zero noise) first."""
+    first = max(start - 1, 0)
+    stack = standard_normal_stack(seed, stop - 1 - first, shape, first=first)
+    return np.concatenate([np.zeros((1, *shape), dtype=stack.dtype), stack]) if start == 0 else stack
 
 
 def picked_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,

@@ -57,9 +57,16 @@ def targets_in_graph(gm: GradientModel) -> bool:
     return gm.is_class_score and gm.num_classes is not None
 
 
-def build_noisy_model(gm: GradientModel) -> onnx.ModelProto:
+def build_noisy_model(gm: GradientModel, front: str = "bank") -> onnx.ModelProto:
     """A copy of ``gm.model`` fed by (images, noise, rows, samples, scales[, targets, picks],
-    weights) with the extra outputs described in the module docstring."""
+    weights) with the extra outputs described in the module docstring.
+
+    ``front="rows"`` takes the noise already in row order instead, ``x = images + scales *
+    noise`` with ``images`` one image (broadcast) or one per row, and no ``rows``/``samples``:
+    on the CPU each run binds a view of the host's bank (no copy), and the graph skips the
+    two Gathers, which cost more there than the Mul and Add."""
+    if front not in ("bank", "rows"):
+        raise ValueError(f"front must be 'bank' or 'rows', not {front!r}")
     model = onnx.ModelProto()
     model.CopyFrom(gm.model)
     graph = model.graph
@@ -72,21 +79,25 @@ def build_noisy_model(gm: GradientModel) -> onnx.ModelProto:
             for d in original.type.tensor_type.shape.dim]
     rank = len(dims)
     inputs = [helper.make_tensor_value_info(IMAGES, elem_type, ["M", *dims[1:]]),
-              helper.make_tensor_value_info(NOISE, elem_type, ["S", *dims[1:]]),
-              helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["N"]),
-              helper.make_tensor_value_info(SAMPLES, TensorProto.INT64, ["N"]),
-              helper.make_tensor_value_info(SCALES, elem_type, ["N"]),
-              helper.make_tensor_value_info(WEIGHTS, elem_type, ["N"])]
+              helper.make_tensor_value_info(NOISE, elem_type, ["S" if front == "bank" else "N", *dims[1:]])]
+    if front == "bank":
+        inputs += [helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["N"]),
+                   helper.make_tensor_value_info(SAMPLES, TensorProto.INT64, ["N"])]
+    inputs += [helper.make_tensor_value_info(SCALES, elem_type, ["N"]),
+               helper.make_tensor_value_info(WEIGHTS, elem_type, ["N"])]
     p = _PREFIX
     initializers = [helper.make_tensor(p + "column", TensorProto.INT64, [rank], [-1] + [1] * (rank - 1)),
                     helper.make_tensor(p + "axis0", TensorProto.INT64, [1], [0]),
                     helper.make_tensor(p + "one", TensorProto.INT64, [1], [1])]
+    clean, z = (p + "clean", p + "z") if front == "bank" else (IMAGES, NOISE)
     nodes = [
-        helper.make_node("Gather", [IMAGES, ROWS], [p + "clean"], axis=0),
-        helper.make_node("Gather", [NOISE, SAMPLES], [p + "z"], axis=0),
+        helper.make_node("Gather", [IMAGES, ROWS], [clean], axis=0),
+        helper.make_node("Gather", [NOISE, SAMPLES], [z], axis=0),
+    ] if front == "bank" else []
+    nodes += [
         helper.make_node("Reshape", [SCALES, p + "column"], [p + "scale"]),
-        helper.make_node("Mul", [p + "z", p + "scale"], [p + "noise"]),
-        helper.make_node("Add", [p + "noise", p + "clean"], [gm.input_name]),
+        helper.make_node("Mul", [z, p + "scale"], [p + "noise"]),
+        helper.make_node("Add", [p + "noise", clean], [gm.input_name]),
     ]
     gradient_rank = len(gm.activation_shape) or rank
     initializers.append(helper.make_tensor(p + "gradient_column", TensorProto.INT64, [gradient_rank],
@@ -175,15 +186,16 @@ def _finished(model: onnx.ModelProto, inputs: list, initializers: list, nodes: l
 
 def row_feeds(rows, samples, scales, weights, targets=None, picks=None, seed=None) -> dict[str, np.ndarray]:
     """The per-batch inputs of the noisy model: ``targets`` and ``picks`` for class scores,
-    ``seed`` rows otherwise."""
-    feeds = {ROWS: np.ascontiguousarray(rows, dtype=np.int64),
-             SAMPLES: np.ascontiguousarray(samples, dtype=np.int64),
-             SCALES: np.ascontiguousarray(scales, dtype=np.float32),
+    ``seed`` rows otherwise; ``rows`` and ``samples`` None for the rows front."""
+    feeds = {SCALES: np.ascontiguousarray(scales, dtype=np.float32),
              WEIGHTS: np.ascontiguousarray(weights, dtype=np.float32)}
+    if rows is not None:
+        feeds[ROWS] = np.ascontiguousarray(rows, dtype=np.int64)
+        feeds[SAMPLES] = np.ascontiguousarray(samples, dtype=np.int64)
     if seed is not None:
         feeds[SEED] = np.ascontiguousarray(seed, dtype=np.float32)
     else:
         feeds[TARGETS] = np.ascontiguousarray(targets, dtype=np.int64)
-        feeds[PICKS] = np.ascontiguousarray(np.zeros(len(feeds[ROWS])) if picks is None else picks,
+        feeds[PICKS] = np.ascontiguousarray(np.zeros(len(feeds[SCALES])) if picks is None else picks,
                                             dtype=np.int64)
     return feeds

@@ -40,7 +40,7 @@ from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
 from onnxcam.runtime.providers import check_device, create_session, resolve_device
 
-FULL, FORWARD, HEAD, NOISY, PICKING = "full", "forward", "head", "noisy", "picking"
+FULL, FORWARD, HEAD, NOISY, NOISY_ROWS, PICKING = "full", "forward", "head", "noisy", "noisy_rows", "picking"
 
 
 class GradientSession:
@@ -59,6 +59,9 @@ class GradientSession:
         self._split_possible: bool | None = None
         self._bound: dict[str, ort.OrtValue] = {}
         self._noise_key: object = None
+        self._bound_rows: dict[str, ort.OrtValue] = {}
+        self._host_bank: np.ndarray | None = None
+        self._host_bank_key: object = None
         graph_input = next(i for i in gradient_model.model.graph.input if i.name == gradient_model.input_name)
         self.input_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type))
 
@@ -121,19 +124,39 @@ class GradientSession:
             self._bound[noisy.NOISE] = ort.OrtValue.ortvalue_from_numpy(self._as_input(make_noise()), device, 0)
             self._noise_key = noise_key
 
-    def run_noisy(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = (GRADIENT,)) -> list[np.ndarray]:
+    def bind_rows(self, images: np.ndarray, noise: np.ndarray) -> None:
+        """The image (or one per row) and the run's noise rows for the noisy model's rows front
+        (``noisy.build_noisy_model(front="rows")``): on the CPU the arrays themselves, no copy."""
+        self._session(NOISY_ROWS)
+        device = "cuda" if self.device == "cuda" else "cpu"
+        self._bound_rows = {name: ort.OrtValue.ortvalue_from_numpy(self._as_input(values), device, 0)
+                            for name, values in ((noisy.IMAGES, images), (noisy.NOISE, noise))}
+
+    def host_bank(self, key: object, make_bank) -> np.ndarray:
+        """The host array ``make_bank()`` gives, kept while ``key`` stays the same (the rows
+        front's bank, like the bound bank of ``bind_noise``)."""
+        if self._host_bank_key != key or self._host_bank is None:
+            self._host_bank = None  # free the old bank before making the new one
+            self._host_bank = make_bank()
+            self._host_bank_key = key
+        return self._host_bank
+
+    def run_noisy(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = (GRADIENT,),
+                  rows_front: bool = False) -> list[np.ndarray]:
         """``outputs`` of the noisy model for one batch (``noisy.row_feeds``, after
-        ``bind_noise``), fetched to the host."""
-        session = self._session(NOISY)
+        ``bind_noise``, or ``bind_rows`` for the rows front), fetched to the host."""
+        kind = NOISY_ROWS if rows_front else NOISY
+        session = self._session(kind)
+        bound = self._bound_rows if rows_front else self._bound
         binding = session.io_binding()
         for name in (noisy.IMAGES, noisy.NOISE):
-            binding.bind_ortvalue_input(name, self._bound[name])
+            binding.bind_ortvalue_input(name, bound[name])
         for name, values in feeds.items():
             binding.bind_cpu_input(name, values)
         for name in outputs:
             binding.bind_output(name, "cpu")
         self.run_calls += 1
-        self.calls[NOISY] += 1
+        self.calls[kind] += 1
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
@@ -173,6 +196,9 @@ class GradientSession:
             model, what = self.gradient_model.model, "the rewritten model"
         elif kind == NOISY:
             model, what = noisy.build_noisy_model(self.gradient_model), "the rewritten model's noisy front"
+        elif kind == NOISY_ROWS:
+            model, what = (noisy.build_noisy_model(self.gradient_model, front="rows"),
+                           "the rewritten model's noisy front")
         elif kind == PICKING:
             model, what = noisy.build_picking_model(self.gradient_model), "the rewritten model with its classes picked in the graph"
         else:

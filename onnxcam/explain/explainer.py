@@ -27,17 +27,22 @@ passes run; ``onnxcam.explain.passes`` runs them:
    rows of the same run explain (``passes.picked_passes``). That saves the separate clean run.
 4. Maps are computed at layer resolution (``raw_map``) and upsampled/normalised on demand.
 
-On CUDA (``noise_in_graph``, automatic) the single-class runs all go through the noisy model
-(``onnxcam.graph.noisy``), fed by I/O binding: the clean pass is a run with scale 0 whose rows
-pick their own class in the graph, and for Smooth Grad-CAM++ the clean row rides in each image's
-first noisy run and the graph sums the moments, so one image with n < batch is one run and only
-the moment sums come back. Top-k and neuron scores keep the steps above without the shared runs.
+Smooth Grad-CAM++ with moments averaging and one class per image goes through the noisy model
+(``onnxcam.graph.noisy``; ``noise_in_graph``, automatic) on the CPU and on CUDA: the clean row
+rides in each image's first noisy run, its class is picked in the graph, the noisy batch is made
+in the graph, and the graph sums the moments, so one image with n < batch is one run and only the
+moment sums come back (``passes.fused_passes``; on the CPU each run binds its rows of a host
+bank, on CUDA the bank stays on the device and is gathered). On CUDA every other single-class run
+goes through the noisy model too, fed by I/O binding: the clean pass is a run with scale 0 whose
+rows pick their own class in the graph. Top-k and neuron scores keep the steps above without the
+shared runs.
 
 Determinism: noisy sample s of every image uses the standard normal array z_s of generator (seed,
-s) (common random numbers, ``onnxcam.explain.noise``), and the moments are accumulated sample by
-sample in sample order, so the same seed gives the same map bit for bit on the CPU whatever the
-batch size and whichever other images share the call. On CUDA the same seed gives the same map
-for the same batch size (deterministic kernels; sums made on the device, in float32).
+s) (common random numbers, ``onnxcam.explain.noise``), so the same seed gives the same map bit for
+bit for the same batch size, whichever other images share the call. Where the graph sums the
+moments (float32, a run at a time) another batch size moves the map by rounding only; the NumPy
+paths (``noise_in_graph=False``) accumulate every sample's gradient in float64, sample by sample
+in sample order, and give the same bits for any batch size.
 """
 
 from __future__ import annotations
@@ -112,9 +117,11 @@ class Explainer:
     list of class names (default: metadata onnxcam.labels, or ImageNet for 1000 classes).
     ``cache``: keep rewritten models in the disk cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).
     ``noise_in_graph``: make Smooth Grad-CAM++'s noisy batches inside the model, from the clean
-    images and a noise bank kept on the device (I/O binding); None (default) does so on CUDA,
-    where it keeps the noisy inputs off the bus, and uses NumPy on the CPU, where memory stays
-    bounded by the batch whatever the number of samples.
+    images and a noise bank (on the device, I/O binding), and sum the moments there; None
+    (default) does so on CUDA, where it keeps the noisy inputs off the bus, and on the CPU for
+    moments averaging with one class per image, where NumPy's noise and float64 sums cost 5-10%
+    more; False makes the noise with NumPy (the same maps for any batch size, bit for bit).
+    Memory stays bounded by the batch whatever the number of samples.
 
     The rewrite and the runtime sessions are made once per (layer, score) and reused.
     """

@@ -9,8 +9,10 @@ with ``images`` the clean images of a call, ``noise`` the bank of standard norma
 ``z_1 .. z_n`` (onnxcam.explain.noise), and per batch row its image, its sample and its scale
 (the image's sigma; 0 gives the clean image exactly, so one run can hold an image's clean pass
 and its noisy samples). On a GPU the images and the bank are uploaded once (bound as device
-tensors) and each batch sends only small per-row vectors. On the CPU it gives the same inputs as
-the NumPy path (same float32 products and sums, in the same order).
+tensors) and each batch sends only small per-row vectors. The CPU uses the *rows front*
+(``front="rows"``): ``x = images + scales * noise`` with each run's noise rows bound straight
+from a host array (no copy, no Gathers). Either front gives the same inputs as the NumPy path
+(same float32 products and sums, in the same order).
 
 For class scores the seed is made in the graph too: row i explains class ``targets[i]``, or, where
 that is -1, the class the model predicts for row ``picks[i]`` (the argmax of its logits: the

@@ -234,7 +234,7 @@ def test_same_seed_gives_the_same_maps_with_the_moments_summed_in_the_graph(mlp_
     assert Explainer(mlp_head_model, layer="a1").session.calls == {}
     explainer = Explainer(mlp_head_model, layer="a1")
     explainer.explain(inputs, samples=5, seed=11)
-    assert set(explainer.session.calls) == {"noisy_rows"}  # the CPU's front: the host bank's rows
+    assert set(explainer.session.calls) == {"noisy_input"}  # the CPU's front: the host bank's rows
 
 
 def test_noise_of_an_image_does_not_depend_on_the_other_images(mlp_head_model):
@@ -261,7 +261,7 @@ def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, aver
     """The GPU path (noisy batch made in the graph from bound images and a bound noise bank),
     run here on the CPU, gives the same maps as the NumPy noise, and uploads the bank once."""
     import onnxcam.explain.passes as passes_module
-    from onnxcam.runtime.session import FULL, NOISY, NOISY_ROWS
+    from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT
 
     inputs = random_inputs(3, seed=21)
     numpy_noise = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=False)
@@ -276,7 +276,7 @@ def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, aver
         np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-6, atol=1e-7)
         assert (b.class_index, b.score, b.probability) == pytest.approx((a.class_index, a.score, a.probability))
     if averaging == "moments":  # clean row + 3 noisy rows, then 2 noisy rows, per image
-        assert in_graph.session.calls[NOISY_ROWS] == 3 * math.ceil((5 + 1) / 4)
+        assert in_graph.session.calls[NOISY_INPUT] == 3 * math.ceil((5 + 1) / 4)
         assert in_graph.session.calls[FULL] == 0
     else:  # the clean pass (scale 0), then the noisy units in batches of 4
         assert in_graph.session.calls[NOISY] == 1 + math.ceil(3 * 5 / 4)
@@ -314,7 +314,7 @@ def test_clean_rows_in_the_noisy_runs_give_the_separate_passes_maps(mlp_head_mod
     predicted (or given) class is picked in the graph; Grad-CAM from that clean row and Smooth
     Grad-CAM++ from the moment sums made in the graph match the separate clean and noisy passes,
     for n below and above the batch."""
-    from onnxcam.runtime.session import FULL, NOISY_ROWS
+    from onnxcam.runtime.session import FULL, NOISY_INPUT
 
     inputs = random_inputs(2, seed=41)
     separate = Explainer(mlp_head_model, layer="a1", batch_size=8, noise_in_graph=False)
@@ -329,27 +329,28 @@ def test_clean_rows_in_the_noisy_runs_give_the_separate_passes_maps(mlp_head_mod
                 assert b.class_index == a.class_index
                 np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-5, atol=1e-6 * np.abs(a.raw_map).max())
     assert together.session.calls[FULL] == 0
-    assert together.session.calls[NOISY_ROWS] == 2 * (1 + math.ceil((20 + 1) / 8))
+    assert together.session.calls[NOISY_INPUT] == 2 * (1 + math.ceil((20 + 1) / 8))
 
 
 @pytest.mark.parametrize("samples,budget", [(7, None), (7, 4 * 3 * 32 * 32 * 3)])
-def test_the_rows_front_and_the_bank_front_give_the_same_sums(mlp_head_model, samples, budget, monkeypatch):
-    """The CPU's rows front (each run binds its rows of the host bank, a zero row for the clean
-    row first) and the CUDA's bank front (the bank bound once, rows gathered in the graph)
-    make the same noisy inputs, so the same moment sums, bit for bit: whole bank, or a bank
-    over its budget bound a run at a time."""
+def test_the_input_front_and_the_bank_front_give_the_same_sums(mlp_head_model, samples, budget, monkeypatch):
+    """The CPU's input front (NumPy makes each run's batch from its rows of the host bank, a zero
+    row for the clean row first) and the CUDA's bank front (the bank bound once, rows gathered
+    and noised in the graph) make the same noisy inputs, so the same moment sums, bit for bit:
+    whole bank, or a bank over its budget taken a run at a time."""
     import onnxcam.explain.passes as passes_module
     from onnxcam.cams.moments import MomentAccumulator
-    from onnxcam.runtime.session import NOISY, NOISY_ROWS
+    from onnxcam.runtime.session import NOISY, NOISY_INPUT
 
     if budget is not None:
         monkeypatch.setattr(passes_module, "NOISE_BANK_MEMORY", budget)
     inputs = random_inputs(2, seed=44)
     session = Explainer(mlp_head_model, layer="a1").session
     results = []
-    for rows_front in (True, False):
+    for input_front in (True, False):
         accumulators = {"smooth": MomentAccumulator(2)}
-        clean = passes_module.fused_passes(session, inputs, None, accumulators, samples, 0.2, 3, 3, True, rows_front)
+        clean = passes_module.fused_passes(session, inputs, None, accumulators, samples, 0.2, 3, 3, True,
+                                           input_front)
         moments = accumulators["smooth"].result()
         results.append((clean, moments))
     (clean_rows, rows), (clean_bank, bank) = results
@@ -357,7 +358,7 @@ def test_the_rows_front_and_the_bank_front_give_the_same_sums(mlp_head_model, sa
     for a, b in ((clean_rows.activation, clean_bank.activation), (clean_rows.gradient, clean_bank.gradient),
                  (rows.d1, bank.d1), (rows.d2, bank.d2), (rows.d3, bank.d3)):
         assert np.array_equal(a, b)
-    assert session.calls[NOISY_ROWS] == session.calls[NOISY] == 2 * math.ceil((samples + 1) / 3)
+    assert session.calls[NOISY_INPUT] == session.calls[NOISY] == 2 * math.ceil((samples + 1) / 3)
 
 
 @pytest.mark.parametrize("targets", [None, [3, 3, 8]])
@@ -405,7 +406,7 @@ def test_clean_and_noisy_rows_take_ceil_rows_over_batch_runs(mlp_head_model, cou
     before = session.run_calls
     explainer.explain(inputs, targets=[1] * count if targets == "given" else None, samples=samples)
     if noise_in_graph is None:
-        runs, kind = count * math.ceil((samples + 1) / batch), "noisy_rows"
+        runs, kind = count * math.ceil((samples + 1) / batch), "noisy_input"
     else:
         runs, kind = math.ceil(count * (samples + 1) / batch), "picking"
     assert session.run_calls - before == runs
@@ -760,3 +761,19 @@ def test_efficientnet_smooth_at_an_earlier_layer_stays_on_the_cat():
     y, x = np.unravel_index(np.argmax(cat.map), cat.map.shape)
     x0, y0, x1, y1 = CAT_BOX
     assert x0 <= x <= x1 and y0 <= y <= y1, (x, y)
+
+
+def test_the_noisy_models_keep_the_rewritten_models_node_order(mlp_head_model):
+    """The new nodes go where their inputs allow; the model's own (forward) nodes keep their order."""
+    from onnxcam.graph import noisy
+
+    gm = Explainer(mlp_head_model, layer="a1").gradient_model
+    original = [n.name for n in gm.model.graph.node if not n.name.startswith("onnxcam")]
+    for model in (noisy.build_noisy_model(gm), noisy.build_noisy_model(gm, front="input"),
+                  noisy.build_picking_model(gm)):
+        names = [n.name for n in model.graph.node]
+        assert [n for n in names if n in set(original)] == original
+        produced = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+        for node in model.graph.node:  # and every node still follows its inputs' producers
+            assert all(name in produced for name in node.input), node.name
+            produced.update(node.output)

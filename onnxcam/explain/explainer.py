@@ -29,10 +29,11 @@ passes run; ``onnxcam.explain.passes`` runs them:
 
 Smooth Grad-CAM++ with moments averaging and one class per image goes through the noisy model
 (``onnxcam.graph.noisy``; ``noise_in_graph``, automatic) on the CPU and on CUDA: the clean row
-rides in each image's first noisy run, its class is picked in the graph, the noisy batch is made
-in the graph, and the graph sums the moments, so one image with n < batch is one run and only the
-moment sums come back (``passes.fused_passes``; on the CPU each run binds its rows of a host
-bank, on CUDA the bank stays on the device and is gathered). On CUDA every other single-class run
+rides in each image's first noisy run, its class is picked in the graph, and the graph sums the
+moments, so one image with n < batch is one run and only the moment sums come back
+(``passes.fused_passes``). On CUDA the noisy batch is made in the graph from a bank kept on the
+device; on the CPU NumPy makes it just before each run (a model input made inside the graph
+slowed ONNX Runtime's in-place residual convolutions). On CUDA every other single-class run
 goes through the noisy model too, fed by I/O binding: the clean pass is a run with scale 0 whose
 rows pick their own class in the graph. Top-k and neuron scores keep the steps above without the
 shared runs.
@@ -73,7 +74,7 @@ from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
 from onnxcam.runtime.providers import check_device
-from onnxcam.runtime.session import FULL, NOISY, NOISY_ROWS, PICKING, GradientSession
+from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientSession
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
@@ -193,7 +194,7 @@ class Explainer:
         if session.device is None:  # the session the default method (Smooth Grad-CAM++) uses
             picking = noisy.targets_in_graph(session.gradient_model)
             in_graph = self._noise_in_graph(session, fused=picking)
-            noisy_kind = NOISY_ROWS if picking and session.planned_device != "cuda" else NOISY
+            noisy_kind = NOISY_INPUT if picking and session.planned_device != "cuda" else NOISY
             session.warm_up((noisy_kind,) if in_graph else (PICKING,) if picking else (FULL,))
         return session.device  # type: ignore[return-value]
 
@@ -304,8 +305,8 @@ class Explainer:
         in_graph = one_class and self._noise_in_graph(session, fused=moments_only)
         fused = in_graph and moments_only
         picked = one_class and not in_graph and bool(noisy_cams)
-        rows_front = session.planned_device != "cuda"  # the bank stays on the host: no Gathers
-        in_graph_kind = NOISY_ROWS if fused and rows_front else NOISY
+        input_front = session.planned_device != "cuda"  # NumPy makes the batch, the graph the rest
+        in_graph_kind = NOISY_INPUT if fused and input_front else NOISY
         plan, split_clean = (((in_graph_kind,), False) if in_graph else ((PICKING,), False) if picked else
                              passes.plan_sessions(session, class_lists, k, neuron_mode, len(items), batch,
                                                   bool(noisy_cams)))
@@ -326,7 +327,7 @@ class Explainer:
                 t2 = t1
                 if fused:
                     clean = passes.fused_passes(session, inputs, chunk_classes, accumulators, samples,
-                                                noise_level, seed, batch, need_gradient, rows_front)
+                                                noise_level, seed, batch, need_gradient, input_front)
                 else:
                     clean = passes.picked_passes(session, inputs, chunk_classes, accumulators, samples,
                                                  noise_level, seed, batch, need_gradient)

@@ -121,8 +121,8 @@ def _pool() -> ThreadPoolExecutor:
 
 def noise_sigma(image: np.ndarray, noise_level: float) -> float:
     """``noise_level * (max - min)`` of one preprocessed image."""
-    values = np.asarray(image, dtype=np.float64)
-    return float(noise_level * (values.max() - values.min())) if values.size else 0.0
+    values = np.asarray(image)  # max and min are exact in the input's own dtype: no float64 copy
+    return float(noise_level * (float(values.max()) - float(values.min()))) if values.size else 0.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,17 @@ def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: in
 
         list(_pool().map(fill, range(stop - start)))
         yield NoisyBatch(rows=rows, sample=sample, inputs=inputs)
+
+
+def fill_noisy(out: np.ndarray, image: np.ndarray, noise: np.ndarray, scales) -> np.ndarray:
+    """``out[i] = image + scales[i] * noise[i]`` (float32 product, then sum: the noisy model's
+    bank front gives the same bits), the rows shared among the noise threads."""
+    def fill(i: int) -> None:
+        np.multiply(noise[i], float(scales[i]), out=out[i], casting="same_kind")
+        np.add(out[i], image, out=out[i], casting="same_kind")
+
+    list(_pool().map(fill, range(len(out))))
+    return out
 
 
 def standard_normal_stack(seed: int, samples: int, shape: tuple, dtype=np.float32,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcam.explain import targets as tg
-from onnxcam.explain.noise import NOISE_BANK_MEMORY, chunk_bounds, noise_sigma, noisy_batches, standard_normal_stack
+from onnxcam.explain.noise import (NOISE_BANK_MEMORY, chunk_bounds, fill_noisy, noise_sigma, noisy_batches,
+                                  standard_normal_stack)
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, GradientModel
 from onnxcam.runtime.prefetch import prefetched
@@ -156,7 +157,7 @@ def clean_pass_in_graph(session: GradientSession, inputs: np.ndarray, chunk_clas
 
 def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,
                  samples: int, noise_level: float, seed: int, batch: int, need_gradient: bool,
-                 rows_front: bool = False) -> CleanPass:
+                 input_front: bool = False) -> CleanPass:
     """The clean pass and the noisy passes of each image in runs of the noisy model.
 
     An image's n + 1 rows (its clean row, scale 0 and weight 0, then its noisy rows) are cut
@@ -168,13 +169,16 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
 
     The bank of standard normal samples stays bound between calls when it fits
     ``NOISE_BANK_MEMORY``; a larger one is bound a run's samples at a time, so memory stays
-    bounded by the batch. With ``rows_front`` (the CPU) the bank is a host array of the rows
-    in order, a zero row for the clean one first (``noise_rows``), and each run binds its slice
-    of it: no copy and no Gather.
+    bounded by the batch. With ``input_front`` (the CPU) the bank is a host array of the rows in
+    order, a zero row for the clean one first (``noise_rows``), and NumPy makes each run's noisy
+    batch from its slice, in a buffer kept for the call (``fill_noisy``), before the run: the
+    model's input then comes from outside the graph (``noisy.build_noisy_model``).
     """
     shape = tuple(inputs.shape[1:])
     whole_bank = samples * int(np.prod(shape)) * 4 <= NOISE_BANK_MEMORY
-    if whole_bank and rows_front:
+    if input_front:
+        batch_inputs = np.empty((min(batch, samples + 1), *shape), dtype=np.float32)
+    if whole_bank and input_front:
         bank = session.host_bank((seed, samples, shape), lambda: noise_rows(seed, 0, samples + 1, shape))
     elif whole_bank:
         session.bind_noise(inputs, (seed, 0, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
@@ -189,10 +193,11 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
             scales = np.where(np.arange(start, stop) == 0, 0.0, sigma)
             weights = np.where(np.arange(start, stop) == 0, 0.0, 1.0)
             targets = np.full(stop - start, target)
-            if rows_front:
-                session.bind_rows(inputs[image:image + 1],
-                                  bank[start:stop] if whole_bank else noise_rows(seed, start, stop, shape))
-                feeds = noisy.row_feeds(None, None, scales, weights, targets=targets)
+            if input_front:
+                rows = fill_noisy(batch_inputs[:stop - start], inputs[image],
+                                  bank[start:stop] if whole_bank else noise_rows(seed, start, stop, shape), scales)
+                feeds = noisy.row_feeds(None, None, None, weights, targets=targets)
+                feeds[session.gradient_model.input_name] = rows
             else:
                 ids = np.maximum(np.arange(start, stop) - 1, 0)  # the clean row (scale 0) reads sample 0
                 if not whole_bank:  # this run's samples only
@@ -203,7 +208,8 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
                                                                      first=first))
                     ids = ids - first
                 feeds = noisy.row_feeds(np.full(stop - start, image), ids, scales, weights, targets=targets)
-            fetched = session.run_noisy(feeds, first_outputs if clean_row else noisy.SUMS, rows_front=rows_front)
+            fetched = session.run_noisy(feeds, first_outputs if clean_row else noisy.SUMS,
+                                        front="input" if input_front else "bank")
             if clean_row:
                 activation.append(fetched[3])
                 logits.append(fetched[4])

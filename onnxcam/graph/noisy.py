@@ -9,10 +9,9 @@ with ``images`` the clean images of a call, ``noise`` the bank of standard norma
 ``z_1 .. z_n`` (onnxcam.explain.noise), and per batch row its image, its sample and its scale
 (the image's sigma; 0 gives the clean image exactly, so one run can hold an image's clean pass
 and its noisy samples). On a GPU the images and the bank are uploaded once (bound as device
-tensors) and each batch sends only small per-row vectors. The CPU uses the *rows front*
-(``front="rows"``): ``x = images + scales * noise`` with each run's noise rows bound straight
-from a host array (no copy, no Gathers). Either front gives the same inputs as the NumPy path
-(same float32 products and sums, in the same order).
+tensors) and each batch sends only small per-row vectors, the same inputs as the NumPy path
+(same float32 products and sums, in the same order). The CPU's fused runs use ``front="input"``:
+no noise front, NumPy makes the noisy batch (``build_noisy_model``).
 
 For class scores the seed is made in the graph too: row i explains class ``targets[i]``, or, where
 that is -1, the class the model predicts for row ``picks[i]`` (the argmax of its logits: the
@@ -26,6 +25,8 @@ clean row) and ``CLASSES`` each row's class.
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 import onnx
@@ -63,12 +64,14 @@ def build_noisy_model(gm: GradientModel, front: str = "bank") -> onnx.ModelProto
     """A copy of ``gm.model`` fed by (images, noise, rows, samples, scales[, targets, picks],
     weights) with the extra outputs described in the module docstring.
 
-    ``front="rows"`` takes the noise already in row order instead, ``x = images + scales *
-    noise`` with ``images`` one image (broadcast) or one per row, and no ``rows``/``samples``:
-    on the CPU each run binds a view of the host's bank (no copy), and the graph skips the
-    two Gathers, which cost more there than the Mul and Add."""
-    if front not in ("bank", "rows"):
-        raise ValueError(f"front must be 'bank' or 'rows', not {front!r}")
+    ``front="input"`` has no noise front: it takes the noisy batch itself as the model's own
+    input (the CPU makes it with NumPy, ``onnxcam.explain.noise.fill_noisy``). On ONNX Runtime's
+    CPU provider a model input made inside the graph slowed the convolutions that add a skip
+    connection in place (ResNet-50's ``conv3``: up to 2.2x; 10-15% of the whole model), which
+    cost more than the Mul and Add saved. Its outputs are only those the fused runs fetch (the
+    sums, ``FIRST_*``, ``CLASSES``)."""
+    if front not in ("bank", "input"):
+        raise ValueError(f"front must be 'bank' or 'input', not {front!r}")
     model = onnx.ModelProto()
     model.CopyFrom(gm.model)
     graph = model.graph
@@ -80,27 +83,26 @@ def build_noisy_model(gm: GradientModel, front: str = "bank") -> onnx.ModelProto
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
             for d in original.type.tensor_type.shape.dim]
     rank = len(dims)
-    inputs = [helper.make_tensor_value_info(IMAGES, elem_type, ["M", *dims[1:]]),
-              helper.make_tensor_value_info(NOISE, elem_type, ["S" if front == "bank" else "N", *dims[1:]])]
-    if front == "bank":
-        inputs += [helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["N"]),
-                   helper.make_tensor_value_info(SAMPLES, TensorProto.INT64, ["N"])]
-    inputs += [helper.make_tensor_value_info(SCALES, elem_type, ["N"]),
-               helper.make_tensor_value_info(WEIGHTS, elem_type, ["N"])]
     p = _PREFIX
     initializers = [helper.make_tensor(p + "column", TensorProto.INT64, [rank], [-1] + [1] * (rank - 1)),
                     helper.make_tensor(p + "axis0", TensorProto.INT64, [1], [0]),
                     helper.make_tensor(p + "one", TensorProto.INT64, [1], [1])]
-    clean, z = (p + "clean", p + "z") if front == "bank" else (IMAGES, NOISE)
-    nodes = [
-        helper.make_node("Gather", [IMAGES, ROWS], [clean], axis=0),
-        helper.make_node("Gather", [NOISE, SAMPLES], [z], axis=0),
-    ] if front == "bank" else []
-    nodes += [
-        helper.make_node("Reshape", [SCALES, p + "column"], [p + "scale"]),
-        helper.make_node("Mul", [z, p + "scale"], [p + "noise"]),
-        helper.make_node("Add", [p + "noise", clean], [gm.input_name]),
-    ]
+    if front == "bank":
+        inputs = [helper.make_tensor_value_info(IMAGES, elem_type, ["M", *dims[1:]]),
+                  helper.make_tensor_value_info(NOISE, elem_type, ["S", *dims[1:]]),
+                  helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["N"]),
+                  helper.make_tensor_value_info(SAMPLES, TensorProto.INT64, ["N"]),
+                  helper.make_tensor_value_info(SCALES, elem_type, ["N"])]
+        nodes = [
+            helper.make_node("Gather", [IMAGES, ROWS], [p + "clean"], axis=0),
+            helper.make_node("Gather", [NOISE, SAMPLES], [p + "z"], axis=0),
+            helper.make_node("Reshape", [SCALES, p + "column"], [p + "scale"]),
+            helper.make_node("Mul", [p + "z", p + "scale"], [p + "noise"]),
+            helper.make_node("Add", [p + "noise", p + "clean"], [gm.input_name]),
+        ]
+    else:
+        inputs, nodes = [original], []
+    inputs.append(helper.make_tensor_value_info(WEIGHTS, elem_type, ["N"]))
     gradient_rank = len(gm.activation_shape) or rank
     initializers.append(helper.make_tensor(p + "gradient_column", TensorProto.INT64, [gradient_rank],
                                            [-1] + [1] * (gradient_rank - 1)))
@@ -127,6 +129,11 @@ def build_noisy_model(gm: GradientModel, front: str = "bank") -> onnx.ModelProto
                                   (FIRST_LOGITS, LOGITS))]
     if targets_in_graph(gm):
         extra.append(helper.make_tensor_value_info(CLASSES, TensorProto.INT64, ["N"]))
+    if front == "input":  # the fused runs fetch only these: the whole batch's A, g and logits are not
+        # outputs, so ONNX Runtime drops the Identity nodes that would copy them every run
+        kept = [o for o in graph.output if o.name not in (ACTIVATION, GRADIENT, LOGITS)]
+        del graph.output[:]
+        graph.output.extend(kept)
     return _finished(model, inputs + kept_inputs, initializers, nodes, extra)
 
 
@@ -177,7 +184,13 @@ def _finished(model: onnx.ModelProto, inputs: list, initializers: list, nodes: l
     graph.initializer.extend(initializers)
     graph.output.extend(extra)
     graph.node.extend(nodes)
-    sorted_graph = gs.import_onnx(model)
+    order = _stable_order(list(graph.node))
+    if order is not None:
+        reordered = [graph.node[i] for i in order]
+        del graph.node[:]
+        graph.node.extend(reordered)
+        return model
+    sorted_graph = gs.import_onnx(model)  # subgraphs: graph-surgeon knows their outer-scope inputs
     sorted_graph.toposort()
     ordered = gs.export_onnx(sorted_graph)
     ordered.ir_version = model.ir_version
@@ -186,18 +199,50 @@ def _finished(model: onnx.ModelProto, inputs: list, initializers: list, nodes: l
     return ordered
 
 
+def _stable_order(nodes: list) -> list[int] | None:
+    """A topological order of ``nodes`` that keeps their given order wherever the dependencies
+    allow (a node waits only for its inputs' producers), or None for a graph with subgraphs.
+
+    ONNX Runtime runs nodes in the graph's order and plans its buffers by it, so the rewritten
+    model's own nodes keep the order (and the plan) they had; a generic sort interleaves them
+    with the new nodes arbitrarily."""
+    if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in nodes for attribute in node.attribute):
+        return None
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output}
+    waiting = [0] * len(nodes)
+    consumers: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for j in {producer[name] for name in node.input if name in producer}:
+            waiting[i] += 1
+            consumers[j].append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in consumers[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        raise ValueError("the noisy model's graph has a cycle")
+    return order
+
+
 def row_feeds(rows, samples, scales, weights, targets=None, picks=None, seed=None) -> dict[str, np.ndarray]:
     """The per-batch inputs of the noisy model: ``targets`` and ``picks`` for class scores,
-    ``seed`` rows otherwise; ``rows`` and ``samples`` None for the rows front."""
-    feeds = {SCALES: np.ascontiguousarray(scales, dtype=np.float32),
-             WEIGHTS: np.ascontiguousarray(weights, dtype=np.float32)}
+    ``seed`` rows otherwise; ``rows``, ``samples`` and ``scales`` None for the input front."""
+    feeds = {WEIGHTS: np.ascontiguousarray(weights, dtype=np.float32)}
     if rows is not None:
         feeds[ROWS] = np.ascontiguousarray(rows, dtype=np.int64)
         feeds[SAMPLES] = np.ascontiguousarray(samples, dtype=np.int64)
+        feeds[SCALES] = np.ascontiguousarray(scales, dtype=np.float32)
     if seed is not None:
         feeds[SEED] = np.ascontiguousarray(seed, dtype=np.float32)
     else:
         feeds[TARGETS] = np.ascontiguousarray(targets, dtype=np.int64)
-        feeds[PICKS] = np.ascontiguousarray(np.zeros(len(feeds[SCALES])) if picks is None else picks,
+        feeds[PICKS] = np.ascontiguousarray(np.zeros(len(feeds[WEIGHTS])) if picks is None else picks,
                                             dtype=np.int64)
     return feeds

@@ -40,7 +40,7 @@ from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
 from onnxcam.runtime.providers import check_device, create_session, resolve_device
 
-FULL, FORWARD, HEAD, NOISY, NOISY_ROWS, PICKING = "full", "forward", "head", "noisy", "noisy_rows", "picking"
+FULL, FORWARD, HEAD, NOISY, NOISY_INPUT, PICKING = "full", "forward", "head", "noisy", "noisy_input", "picking"
 
 
 class GradientSession:
@@ -59,7 +59,6 @@ class GradientSession:
         self._split_possible: bool | None = None
         self._bound: dict[str, ort.OrtValue] = {}
         self._noise_key: object = None
-        self._bound_rows: dict[str, ort.OrtValue] = {}
         self._host_bank: np.ndarray | None = None
         self._host_bank_key: object = None
         graph_input = next(i for i in gradient_model.model.graph.input if i.name == gradient_model.input_name)
@@ -124,16 +123,8 @@ class GradientSession:
             self._bound[noisy.NOISE] = ort.OrtValue.ortvalue_from_numpy(self._as_input(make_noise()), device, 0)
             self._noise_key = noise_key
 
-    def bind_rows(self, images: np.ndarray, noise: np.ndarray) -> None:
-        """The image (or one per row) and the run's noise rows for the noisy model's rows front
-        (``noisy.build_noisy_model(front="rows")``): on the CPU the arrays themselves, no copy."""
-        self._session(NOISY_ROWS)
-        device = "cuda" if self.device == "cuda" else "cpu"
-        self._bound_rows = {name: ort.OrtValue.ortvalue_from_numpy(self._as_input(values), device, 0)
-                            for name, values in ((noisy.IMAGES, images), (noisy.NOISE, noise))}
-
     def host_bank(self, key: object, make_bank) -> np.ndarray:
-        """The host array ``make_bank()`` gives, kept while ``key`` stays the same (the rows
+        """The host array ``make_bank()`` gives, kept while ``key`` stays the same (the input
         front's bank, like the bound bank of ``bind_noise``)."""
         if self._host_bank_key != key or self._host_bank is None:
             self._host_bank = None  # free the old bank before making the new one
@@ -142,15 +133,16 @@ class GradientSession:
         return self._host_bank
 
     def run_noisy(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = (GRADIENT,),
-                  rows_front: bool = False) -> list[np.ndarray]:
-        """``outputs`` of the noisy model for one batch (``noisy.row_feeds``, after
-        ``bind_noise``, or ``bind_rows`` for the rows front), fetched to the host."""
-        kind = NOISY_ROWS if rows_front else NOISY
+                  front: str = "bank") -> list[np.ndarray]:
+        """``outputs`` of the noisy model for one batch (``noisy.row_feeds``), fetched to the
+        host: after ``bind_noise`` for the bank front; for the input front (``front="input"``)
+        ``feeds`` hold the noisy batch itself."""
+        kind = NOISY_INPUT if front == "input" else NOISY
         session = self._session(kind)
-        bound = self._bound_rows if rows_front else self._bound
         binding = session.io_binding()
-        for name in (noisy.IMAGES, noisy.NOISE):
-            binding.bind_ortvalue_input(name, bound[name])
+        if kind == NOISY:
+            for name in (noisy.IMAGES, noisy.NOISE):
+                binding.bind_ortvalue_input(name, self._bound[name])
         for name, values in feeds.items():
             binding.bind_cpu_input(name, values)
         for name in outputs:
@@ -196,9 +188,9 @@ class GradientSession:
             model, what = self.gradient_model.model, "the rewritten model"
         elif kind == NOISY:
             model, what = noisy.build_noisy_model(self.gradient_model), "the rewritten model's noisy front"
-        elif kind == NOISY_ROWS:
-            model, what = (noisy.build_noisy_model(self.gradient_model, front="rows"),
-                           "the rewritten model's noisy front")
+        elif kind == NOISY_INPUT:
+            model, what = (noisy.build_noisy_model(self.gradient_model, front="input"),
+                           "the rewritten model's moment sums")
         elif kind == PICKING:
             model, what = noisy.build_picking_model(self.gradient_model), "the rewritten model with its classes picked in the graph"
         else:

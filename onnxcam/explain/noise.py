@@ -167,9 +167,8 @@ def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: in
             if sample[i] < 0:
                 inputs[i] = images[row]
                 return
-            noise = bank.standard_normal(seed, int(sample[i]), shape, noise_dtype)
-            np.multiply(noise, sigmas[row], out=inputs[i], casting="same_kind")
-            np.add(inputs[i], images[row], out=inputs[i], casting="same_kind")
+            _add_noise(inputs[i], images[row], bank.standard_normal(seed, int(sample[i]), shape, noise_dtype),
+                       sigmas[row])
 
         list(_pool().map(fill, range(stop - start)))
         yield NoisyBatch(rows=rows, sample=sample, inputs=inputs)
@@ -178,12 +177,14 @@ def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: in
 def fill_noisy(out: np.ndarray, image: np.ndarray, noise: np.ndarray, scales) -> np.ndarray:
     """``out[i] = image + scales[i] * noise[i]`` (float32 product, then sum: the noisy model's
     bank front gives the same bits), the rows shared among the noise threads."""
-    def fill(i: int) -> None:
-        np.multiply(noise[i], float(scales[i]), out=out[i], casting="same_kind")
-        np.add(out[i], image, out=out[i], casting="same_kind")
-
-    list(_pool().map(fill, range(len(out))))
+    list(_pool().map(lambda i: _add_noise(out[i], image, noise[i], float(scales[i])), range(len(out))))
     return out
+
+
+def _add_noise(out: np.ndarray, image: np.ndarray, noise: np.ndarray, sigma: float) -> None:
+    """``out = image + sigma * noise``: the product in the output's dtype first, then the sum."""
+    np.multiply(noise, sigma, out=out, casting="same_kind")
+    np.add(out, image, out=out, casting="same_kind")
 
 
 def standard_normal_stack(seed: int, samples: int, shape: tuple, dtype=np.float32,

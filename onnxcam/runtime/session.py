@@ -21,7 +21,9 @@ inputs never cross the bus, and Smooth Grad-CAM++ fetches three moment sums per 
 
 A fifth, the *picking* one, is the whole model with the noisy model's class picking and the
 model's own input (``run_picking``): on the CPU, NumPy makes the noisy batches, and an image's clean
-row rides in its first noisy batch even when its class is the predicted one.
+row rides in its first noisy batch even when its class is the predicted one. The noisy model's
+*input* form (``run_noisy(front="input")``) is fed such a batch too, and sums the moments in the
+graph: the CPU's usual Smooth Grad-CAM++ runs.
 
 ``run_calls`` counts every ``InferenceSession.run`` (all models), ``calls`` per model.
 """

@@ -194,8 +194,8 @@ class Explainer:
         if session.device is None:  # the session the default method (Smooth Grad-CAM++) uses
             picking = noisy.targets_in_graph(session.gradient_model)
             in_graph = self._noise_in_graph(session, fused=picking)
-            noisy_kind = NOISY_INPUT if picking and session.planned_device != "cuda" else NOISY
-            session.warm_up((noisy_kind,) if in_graph else (PICKING,) if picking else (FULL,))
+            kind = self._fused_kind(session) if picking else NOISY
+            session.warm_up((kind,) if in_graph else (PICKING,) if picking else (FULL,))
         return session.device  # type: ignore[return-value]
 
     @property
@@ -305,8 +305,7 @@ class Explainer:
         in_graph = one_class and self._noise_in_graph(session, fused=moments_only)
         fused = in_graph and moments_only
         picked = one_class and not in_graph and bool(noisy_cams)
-        input_front = session.planned_device != "cuda"  # NumPy makes the batch, the graph the rest
-        in_graph_kind = NOISY_INPUT if fused and input_front else NOISY
+        in_graph_kind = self._fused_kind(session) if fused else NOISY
         plan, split_clean = (((in_graph_kind,), False) if in_graph else ((PICKING,), False) if picked else
                              passes.plan_sessions(session, class_lists, k, neuron_mode, len(items), batch,
                                                   bool(noisy_cams)))
@@ -327,7 +326,8 @@ class Explainer:
                 t2 = t1
                 if fused:
                     clean = passes.fused_passes(session, inputs, chunk_classes, accumulators, samples,
-                                                noise_level, seed, batch, need_gradient, input_front)
+                                                noise_level, seed, batch, need_gradient,
+                                                input_front=in_graph_kind == NOISY_INPUT)
                 else:
                     clean = passes.picked_passes(session, inputs, chunk_classes, accumulators, samples,
                                                  noise_level, seed, batch, need_gradient)
@@ -594,14 +594,21 @@ class Explainer:
 
     def _noise_in_graph(self, session: GradientSession, fused: bool = False) -> bool:
         """The option, or automatically: with a float32 input, on CUDA, and on the CPU where the
-        graph also sums the moments (``fused``: Smooth Grad-CAM++ averaging moments, one class
-        per image). On 2 CPU cores NumPy's noise, made beside the runs, and the float64 sums
-        of every row's gradient cost 5-10% of the floor; in the graph they cost about 3%.
-        (Several classes per image on a cut model keep the NumPy noise: one forward per sample,
-        the head per class.)"""
+        graph sums the moments (``fused``: Smooth Grad-CAM++ averaging moments, one class per
+        image; there NumPy still makes the noisy batch, ``_fused_kind``). On 2 CPU cores the
+        float64 host sums of every row's gradient and NumPy's noise made beside the runs cost
+        5-10% of the floor more. (Several classes per image on a cut model keep the NumPy noise:
+        one forward per sample, the head per class.)"""
         if self.noise_in_graph is not None:
             return self.noise_in_graph
         return session.input_dtype == np.float32 and (fused or session.planned_device == "cuda")
+
+    @staticmethod
+    def _fused_kind(session: GradientSession) -> str:
+        """The noisy model the fused runs use: on CUDA the bank front (the noisy batch made on
+        the device), elsewhere the input front (NumPy makes it: a model input made inside the
+        graph slowed ONNX Runtime's in-place residual convolutions on the CPU)."""
+        return NOISY if session.planned_device == "cuda" else NOISY_INPUT
 
     def _one_class_picked(self, session: GradientSession, class_lists, k: int, neuron_mode: bool) -> bool:
         """Whether each image explains one class, given or its top prediction, which the graph

@@ -1,8 +1,10 @@
 """The passes of an explanation: runs of a GradientSession that give the clean A, g and logits
 (``clean_pass``) and feed the noisy samples' gradients to the moment accumulators
-(``noisy_passes``); both at once, with the class picked in the graph (``picked_passes``, the CPU's
-usual form); and their CUDA forms, where every run goes through the noisy model
-(``clean_pass_in_graph``, ``fused_passes``, ``noisy_passes_in_graph``; ``onnxcam.graph.noisy``).
+(``noisy_passes``); both at once, with the class picked in the graph (``picked_passes``, NumPy's
+noise and per-row gradients); and the forms that go through the noisy model
+(``onnxcam.graph.noisy``): ``fused_passes`` (Smooth Grad-CAM++'s usual form, on the CPU and on
+CUDA: the moments summed in the graph), and on CUDA ``clean_pass_in_graph`` and
+``noisy_passes_in_graph``.
 
 ``onnxcam.explain.explainer`` decides which passes run (options, device, classes); this module
 only runs them. Each pass returns or feeds the same quantities whichever form it takes, so the
@@ -190,8 +192,8 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
         target = chunk_classes[image][0] if chunk_classes is not None else -1
         for start, stop in chunk_bounds(samples + 1, batch):
             clean_row = start == 0
-            scales = np.where(np.arange(start, stop) == 0, 0.0, sigma)
-            weights = np.where(np.arange(start, stop) == 0, 0.0, 1.0)
+            weights = (np.arange(start, stop) > 0).astype(np.float64)  # 0 for the clean row
+            scales = weights * sigma
             targets = np.full(stop - start, target)
             if input_front:
                 rows = fill_noisy(batch_inputs[:stop - start], inputs[image],

@@ -84,10 +84,10 @@ def build_noisy_model(gm: GradientModel, front: str = "bank") -> onnx.ModelProto
             for d in original.type.tensor_type.shape.dim]
     rank = len(dims)
     p = _PREFIX
-    initializers = [helper.make_tensor(p + "column", TensorProto.INT64, [rank], [-1] + [1] * (rank - 1)),
-                    helper.make_tensor(p + "axis0", TensorProto.INT64, [1], [0]),
+    initializers = [helper.make_tensor(p + "axis0", TensorProto.INT64, [1], [0]),
                     helper.make_tensor(p + "one", TensorProto.INT64, [1], [1])]
     if front == "bank":
+        initializers.append(helper.make_tensor(p + "column", TensorProto.INT64, [rank], [-1] + [1] * (rank - 1)))
         inputs = [helper.make_tensor_value_info(IMAGES, elem_type, ["M", *dims[1:]]),
                   helper.make_tensor_value_info(NOISE, elem_type, ["S", *dims[1:]]),
                   helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["N"]),

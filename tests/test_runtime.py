@@ -128,9 +128,10 @@ def test_gradient_session_runs_and_counts(model_path):
 
 def test_layer_beside_a_skip_connection_cannot_be_cut_but_still_explains(tmp_path):
     """a2 does not separate the input from the logits (s = skip(a1) + a2), so there is no head
-    model; with predicted classes the whole model then runs twice (zero seed, then the seeds)."""
+    model; with predicted classes the whole model then runs twice (zero seed, then the seeds).
+    On the CPU: on CUDA the clean pass is one run of the noisy model (tests/test_gpu.py)."""
     path = save_model(build_cnn("mlp", seed=5, residual=True), tmp_path / "res.onnx")
-    explainer = Explainer(path, layer="a2", batch_size=4)
+    explainer = Explainer(path, layer="a2", batch_size=4, device="cpu")
     assert not explainer.session.has_split
     x = random_inputs(3, seed=1)
     predicted = explainer.explain(x, method="gradcampp")
@@ -334,6 +335,28 @@ def test_cuda_sessions_ask_for_determinism_unless_told_not_to(monkeypatch):
     monkeypatch.setenv("ONNXCAM_DETERMINISTIC", "maybe")
     with pytest.raises(OptionError, match="ONNXCAM_DETERMINISTIC"):
         cuda_deterministic()
+
+
+def test_cudnn_algorithm_search_is_chosen_by_the_environment(monkeypatch):
+    """CUDA sessions get cudnn_conv_algo_search from ONNXCAM_CUDNN_SEARCH (default EXHAUSTIVE,
+    ONNX Runtime's own); a wrong value is a one-line OptionError naming the variable."""
+    from onnxcam.runtime import providers
+
+    captured = {}
+    monkeypatch.setattr(providers.ort, "InferenceSession",
+                        lambda model, sess_options, providers: captured.setdefault("providers", providers))
+    monkeypatch.delenv("ONNXCAM_CUDNN_SEARCH", raising=False)
+    assert providers.cuda_provider_options() == {"cudnn_conv_algo_search": "EXHAUSTIVE"}
+    monkeypatch.setenv("ONNXCAM_CUDNN_SEARCH", "heuristic")
+    providers._create(b"", [providers.CUDA_PROVIDER, providers.CPU_PROVIDER], 1, "the model")
+    assert captured["providers"] == [(providers.CUDA_PROVIDER, {"cudnn_conv_algo_search": "HEURISTIC"}),
+                                     providers.CPU_PROVIDER]
+    captured.clear()
+    providers._create(b"", [providers.CPU_PROVIDER], 1, "the model")  # the CPU gets no CUDA options
+    assert captured["providers"] == [providers.CPU_PROVIDER]
+    monkeypatch.setenv("ONNXCAM_CUDNN_SEARCH", "fastest")
+    with pytest.raises(OptionError, match="ONNXCAM_CUDNN_SEARCH='fastest' must be one of EXHAUSTIVE"):
+        providers.cuda_provider_options()
 
 
 def test_the_device_is_known_before_the_first_session(model_path, monkeypatch):

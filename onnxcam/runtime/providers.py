@@ -98,6 +98,23 @@ def cuda_deterministic() -> bool:
     return value not in ("0", "false", "no")
 
 
+CUDNN_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
+def cuda_provider_options() -> dict[str, str]:
+    """Options for the CUDA execution provider: how cuDNN picks each convolution's algorithm.
+    ONNX Runtime's default, EXHAUSTIVE, times every algorithm when a session first meets a shape
+    and keeps the fastest, so two processes could pick different algorithms (and round
+    differently); HEURISTIC asks cuDNN's heuristics, the same pick every time.
+    ``ONNXCAM_CUDNN_SEARCH`` chooses (default EXHAUSTIVE). On an H200 both gave the same speed
+    and, in two processes each, the same maps bit for bit (scripts/DEVICE_H200.md)."""
+    given = os.environ.get("ONNXCAM_CUDNN_SEARCH", "")
+    value = given.strip().upper() or "EXHAUSTIVE"
+    if value not in CUDNN_SEARCHES:
+        raise OptionError(f"ONNXCAM_CUDNN_SEARCH={given!r} must be one of {', '.join(CUDNN_SEARCHES)}")
+    return {"cudnn_conv_algo_search": value}
+
+
 def cuda_listed() -> bool:
     """Whether this onnxruntime build offers CUDA at all (not whether it works)."""
     return CUDA_PROVIDER in ort.get_available_providers()
@@ -191,9 +208,11 @@ def _preload_cuda_libraries() -> None:
 
 
 def _create(model: bytes, providers: list[str], threads: int | None, what: str) -> ort.InferenceSession:
+    cuda = CUDA_PROVIDER in providers
+    options = session_options(threads, cuda)
+    with_options = [(name, cuda_provider_options()) if name == CUDA_PROVIDER else name for name in providers]
     try:
-        return ort.InferenceSession(model, sess_options=session_options(threads, CUDA_PROVIDER in providers),
-                                    providers=providers)
+        return ort.InferenceSession(model, sess_options=options, providers=with_options)
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
         text = " ".join(_ANSI.sub("", str(exc)).split())
         text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)

@@ -621,3 +621,14 @@ def test_options_are_case_insensitive_and_defaults_documented():
 def test_activation_must_match_moments():
     with pytest.raises(ValueError, match="match"):
         GradCAM().compute(np.ones((1, 2, 3, 3)), GradientMoments.from_gradients(np.ones((1, 2, 3, 4))))
+
+
+def test_single_sample_moments_make_their_powers_only_when_read():
+    """Grad-CAM reads d1 alone, so from_gradients squares and cubes g only for a method that
+    reads d2 or d3 (on a GPU these float64 powers of 25 gradients cost more than the forward)."""
+    g = np.random.default_rng(5).standard_normal((2, 3, 4, 4))
+    moments = GradientMoments.from_gradients(g)
+    get_method("gradcam").compute(np.abs(g), moments)
+    assert object.__getattribute__(moments, "d2") is None
+    np.testing.assert_array_equal(moments.d2, g * g)
+    np.testing.assert_array_equal(moments.d3, g * g * g)

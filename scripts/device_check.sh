@@ -10,29 +10,15 @@
 # a call that failed to copy, the .whl folder carried earlier was gone; carry it again in the last
 # call (it is small). A failed copy also held the machine for ~6 minutes of the 15.
 #
-# Stages: install; the GPU tests (CUDA maps against the CPU's, repeats); the same seed in two
-# processes; scripts/bench_device.py (floors, Smooth Grad-CAM++ n = 25, `onnxcam explain` over
-# 256 images) on every model that exported; scripts/profile_ops.py on ResNet-50. About 6 minutes
-# (2026-11-26, H200: the first four stages took 4.5 minutes, VGG-16's folder step was cut off).
-# scripts/device_prepare.sh makes the pieces and says how to carry them.
+# Stages: install (scripts/device_install.sh); the GPU tests (CUDA maps against the CPU's,
+# repeats); the same seed in two processes each under three CUDA settings (deterministic kernels
+# or not, cuDNN's exhaustive or heuristic algorithm search), side by side; scripts/bench_device.py
+# (floors, Smooth Grad-CAM++ n = 25, `onnxcam explain` over 256 images) on every model that
+# exported; scripts/profile_ops.py on ResNet-50. On the H200: about 6 minutes on 2026-11-26,
+# 4.3 minutes on 2026-11-27. scripts/device_overhead.sh is the shorter check of where the time
+# goes; scripts/device_prepare.sh makes the pieces and says how to carry them.
 set -u
-OUT=${OUT:-/tmp/onnxcam_device}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-stage() { echo "== $(date +%T) $*"; }
-
-stage install
-if [ ! -d /tmp/ortgpu/onnxruntime ]; then
-    W=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-    R=$PWD
-    cat .ortgpu/part-0*.d/part-0* > /tmp/$W && (cd /tmp && sha256sum -c "$R/.ortgpu/SHA256") &&
-        python3 -m pip install -q --no-index --no-deps --target /tmp/ortgpu /tmp/$W || exit 1
-fi
-if [ ! -d /tmp/site/onnx_graphsurgeon ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/ortgpu:/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source scripts/device_install.sh
 python3 - <<'EOF' 2>&1 | tee "$OUT/providers.txt"
 import onnxruntime as ort
 ort.preload_dlls()
@@ -45,28 +31,37 @@ print("CUDA options", session.get_provider_options().get("CUDAExecutionProvider"
 EOF
 
 stage tests
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py 2>&1 | tee "$OUT/tests.log"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py 2>&1 | tee "$OUT/tests.log"
 
-stage "same seed, two processes"
-for run in 1 2; do
-    timeout 120 python3 - <<'EOF' 2>&1 | tee -a "$OUT/repeat.log"
+stage "waiting for the model export"
+for _ in $(seq 1 90); do pgrep -f export_benchmark_models >/dev/null || break; sleep 2; done
+cp /tmp/export.log "$OUT/export.log" 2>/dev/null; tail -3 /tmp/export.log 2>/dev/null
+
+stage "same seed, two processes each, three CUDA settings (run side by side)"
+cat > /tmp/repeat.py <<'EOF'
 import hashlib
 from pathlib import Path
 import sys
 sys.path.insert(0, "scripts")
 from bench import SPECS
 from onnxcam import Explainer
-explainer = Explainer("models/efficientnet_lite0.onnx", layer=SPECS["efficientnet_lite0"].honest_layer, device="cuda")
 images = sorted(str(p) for p in Path("models/images").glob("*.png"))
-maps = [e.raw_map for e in explainer.explain(images, samples=25, seed=3)]
-print("device", explainer.session.device, "batch", explainer.batch_size,
-      "sha256", hashlib.sha256(b"".join(m.tobytes() for m in maps)).hexdigest()[:16])
+for name in ("efficientnet_lite0", "resnet50"):
+    if not SPECS[name].path.is_file():
+        continue
+    explainer = Explainer(SPECS[name].path, layer=SPECS[name].honest_layer, device="cuda")
+    maps = [e.raw_map for e in explainer.explain(images, samples=25, seed=3)]
+    print(sys.argv[1], name, "device", explainer.session.device, "batch", explainer.batch_size,
+          "sha256", hashlib.sha256(b"".join(m.tobytes() for m in maps)).hexdigest()[:16], flush=True)
 EOF
+for run in 1 2; do
+    timeout 150 python3 /tmp/repeat.py "deterministic,exhaustive" >> /tmp/repeat_d.log 2>&1 &
+    ONNXCAM_DETERMINISTIC=0 timeout 150 python3 /tmp/repeat.py "racy,exhaustive" >> /tmp/repeat_r.log 2>&1 &
+    ONNXCAM_DETERMINISTIC=0 ONNXCAM_CUDNN_SEARCH=HEURISTIC timeout 150 python3 /tmp/repeat.py "racy,heuristic" \
+        >> /tmp/repeat_h.log 2>&1 &
 done
-
-stage "waiting for the model export"
-for _ in $(seq 1 90); do pgrep -f export_benchmark_models >/dev/null || break; sleep 2; done
-cp /tmp/export.log "$OUT/export.log" 2>/dev/null; tail -3 /tmp/export.log 2>/dev/null
+wait
+cat /tmp/repeat_d.log /tmp/repeat_r.log /tmp/repeat_h.log | tee "$OUT/repeat.log"
 
 stage bench
 timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench_device.py --device cuda --repeats 5 \
@@ -76,7 +71,7 @@ stage "operator profile, ResNet-50 (with and without deterministic kernels)"
 if [ -f .cache/bench_models/resnet50.onnx ]; then
     LAYER=$(python3 -c 'import sys; sys.path.insert(0, "scripts"); from bench import SPECS; print(SPECS["resnet50"].honest_layer)')
     for det in 1 0; do
-        timeout 90 python3 scripts/profile_ops.py .cache/bench_models/resnet50.onnx --layer "$LAYER" \
+        timeout 60 python3 scripts/profile_ops.py .cache/bench_models/resnet50.onnx --layer "$LAYER" \
             --device cuda --deterministic $det 2>&1 | head -40 | tee -a "$OUT/profile.log"
     done
 fi

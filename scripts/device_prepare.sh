@@ -10,8 +10,9 @@
 #           setsid nohup python3 scripts/export_benchmark_models.py >/tmp/export.log 2>&1 </dev/null &
 #   calls 2..K-1: carry [".ortgpu/part-0k.d"], command: true
 #   call K: carry [".ortgpu/part-0(K-1).d", ".ortgpu/SHA256", ".whl"], command
-#           bash scripts/device_check.sh
-# (the number of pieces K is printed below; on 2026-11-26 it was 6).
+#           bash scripts/device_check.sh        (or scripts/device_overhead.sh)
+# (the number of pieces K is printed below; on 2026-11-26 and 27 it was 6). On 2026-11-27 the
+# machine's start and the five carrying calls took 60-85 s of device time, made back to back.
 set -eu
 VERSION=${ORT_GPU_VERSION:-1.31.1}
 for folder in /.ortgpu/ /.whl/; do

@@ -109,8 +109,7 @@ def bench_model(name: str, args, log) -> dict:
     spec = SPECS[name]
     x25 = np.random.default_rng(0).standard_normal((SAMPLES, 3, SIZE, SIZE)).astype(np.float32)
     x1 = x25[:1].copy()
-    # ONNX Runtime's own defaults: on the H200, use_deterministic_compute made plain run() sessions
-    # 18-220x slower (scripts/DEVICE_H200.md), so the floor is the plain session without it
+    # ONNX Runtime's own defaults: the floor a user of plain ONNX Runtime gets
     plain = plain_session(spec.path, args.device, deterministic=False)
     input_name = plain.get_inputs()[0].name
     graph = Explainer(spec.path, layer=spec.honest_layer, device=args.device, noise_in_graph=True)

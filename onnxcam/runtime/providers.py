@@ -90,8 +90,8 @@ def session_options(threads: int | None = None, cuda: bool = False) -> ort.Sessi
 
 def cuda_deterministic() -> bool:
     """Whether CUDA sessions ask for deterministic kernels: yes, unless ``ONNXCAM_DETERMINISTIC=0``
-    (for measuring what determinism costs: with it, ONNX Runtime's plain ``run()`` sessions were
-    18-220x slower on an H200, scripts/DEVICE_H200.md)."""
+    (for measuring what determinism costs: on an H200 the noisy model ran as fast with it as
+    without, and plain ``run()`` sessions too, scripts/DEVICE_H200.md)."""
     value = os.environ.get("ONNXCAM_DETERMINISTIC", "1").strip().lower()
     if value not in ("0", "1", "false", "true", "no", "yes", ""):
         raise OptionError(f"ONNXCAM_DETERMINISTIC={value!r} must be 1 or 0")

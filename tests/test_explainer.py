@@ -790,9 +790,9 @@ def test_the_bound_images_are_refilled_in_place_and_the_callers_arrays_kept(mlp_
     kept = first.copy(), second.copy()
     explainer = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=True)
     explainer.explain(first, samples=3, seed=1, averaging="maps")
-    buffer, binding = explainer.session._bound[noisy.IMAGES], explainer.session._bindings[NOISY]
+    buffer, (binding, _) = explainer.session._bound[noisy.IMAGES], explainer.session._bindings[NOISY]
     got = explainer.explain(second, samples=3, seed=1, averaging="maps")
-    assert explainer.session._bound[noisy.IMAGES] is buffer and explainer.session._bindings[NOISY] is binding
+    assert explainer.session._bound[noisy.IMAGES] is buffer and explainer.session._bindings[NOISY][0] is binding
     fresh = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=True).explain(
         second, samples=3, seed=1, averaging="maps")
     for a, b in zip(fresh, got):

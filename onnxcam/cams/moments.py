@@ -6,6 +6,7 @@ and memory stays bounded by one chunk, not by the number of samples.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,7 +44,7 @@ class GradientMoments:
         powers made only when a method reads them (Grad-CAM reads d1 alone; on a GPU, squaring
         and cubing 25 ResNet-50 gradients in float64 cost several times the forward pass)."""
         g = _as_4d("gradients", gradients)
-        return _SingleSample(d1=g, d2=None, d3=None, count=np.ones(len(g), dtype=np.int64))
+        return _SingleSample(g)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -51,15 +52,20 @@ class GradientMoments:
 
 
 class _SingleSample(GradientMoments):
-    """One sample per image: d2 and d3 are powers of d1, computed on first use."""
+    """One sample per image: d2 = d1^2 and d3 = d1^3, made on first use."""
 
-    def __getattribute__(self, name: str):
-        if name in ("d2", "d3") and object.__getattribute__(self, name) is None:
-            d1 = object.__getattribute__(self, "d1")
-            d2 = d1 * d1
-            object.__setattr__(self, "d2", d2)
-            object.__setattr__(self, "d3", d2 * d1)
-        return object.__getattribute__(self, name)
+    def __init__(self, gradients: np.ndarray) -> None:
+        for name, value in (("d1", gradients), ("count", np.ones(len(gradients), dtype=np.int64)),
+                            ("mean_map", None), ("map_settings", None)):
+            object.__setattr__(self, name, value)  # frozen: set once, as the dataclass would
+
+    @functools.cached_property
+    def d2(self) -> np.ndarray:
+        return self.d1 * self.d1
+
+    @functools.cached_property
+    def d3(self) -> np.ndarray:
+        return self.d2 * self.d1
 
 
 class MomentAccumulator:

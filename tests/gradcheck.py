@@ -57,7 +57,26 @@ class Gelu(OpRun):
         return ((0.5 * x * (1 + erf)).astype(x.dtype),)
 
 
-FLOAT64_OPS = [Erf, LRN, Gelu]
+class Pad(OpRun):
+    """The reference pads with np.pad, which rejects negative pads (a crop, in the operator
+    spec): crop first, then pad, as ONNX Runtime does; ``test_pad_reference_matches_onnxruntime``
+    checks it."""
+
+    def _run(self, data, pads, constant_value=None, axes=None, mode=None):
+        rank = data.ndim
+        axes = list(range(rank)) if axes is None else [int(axis) % rank for axis in axes]
+        pads = [int(p) for p in pads]
+        crop, width = [slice(None)] * rank, [(0, 0)] * rank
+        for i, axis in enumerate(axes):
+            begin, end = pads[i], pads[len(axes) + i]
+            crop[axis] = slice(max(-begin, 0), data.shape[axis] - max(-end, 0))
+            width[axis] = (max(begin, 0), max(end, 0))
+        mode = mode.decode() if isinstance(mode, bytes) else (mode or "constant")
+        extra = {"constant_values": 0 if constant_value is None else constant_value} if mode == "constant" else {}
+        return (np.pad(data[tuple(crop)], width, mode=mode, **extra).astype(data.dtype),)
+
+
+FLOAT64_OPS = [Erf, LRN, Gelu, Pad]
 
 
 def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:

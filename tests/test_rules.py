@@ -226,6 +226,11 @@ case("Pad-constant-axes-opset18", one_op("Pad", [2, 3, 4, 4], ["p", "v", "ax"],
 for mode in ["constant", "reflect", "edge"]:
     case(f"Pad-{mode}", one_op("Pad", [2, 3, 4, 4], ["p"], [_const("p", [0, 0, 1, 2, 0, 0, 2, 1], np.int64)],
                                mode=mode), normal([2, 3, 4, 4]))
+# negative pads crop: constant mode then takes the index probe, not the slice (_unpad)
+for mode in ["constant", "edge"]:
+    case(f"Pad-{mode}-negative", one_op("Pad", [2, 3, 4, 5], ["p"],
+                                        [_const("p", [0, 0, -1, 2, 0, 0, 1, -2], np.int64)], mode=mode),
+         normal([2, 3, 4, 5]))
 case("Expand", one_op("Expand", [2, 3, 1], ["s"], [_const("s", [2, 3, 4], np.int64)]), normal([2, 3, 1]))
 case("Expand-rank-up", one_op("Expand", [2, 1, 4], ["s"], [_const("s", [3, 2, 5, 4], np.int64)]), normal([2, 1, 4]))
 for mode, extra in [("nearest", {}), ("linear", {}),
@@ -254,6 +259,20 @@ def test_lrn_reference_matches_onnxruntime():
         expected = runtime.run(None, {"x": x})[0]
         ours = reference_evaluator(model).run(None, {"x": x.astype(np.float64)})[0]
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pad_reference_matches_onnxruntime():
+    """The float64 Pad the checker uses (negative pads crop) is checked against the runtime."""
+    import onnxruntime as ort
+
+    x = normal([2, 3, 4, 5])
+    for mode in ("constant", "edge", "reflect"):
+        for pads in ([0, 0, -1, 2, 0, 0, 1, -2], [0, 0, 1, 2, 0, 0, 2, 1], [0, -1, 0, -2, 0, 0, -1, 0]):
+            model = one_op("Pad", [2, 3, 4, 5], ["p"], [_const("p", pads, np.int64)], mode=mode)
+            runtime = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            expected = runtime.run(None, {"x": x})[0]
+            ours = reference_evaluator(model).run(None, {"x": x.astype(np.float64)})[0]
+            np.testing.assert_allclose(ours, expected, rtol=1e-6, err_msg=f"{mode} {pads}")
 
 
 def test_every_rule_in_the_table_is_tested():

@@ -459,6 +459,72 @@ def test_accumulator_rejects_images_without_samples_and_bad_rows():
         MomentAccumulator(1, denominator="mean")
 
 
+def test_finish_gives_result_in_place_and_release_hands_the_buffer_back():
+    """finish() = result() bit for bit; afterwards the accumulator takes nothing more; the next
+    accumulator of the same shape reuses the released buffer and starts from zero."""
+    from onnxcam.cams.workspace import WORKSPACE
+
+    rng = np.random.default_rng(21)
+    rows = np.array([0, 1, 1, 0, 1])
+    samples = rng.normal(size=(len(rows), 3, 2, 2))
+    accumulator = MomentAccumulator(2)
+    accumulator.add(rows, samples)
+    expected = accumulator.result()
+    moments = accumulator.finish()
+    for name in ("d1", "d2", "d3"):
+        np.testing.assert_array_equal(getattr(moments, name), getattr(expected, name))
+    for call in (lambda: accumulator.add(rows, samples), accumulator.result, accumulator.finish):
+        with pytest.raises(ValueError, match="finished"):
+            call()
+    buffer = moments.d1.base
+    accumulator.release()
+    with pytest.raises(ValueError, match="released"):
+        accumulator.result()
+    fresh = MomentAccumulator(2)
+    fresh.add(rows[::-1], samples[::-1] * 2)
+    assert fresh._sums is buffer  # the released buffer, zeroed before use
+    D1, D2, D3 = ref_moments(samples[::-1] * 2, rows[::-1], 2)
+    again = fresh.finish()
+    for got, want in ((again.d1, D1), (again.d2, D2), (again.d3, D3)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    fresh.release()
+    WORKSPACE.clear()
+
+
+def test_workspace_keeps_whole_float64_arrays_once_within_its_budget():
+    from onnxcam.cams.workspace import Workspace
+
+    workspace = Workspace(budget=3 * 8 * 10)
+    a, b = workspace.take((2, 5)), workspace.take((2, 5))
+    assert a is not b and a.shape == (2, 5) and a.dtype == np.float64
+    workspace.give(a, a, None)  # given twice: kept once
+    assert workspace.nbytes == 80
+    workspace.give(b, np.empty((2, 5), dtype=np.float32), np.empty((4, 5))[:2], np.empty((5, 2)).T)
+    assert workspace.nbytes == 160  # b kept; another dtype, a view, a transposed view not
+    workspace.give(np.empty((3, 5)))  # past the budget: not kept
+    assert workspace.nbytes == 160
+    taken = {id(workspace.take((2, 5))), id(workspace.take((2, 5)))}
+    assert taken == {id(a), id(b)} and workspace.nbytes == 0
+    assert workspace.take((2, 5)) is not a  # empty again: a new array
+
+
+def test_plusplus_weights_do_not_read_values_left_in_the_workspace():
+    """The Grad-CAM++ temporaries come from the workspace: a call where the denominator is 0
+    must give 0 there after a call that left other values in the same buffers."""
+    from onnxcam.cams import formulas
+
+    rng = np.random.default_rng(4)
+    A = np.abs(rng.normal(size=(1, 3, 4, 4)))
+    g = rng.normal(size=A.shape)
+    first = formulas.plusplus_weights(A, g, g ** 2, g ** 3)
+    assert np.abs(first).sum() > 0
+    zero = np.zeros_like(A)
+    for denominator in ("sum", "weighted"):
+        np.testing.assert_array_equal(formulas.plusplus_weights(A, zero, zero, zero, denominator=denominator),
+                                      np.zeros((1, 3)))
+    np.testing.assert_array_equal(formulas.plusplus_weights(A, g, g ** 2, g ** 3), first)
+
+
 def test_from_gradients_is_single_sample_moments():
     g = np.random.default_rng(5).normal(size=(2, 3, 2, 2))
     moments = GradientMoments.from_gradients(g)

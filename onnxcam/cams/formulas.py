@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .workspace import WORKSPACE
+
 SPATIAL = (-2, -1)
 
 
@@ -23,19 +25,23 @@ def plusplus_weights(activation: np.ndarray, d1: np.ndarray, d2: np.ndarray, d3:
     = (sum_ab A_kab) * D3_kij ("sum", eq. 19) or sum_ab A_kab * D3_kab ("weighted", torchcam).
     alpha is 0 where the denominator is 0, so zero gradients give zero weights, not NaN.
     """
+    # the two (N, K, h, w) temporaries come from the workspace and go back to it: fresh
+    # arrays of this size cost more to fault in than to compute (onnxcam.cams.workspace)
+    third = WORKSPACE.take(d2.shape)
     if denominator == "sum":
-        third = activation.sum(axis=SPATIAL, keepdims=True) * d3
+        np.multiply(activation.sum(axis=SPATIAL, keepdims=True), d3, out=third)
     else:
-        third = (activation * d3).sum(axis=SPATIAL, keepdims=True)
-    # in place where possible: these arrays are (N, K, h, w) float64 (32 MB each for a group of 64
-    # images at 1280x7x7); four full temporaries instead of eight, same values bit for bit
-    denominator_values = d2 * 2.0
+        third[...] = np.multiply(activation, d3, out=third).sum(axis=SPATIAL, keepdims=True)
+    denominator_values = np.multiply(d2, 2.0, out=WORKSPACE.take(d2.shape))
     denominator_values += third
     top = d2 if numerator == "D2" else d1
-    alpha = np.divide(top, denominator_values, out=np.zeros_like(denominator_values),
-                      where=denominator_values != 0)
+    alpha = third  # its values are in the denominator now
+    alpha.fill(0.0)  # 0 where the denominator is 0
+    np.divide(top, denominator_values, out=alpha, where=denominator_values != 0)
     alpha *= np.maximum(d1, 0.0, out=denominator_values)  # ReLU(D1), reusing the buffer
-    return alpha.sum(axis=SPATIAL)
+    weights = alpha.sum(axis=SPATIAL)
+    WORKSPACE.give(alpha, denominator_values)
+    return weights
 
 
 def gradcam_weights(d1: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .formulas import plusplus_map
 from .options import PlusPlusSettings, check_feature_maps_in_range
+from .workspace import WORKSPACE
 
 
 def _as_4d(name: str, values: np.ndarray) -> np.ndarray:
@@ -75,7 +76,8 @@ class MomentAccumulator:
     With keep_maps it also averages each sample's own Grad-CAM++ map (made from that sample's
     activation and gradient with ``denominator``, ``numerator`` and ``feature_maps``): the 'maps'
     variant of Smooth Grad-CAM++, which cannot be rebuilt from the moments afterwards.
-    Sums are kept in float64 and divided once in result().
+    Sums are kept in float64 and divided once in result(), or in place by ``finish()``; their
+    buffers come from the calculator's workspace, and ``release()`` hands them back.
     """
 
     def __init__(self, n_images: int, keep_maps: bool = False, denominator: str = "sum", *,
@@ -89,6 +91,7 @@ class MomentAccumulator:
         self._sums: np.ndarray | None = None      # (3, N, K, h, w): sums of g, g^2, g^3
         self._map_sum: np.ndarray | None = None   # (N, h, w) when keep_maps
         self._work: np.ndarray | None = None      # (3, B, K, h, w) scratch for g, g^2, g^3
+        self._state = "open"                      # then "finished" (means in _sums), "released"
 
     def add(self, rows: np.ndarray, gradients: np.ndarray, activations: np.ndarray | None = None) -> None:
         """Add B samples, in order: rows (B,) names each sample's image; gradients and activations
@@ -157,20 +160,50 @@ class MomentAccumulator:
         self._count[row] += int(count)
 
     def result(self) -> GradientMoments:
-        """The means so far; every image must have at least one sample."""
+        """The means so far (new arrays); every image must have at least one sample."""
+        self._check_open()
+        return self._means(self._sums / self._per_image()[None, :, None, None, None])
+
+    def finish(self) -> GradientMoments:
+        """The means, divided in place in the sums' buffer (the same values as ``result()``,
+        with no new arrays): the accumulator then takes no more samples. Call ``release()`` once
+        the moments are no longer read."""
+        self._check_open()
+        per_image = self._per_image()
+        np.divide(self._sums, per_image[None, :, None, None, None], out=self._sums)
+        self._state = "finished"
+        return self._means(self._sums)
+
+    def release(self) -> None:
+        """Hand the buffers back to the workspace (the moments of ``finish()`` with them): the
+        accumulator and those moments must not be used afterwards."""
+        WORKSPACE.give(self._sums, self._work)
+        self._sums = self._work = None
+        self._state = "released"
+
+    def _per_image(self) -> np.ndarray:
         missing = np.flatnonzero(self._count == 0)
         if self._sums is None or missing.size:
             raise ValueError(f"no samples were added for image(s) {missing.tolist()}")
-        per_image = self._count.astype(np.float64)
-        d1, d2, d3 = self._sums / per_image[None, :, None, None, None]
-        mean_map = self._map_sum / per_image[:, None, None] if self.keep_maps else None
+        return self._count.astype(np.float64)
+
+    def _means(self, means: np.ndarray) -> GradientMoments:
+        d1, d2, d3 = means
+        mean_map = self._map_sum / self._per_image()[:, None, None] if self.keep_maps else None
         return GradientMoments(d1=d1, d2=d2, d3=d3, count=self._count.copy(), mean_map=mean_map,
                                map_settings=self.settings if self.keep_maps else None)
 
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ValueError(f"this accumulator is {self._state}: it takes no more samples and gives no more "
+                             "results (make a new one)")
+
     def _allocate(self, sample_shape: tuple[int, ...]) -> None:
+        self._check_open()
         if self._sums is None:
             check_feature_maps_in_range(self.settings.feature_maps, sample_shape[0])
-            self._sums = np.zeros((3, self.n_images) + tuple(sample_shape))
+            self._sums = WORKSPACE.take((3, self.n_images) + tuple(sample_shape))
+            self._sums.fill(0.0)
             if self.keep_maps:
                 self._map_sum = np.zeros((self.n_images,) + tuple(sample_shape[1:]))
         elif self._sums.shape[2:] != tuple(sample_shape):
@@ -184,7 +217,8 @@ class MomentAccumulator:
         arrays of this size cost more to allocate and fault in than to fill)."""
         shape = (3, *gradients.shape)
         if self._work is None or self._work.shape[1] < shape[1] or self._work.shape[2:] != shape[2:]:
-            self._work = np.empty(shape)
+            WORKSPACE.give(self._work)
+            self._work = WORKSPACE.take(shape)
         powers = self._work[:, :len(gradients)]
         np.copyto(powers[0], gradients)
         np.multiply(powers[0], powers[0], out=powers[1])

@@ -346,10 +346,12 @@ class Explainer:
             computed = {}
             moments_clean = None
             for name, cam in cams.items():
-                if name in accumulators:
-                    moments = accumulators[name].result()
-                else:  # one sample per image: d1 = g, d2 = g^2, d3 = g^3 of the clean pass
-                    moments = moments_clean = moments_clean or GradientMoments.from_gradients(clean.gradient)
+                if name in accumulators:  # the means in the sums' buffer, handed back after use
+                    computed[name] = cam.compute(clean.activation, accumulators[name].finish())
+                    accumulators[name].release()
+                    continue
+                # one sample per image: d1 = g, d2 = g^2, d3 = g^3 of the clean pass
+                moments = moments_clean = moments_clean or GradientMoments.from_gradients(clean.gradient)
                 computed[name] = cam.compute(clean.activation, moments)
             t4 = time.perf_counter()
             timings.update(preprocess_s=preprocess_s, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,

@@ -22,7 +22,8 @@ For ResNet-50, MobileNetV2, EfficientNet-Lite0 and VGG-16 at 224x224, in one run
   torchvision, which does not install beside this machine's CPU torch 2.13.0: run the script
   from a venv with ``torch==2.14.1 torchvision==0.29.1 grad-cam torchcam`` and onnxcam).
 
-Times are medians over ``--repeats`` rounds after ``--warmup`` rounds; within a round the
+Times are medians over ``--repeats`` rounds (default: 11 on the two small models, whose single
+rounds scatter by +-20% on a shared machine, 5 on the others) after ``--warmup`` rounds; within a round the
 configurations alternate, so drift in the machine's load hits all of them alike. Peak memory is
 the peak RSS (VmHWM) of a fresh child process per configuration (skip with ``--no-memory``).
 Writes a markdown report (default ``scripts/BENCHMARKS.md``).
@@ -73,6 +74,7 @@ class Spec:
     torch_default: str          # torch module whose output is onnxcam's default layer
     torch_honest: str           # torch module whose output is honest_layer
     default_note: str = ""
+    repeats: int = 5            # rounds when --repeats is not given
     extra: dict = field(default_factory=dict)
 
 
@@ -80,9 +82,10 @@ SPECS = {
     "resnet50": Spec("resnet50", "ResNet-50", REPO / ".cache/bench_models/resnet50.onnx",
                      "/layer4/layer4.1/relu_2/Relu_output_0", "layer4", "layer4.1"),
     "mobilenet_v2": Spec("mobilenet_v2", "MobileNetV2", REPO / ".cache/bench_models/mobilenet_v2.onnx",
-                         "/features/features.17/conv/conv.2/Conv_output_0", "features", "features.17"),
+                         "/features/features.17/conv/conv.2/Conv_output_0", "features", "features.17",
+                         repeats=11),
     "efficientnet_lite0": Spec("efficientnet_lite0", "EfficientNet-Lite0", REPO / "models/efficientnet_lite0.onnx",
-                               "/_blocks.15/_project_conv/Conv_output_0", "_swish", "_blocks.15"),
+                               "/_blocks.15/_project_conv/Conv_output_0", "_swish", "_blocks.15", repeats=11),
     "vgg16": Spec("vgg16", "VGG-16", REPO / ".cache/bench_models/vgg16.onnx",
                   "/features/features.29/Relu_output_0", "avgpool", "features.29",
                   default_note="default layer (avgpool) is followed by ReLU layers: not linear"),
@@ -202,7 +205,7 @@ def bench_model(spec: Spec, args, log) -> dict:
             runs.update(_torchcam_runs(model, spec, x1, info, cleanup))
             runs.update(_gradcam_runs(model, spec, x25, info))
     log(f"  {spec.title}: {json.dumps(info)}")
-    times = time_alternating(runs, args.repeats, args.warmup, log, args.settle)
+    times = time_alternating(runs, args.repeats or spec.repeats, args.warmup, log, args.settle)
     for close in cleanup:
         close()
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -311,6 +314,14 @@ def measure_memory(name: str, args, log) -> dict:
 
 
 # -- the report -----------------------------------------------------------------------------
+def _rounds(results: dict) -> str:
+    """The number of timed rounds, per model where they differ."""
+    counts = {SPECS[name].title: len(next(iter(result["times"].values()))) for name, result in results.items()}
+    if len(set(counts.values())) <= 1:
+        return str(next(iter(counts.values()), 0))
+    return ", ".join(f"{count} ({title})" for title, count in counts.items())
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -341,7 +352,7 @@ def report(results: dict, args, run: dict) -> str:
              + _torch_versions() + ".",
              f"Load average at start / end: {load[0]:.2f} / {load[1]:.2f} (the machine was shared with other "
              "work: absolute times are noisy, the ratios within one round less so). "
-             f"Medians of {args.repeats} rounds after {args.warmup} warm-up round(s); configurations alternate "
+             f"Medians of {_rounds(results)} rounds after {args.warmup} warm-up round(s); configurations alternate "
              f"within a round, each after a {args.settle:g} s pause (idle ONNX Runtime threads of the "
              "previous configuration's session stop spinning). "
              f"Whole run: {run['minutes']:.1f} min. Times in seconds.",
@@ -444,7 +455,8 @@ def _torch_versions() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds per model (default: 11 for MobileNetV2 and EfficientNet-Lite0, 5 for the others)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxcam's)")
     parser.add_argument("--settle", type=float, default=0.25,

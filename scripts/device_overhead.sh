@@ -2,7 +2,8 @@
 # Where the CUDA path's time goes, in one call on the lent GPU machine (after the wheel's pieces
 # were carried as scripts/device_prepare.sh says; the first call started the export of ResNet-50
 # and MobileNetV2 in the background). Logs go to $OUT: the CUDA tests (and the CPU tests of the
-# bound-image buffer, which run on CUDA there), the copies, floors, CUDA graphs and the
+# bound-image buffer, which run on CUDA there), the host work of one explanation with and without
+# the calculator's workspace (scripts/bench_host_work.py), the copies, floors, CUDA graphs and the
 # explanation's profile (scripts/profile_cuda_overhead.py), then scripts/bench_device.py on
 # three models (its table in $OUT/DEVICE.md, written model by model).
 set -u
@@ -16,6 +17,9 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/tes
 stage "waiting for the model export"
 for _ in $(seq 1 60); do pgrep -f export_benchmark_models >/dev/null || break; sleep 2; done
 tail -4 /tmp/export.log 2>/dev/null
+
+stage "host work, with and without the calculator's workspace"
+timeout 60 python3 scripts/bench_host_work.py --channels 2048 2>&1 | tee "$OUT/host_work.log"
 
 stage "overheads"
 timeout 150 python3 scripts/profile_cuda_overhead.py --models efficientnet_lite0 mobilenet_v2 resnet50 \

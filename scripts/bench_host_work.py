@@ -1,12 +1,15 @@
-"""The host's share of one Smooth Grad-CAM++ explanation, with and without the calculator's
-workspace (``onnxcam.cams.workspace``), in one process.
+"""The host's share of onnxcam's explanations, measured against the same arithmetic done the
+plain way, in one process: Smooth Grad-CAM++ of one image with and without the calculator's
+workspace (``onnxcam.cams.workspace``), and Grad-CAM / Grad-CAM++ of ``--images`` images computed
+a few images at a time (``CamMethod.compute``'s ``CHUNK_MEMORY``) against all at once.
 
 What a GPU explanation does on the host after its one noisy run: the device's moment sums and the
 clean activation arrive as fresh float32 arrays, an accumulator adds the sums, the means are taken
 and Smooth Grad-CAM++ makes the map. "workspace" is onnxcam's path (``finish()``, ``release()``,
 the work arrays kept); "fresh arrays" is the same arithmetic with the workspace's budget at 0 and
 ``result()``, so every float64 array is new. Blocks of 20 calls alternate the two; medians in ms and minor
-page faults per explanation. Not a test::
+page faults per explanation. For the single-sample methods the gradients and activations
+arrive as float32 too. Not a test::
 
     python scripts/bench_host_work.py --channels 2048 --size 7
 """
@@ -24,7 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from onnxcam.cams.methods import SmoothGradCAMPlusPlus  # noqa: E402
+import onnxcam.cams.methods as methods_module  # noqa: E402
+from onnxcam.cams.methods import GradCAM, GradCAMPlusPlus, SmoothGradCAMPlusPlus  # noqa: E402
+from onnxcam.cams.moments import GradientMoments  # noqa: E402
 from onnxcam.cams.workspace import WORKSPACE, WORKSPACE_MEMORY  # noqa: E402
 
 
@@ -44,10 +49,38 @@ def explanation_host_work(method, fetched, use_workspace: bool) -> None:
         method.compute(activation, accumulator.result())
 
 
+def timed_blocks(calls: dict, rounds: int) -> tuple[dict, dict]:
+    """Median seconds and page faults per call of each of ``calls`` (name -> (function, set-up
+    run before its block)), in alternating blocks of ``BLOCK`` calls (the heap settles to each)."""
+    times = {name: [] for name in calls}
+    faults = {name: 0 for name in calls}
+    for block in range(rounds // BLOCK + 1):
+        for name, (function, set_up) in calls.items():
+            set_up()
+            for call in range(BLOCK):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                start = time.perf_counter()
+                function()
+                elapsed = time.perf_counter() - start
+                if block and call >= 2:  # the first block and each block's first calls warm up
+                    times[name].append(elapsed)
+                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return ({name: statistics.median(values) for name, values in times.items()},
+            {name: faults[name] / len(times[name]) for name in calls})
+
+
+def report(title: str, medians: dict, faults: dict, plain: str, ours: str) -> None:
+    print(title)
+    for name in medians:
+        print(f"  {name:22s} {medians[name] * 1e3:7.3f} ms  {faults[name]:8.1f} page faults")
+    print(f"  {plain} / {ours}: {medians[plain] / medians[ours]:.2f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--channels", type=int, default=2048)
     parser.add_argument("--size", type=int, default=7)
+    parser.add_argument("--images", type=int, default=25, help="images of the Grad-CAM / Grad-CAM++ part")
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args(argv)
     shape = (1, args.channels, args.size, args.size)
@@ -55,29 +88,36 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     fetched = [rng.standard_normal(shape, dtype=np.float32) for _ in range(3)]
     fetched.append(np.abs(rng.standard_normal(shape, dtype=np.float32)))
-    times = {"workspace": [], "fresh arrays": []}
-    faults = {name: 0 for name in times}
-    for block in range(args.rounds // BLOCK + 1):  # blocks of calls: the heap settles to each
-        for name in times:
-            WORKSPACE.budget = WORKSPACE_MEMORY if name == "workspace" else 0
-            WORKSPACE.clear()
-            for call in range(BLOCK):
-                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                explanation_host_work(method, fetched, name == "workspace")
-                elapsed = time.perf_counter() - start
-                if block and call >= 2:  # the first block and each block's first calls warm up
-                    times[name].append(elapsed)
-                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    WORKSPACE.budget = WORKSPACE_MEMORY
-    print(f"host work of one explanation, layer {args.channels}x{args.size}x{args.size}, "
-          f"{len(times['workspace'])} calls each:")
-    for name, values in times.items():
-        print(f"  {name:13s} {statistics.median(values) * 1e3:7.3f} ms  "
-              f"{faults[name] / len(values):8.1f} page faults")
-    ratio = statistics.median(times["fresh arrays"]) / statistics.median(times["workspace"])
-    print(f"  fresh arrays / workspace: {ratio:.2f}")
 
+    def budget(value: int):
+        def set_up() -> None:
+            WORKSPACE.budget = value
+            WORKSPACE.clear()
+        return set_up
+
+    medians, faults = timed_blocks(
+        {"workspace": (lambda: explanation_host_work(method, fetched, True), budget(WORKSPACE_MEMORY)),
+         "fresh arrays": (lambda: explanation_host_work(method, fetched, False), budget(0))}, args.rounds)
+    WORKSPACE.budget = WORKSPACE_MEMORY
+    report(f"Smooth Grad-CAM++ of one image, layer {args.channels}x{args.size}x{args.size}:",
+           medians, faults, "fresh arrays", "workspace")
+
+    many = (args.images, args.channels, args.size, args.size)
+    gradients = rng.standard_normal(many, dtype=np.float32)
+    activation = np.abs(rng.standard_normal(many, dtype=np.float32))
+    chunk_memory = methods_module.CHUNK_MEMORY
+
+    def chunks(value: int):
+        return lambda: setattr(methods_module, "CHUNK_MEMORY", value)
+
+    for cam in (GradCAM(), GradCAMPlusPlus()):
+        def single(cam=cam) -> None:  # as fetched: new float32 arrays every call
+            cam.compute(np.array(activation), GradientMoments.from_gradients(np.array(gradients)))
+        medians, faults = timed_blocks({"a few images at a time": (single, chunks(chunk_memory)),
+                                        "all at once": (single, chunks(2**62))}, args.rounds // 4)
+        report(f"{type(cam).__name__} of {args.images} images:", medians, faults,
+               "all at once", "a few images at a time")
+    methods_module.CHUNK_MEMORY = chunk_memory
 
 if __name__ == "__main__":
     main()

@@ -525,6 +525,46 @@ def test_plusplus_weights_do_not_read_values_left_in_the_workspace():
     np.testing.assert_array_equal(formulas.plusplus_weights(A, g, g ** 2, g ** 3), first)
 
 
+@pytest.mark.parametrize("name,options", ALL_CONFIGS + [("smoothgradcampp", {"averaging": "maps"})])
+def test_compute_in_chunks_of_images_gives_the_same_maps_bit_for_bit(monkeypatch, name, options):
+    """compute() works a few images at a time (CHUNK_MEMORY): the same maps and weights as one
+    image at a time and as all at once, for every method."""
+    import onnxcam.cams.methods as methods_module
+
+    A, g = random_case(7, N=5, K=3, h=4, w=5)
+    g32 = g.astype(np.float32)
+    method = get_method(name, **options)
+    if options.get("averaging") == "maps":
+        accumulator = method.new_accumulator(len(A))
+        accumulator.add(np.arange(len(A)), g, A)
+        moments = accumulator.result()
+    else:
+        moments = GradientMoments.from_gradients(g32)
+    results = []
+    for chunk_memory in (8 * 3 * 4 * 5 * 2, 1, 10**9):  # two images, one, all five
+        monkeypatch.setattr(methods_module, "CHUNK_MEMORY", chunk_memory)
+        results.append(method.compute(A.astype(np.float32), moments))
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.maps, results[0].maps)
+        np.testing.assert_array_equal(other.flat, results[0].flat)
+        if results[0].weights is None:
+            assert other.weights is None
+        else:
+            np.testing.assert_array_equal(other.weights, results[0].weights)
+    assert results[0].maps.dtype == np.float32 and results[0].maps.shape == (5, 4, 5)
+
+
+def test_single_sample_moments_convert_only_the_rows_read():
+    g = np.random.default_rng(8).normal(size=(4, 2, 3, 3)).astype(np.float32)
+    moments = GradientMoments.from_gradients(g)
+    assert moments.shape == g.shape and "d1" not in vars(moments)
+    part = moments.rows(1, 3)
+    np.testing.assert_array_equal(part.d1, g[1:3].astype(np.float64))
+    assert part.d1.dtype == np.float64 and "d1" not in vars(moments)
+    with pytest.raises(ValueError, match="B, K, h, w"):
+        GradientMoments.from_gradients(g[0])
+
+
 def test_from_gradients_is_single_sample_moments():
     g = np.random.default_rng(5).normal(size=(2, 3, 2, 2))
     moments = GradientMoments.from_gradients(g)

@@ -29,6 +29,10 @@ class CamResult:
     flat: np.ndarray
 
 
+#: float64 bytes of one work array in ``CamMethod.compute``: images are computed this many at a time.
+CHUNK_MEMORY = 4 * 2**20
+
+
 class CamMethod:
     """Base class: option checking, shape checks and the feature-map restriction."""
 
@@ -61,15 +65,30 @@ class CamMethod:
         return MomentAccumulator(n_images)
 
     def compute(self, activation: np.ndarray, moments: GradientMoments) -> CamResult:
-        """The maps for the clean ``activation`` (N,K,h,w) and the gradient ``moments``."""
-        activation = np.asarray(activation, dtype=np.float64)
-        if activation.ndim != 4 or activation.shape != moments.d1.shape:
+        """The maps for the clean ``activation`` (N,K,h,w) and the gradient ``moments``, a few
+        images at a time (``CHUNK_MEMORY``): every formula is per image, and the float64 work
+        arrays of a few images stay in the caches and the workspace instead of being faulted in
+        whole (25 ResNet-50 maps on this project's CPU, scripts/bench_host_work.py: Grad-CAM 28 ->
+        15 ms, Grad-CAM++ 67 -> 51 ms; the same maps bit for bit)."""
+        activation = np.asarray(activation)
+        if activation.ndim != 4 or activation.shape != moments.shape:
             raise ValueError(
-                f"activation {activation.shape} must be (N,K,h,w) and match the moments {moments.d1.shape}"
+                f"activation {activation.shape} must be (N,K,h,w) and match the moments {moments.shape}"
             )
         check_feature_maps_in_range(self.feature_maps, activation.shape[1])
-        maps, weights = self._maps_and_weights(activation, moments)
-        maps = maps.astype(np.float32)
+        count = len(activation)
+        step = max(1, CHUNK_MEMORY // max(8 * int(np.prod(activation.shape[1:])), 1))
+        maps = np.empty((count, *activation.shape[2:]), dtype=np.float32)
+        weights = None
+        for start in range(0, max(count, 1), step):  # one empty chunk when there are no images
+            stop = min(count, start + step)
+            part_maps, part_weights = self._maps_and_weights(
+                np.asarray(activation[start:stop], dtype=np.float64), moments.rows(start, stop))
+            maps[start:stop] = part_maps
+            if part_weights is not None:
+                if weights is None:
+                    weights = np.empty((count, *part_weights.shape[1:]), dtype=part_weights.dtype)
+                weights[start:stop] = part_weights
         return CamResult(maps=maps, weights=weights, flat=~maps.reshape(len(maps), -1).any(axis=1))
 
     def _maps_and_weights(self, activation: np.ndarray, moments: GradientMoments):

@@ -41,24 +41,37 @@ class GradientMoments:
 
     @classmethod
     def from_gradients(cls, gradients: np.ndarray) -> "GradientMoments":
-        """Moments of a single sample per image (no noise): d1 = g, d2 = g^2, d3 = g^3, the
-        powers made only when a method reads them (Grad-CAM reads d1 alone; on a GPU, squaring
-        and cubing 25 ResNet-50 gradients in float64 cost several times the forward pass)."""
-        g = _as_4d("gradients", gradients)
+        """Moments of a single sample per image (no noise): d1 = g, d2 = g^2, d3 = g^3, each
+        made in float64 only when a method reads it (Grad-CAM reads d1 alone; on a GPU, squaring
+        and cubing 25 ResNet-50 gradients in float64 cost several times the forward pass), and
+        for the images ``rows`` picks only."""
+        g = np.asarray(gradients)
+        if g.ndim != 4:
+            raise ValueError(f"gradients must have shape (B, K, h, w), got {g.shape}")
         return _SingleSample(g)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.d1.shape
 
+    def rows(self, start: int, stop: int) -> "GradientMoments":
+        """The moments of images ``start:stop`` (views)."""
+        mean_map = None if self.mean_map is None else self.mean_map[start:stop]
+        return GradientMoments(d1=self.d1[start:stop], d2=self.d2[start:stop], d3=self.d3[start:stop],
+                               count=self.count[start:stop], mean_map=mean_map, map_settings=self.map_settings)
+
 
 class _SingleSample(GradientMoments):
-    """One sample per image: d2 = d1^2 and d3 = d1^3, made on first use."""
+    """One sample per image: d1 = g in float64, d2 = d1^2 and d3 = d1^3, made on first use."""
 
     def __init__(self, gradients: np.ndarray) -> None:
-        for name, value in (("d1", gradients), ("count", np.ones(len(gradients), dtype=np.int64)),
+        for name, value in (("gradients", gradients), ("count", np.ones(len(gradients), dtype=np.int64)),
                             ("mean_map", None), ("map_settings", None)):
             object.__setattr__(self, name, value)  # frozen: set once, as the dataclass would
+
+    @functools.cached_property
+    def d1(self) -> np.ndarray:
+        return np.asarray(self.gradients, dtype=np.float64)
 
     @functools.cached_property
     def d2(self) -> np.ndarray:
@@ -67,6 +80,13 @@ class _SingleSample(GradientMoments):
     @functools.cached_property
     def d3(self) -> np.ndarray:
         return self.d2 * self.d1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.gradients.shape
+
+    def rows(self, start: int, stop: int) -> GradientMoments:
+        return _SingleSample(self.gradients[start:stop])
 
 
 class MomentAccumulator:

@@ -139,6 +139,16 @@ def random_case(seed, N=2, K=3, h=4, w=5):
     return A, g
 
 
+def method_moments(method, activation, gradient):
+    """The moments ``method`` is computed from for one sample per image: the accumulator's (with
+    each sample's own map) for the "maps" averaging, else the single-sample moments."""
+    if getattr(method, "averaging", "moments") != "maps":
+        return GradientMoments.from_gradients(gradient)
+    accumulator = method.new_accumulator(len(activation))
+    accumulator.add(np.arange(len(activation)), gradient, activation)
+    return accumulator.result()
+
+
 def assert_map_close(actual, expected):
     assert actual.dtype == np.float32
     scale = max(1.0, float(np.abs(expected).max()))
@@ -534,12 +544,7 @@ def test_compute_in_chunks_of_images_gives_the_same_maps_bit_for_bit(monkeypatch
     A, g = random_case(7, N=5, K=3, h=4, w=5)
     g32 = g.astype(np.float32)
     method = get_method(name, **options)
-    if options.get("averaging") == "maps":
-        accumulator = method.new_accumulator(len(A))
-        accumulator.add(np.arange(len(A)), g, A)
-        moments = accumulator.result()
-    else:
-        moments = GradientMoments.from_gradients(g32)
+    moments = method_moments(method, A, g32)
     results = []
     for chunk_memory in (8 * 3 * 4 * 5 * 2, 1, 10**9):  # two images, one, all five
         monkeypatch.setattr(methods_module, "CHUNK_MEMORY", chunk_memory)
@@ -604,13 +609,7 @@ def test_flat_maps_are_exact_zeros_without_warnings(name, options):
              (A, negative_gradient, True)]
     method = get_method(name, **options)
     for activation, gradient, weights_not_positive in cases:
-        if options.get("averaging") == "maps":
-            accumulator = method.new_accumulator(len(activation))
-            accumulator.add(np.arange(len(activation)), gradient, activation)
-            moments = accumulator.result()
-        else:
-            moments = GradientMoments.from_gradients(gradient)
-        result = method.compute(activation, moments)
+        result = method.compute(activation, method_moments(method, activation, gradient))
         assert result.flat.all()
         assert not result.maps.any() and not np.signbit(result.maps).any()  # +0.0, no NaN
         if result.weights is not None:

@@ -7,9 +7,9 @@ What a GPU explanation does on the host after its one noisy run: the device's mo
 clean activation arrive as fresh float32 arrays, an accumulator adds the sums, the means are taken
 and Smooth Grad-CAM++ makes the map. "workspace" is onnxcam's path (``finish()``, ``release()``,
 the work arrays kept); "fresh arrays" is the same arithmetic with the workspace's budget at 0 and
-``result()``, so every float64 array is new. Blocks of 20 calls alternate the two; medians in ms and minor
-page faults per explanation. For the single-sample methods the gradients and activations
-arrive as float32 too. Not a test::
+``result()``, so every float64 array is new. For the single-sample methods the gradients and
+activations arrive as fresh float32 arrays too. Blocks of 20 calls alternate the two ways; medians
+in ms and minor page faults per call. Not a test::
 
     python scripts/bench_host_work.py --channels 2048 --size 7
 """
@@ -32,7 +32,6 @@ from onnxcam.cams.methods import GradCAM, GradCAMPlusPlus, SmoothGradCAMPlusPlus
 from onnxcam.cams.moments import GradientMoments  # noqa: E402
 from onnxcam.cams.workspace import WORKSPACE, WORKSPACE_MEMORY  # noqa: E402
 
-
 BLOCK = 20
 
 
@@ -54,7 +53,7 @@ def timed_blocks(calls: dict, rounds: int) -> tuple[dict, dict]:
     run before its block)), in alternating blocks of ``BLOCK`` calls (the heap settles to each)."""
     times = {name: [] for name in calls}
     faults = {name: 0 for name in calls}
-    for block in range(rounds // BLOCK + 1):
+    for block in range(max(2, rounds // BLOCK + 1)):  # the first block only warms up
         for name, (function, set_up) in calls.items():
             set_up()
             for call in range(BLOCK):
@@ -62,7 +61,7 @@ def timed_blocks(calls: dict, rounds: int) -> tuple[dict, dict]:
                 start = time.perf_counter()
                 function()
                 elapsed = time.perf_counter() - start
-                if block and call >= 2:  # the first block and each block's first calls warm up
+                if block and call >= 2:  # and each block's first calls
                     times[name].append(elapsed)
                     faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     return ({name: statistics.median(values) for name, values in times.items()},
@@ -118,6 +117,7 @@ def main(argv=None) -> None:
         report(f"{type(cam).__name__} of {args.images} images:", medians, faults,
                "all at once", "a few images at a time")
     methods_module.CHUNK_MEMORY = chunk_memory
+
 
 if __name__ == "__main__":
     main()

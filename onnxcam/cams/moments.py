@@ -17,8 +17,9 @@ from .options import PlusPlusSettings, check_feature_maps_in_range
 from .workspace import WORKSPACE
 
 
-def _as_4d(name: str, values: np.ndarray) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
+def _as_4d(name: str, values: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """``values`` as a (B, K, h, w) array of ``dtype`` (None: its own dtype, no copy)."""
+    array = np.asarray(values, dtype=dtype)
     if array.ndim != 4:
         raise ValueError(f"{name} must have shape (B, K, h, w), got {array.shape}")
     return array
@@ -45,10 +46,7 @@ class GradientMoments:
         made in float64 only when a method reads it (Grad-CAM reads d1 alone; on a GPU, squaring
         and cubing 25 ResNet-50 gradients in float64 cost several times the forward pass), and
         for the images ``rows`` picks only."""
-        g = np.asarray(gradients)
-        if g.ndim != 4:
-            raise ValueError(f"gradients must have shape (B, K, h, w), got {g.shape}")
-        return _SingleSample(g)
+        return _SingleSample(_as_4d("gradients", gradients, dtype=None))
 
     @property
     def shape(self) -> tuple[int, ...]:

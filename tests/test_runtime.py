@@ -98,6 +98,37 @@ def test_unloadable_model_is_a_model_error():
         create_session(model.SerializeToString(), "cpu")
 
 
+def test_unloadable_model_message_leaves_out_the_cpp_source_location():
+    model = build_cnn()
+    model.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(ModelError) as raised:
+        create_session(model.SerializeToString(), "cpu")
+    assert "NoSuchOp" in str(raised.value) and ".cc:" not in str(raised.value)
+
+
+def test_too_new_ir_version_names_both_versions_and_the_fix(tmp_path):
+    model = build_cnn()
+    model.ir_version = 99
+    with pytest.raises(ModelError, match=r"IR version 99 is newer than onnxruntime .* \(at most \d+\): "
+                                         r"re-save the model with ir_version \d+"):
+        create_session(model.SerializeToString(), "cpu")
+
+
+
+def test_explainer_reports_an_ir_version_the_checker_accepts_but_onnxruntime_does_not(tmp_path):
+    model = build_cnn()
+    model.ir_version = onnx.IR_VERSION  # the newest the installed onnx writes
+    try:
+        create_session(model.SerializeToString(), "cpu")
+    except ModelError:
+        pass
+    else:
+        pytest.skip(f"this onnxruntime reads IR version {onnx.IR_VERSION}")
+    path = save_model(model, tmp_path / "new_ir.onnx")
+    with pytest.raises(ModelError, match=f"IR version {onnx.IR_VERSION} is newer than onnxruntime"):
+        Explainer(path, device="cpu").explain(random_inputs(1))
+
+
 # ---------------------------------------------------------------------------------------------
 # sessions
 

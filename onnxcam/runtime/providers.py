@@ -35,6 +35,10 @@ QUIET = 3
 _lock = threading.Lock()
 _cuda_state: dict[str, object] = {"usable": None, "reason": ""}  # per process: probe CUDA once
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: The C++ file, line and function ahead of onnxruntime's messages ("/onnxruntime_src/...cc:256
+#: onnxruntime::Model::Model(...) "): it pushed the reason out of the shortened message.
+_SOURCE_LOCATION = re.compile(r"\S+\.(?:cc|cpp|h):\d+ (?:[\w:~<>]+\([^()]*\) )?")
+_IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
 
 
 def check_device(device: str | None) -> str:
@@ -216,6 +220,13 @@ def _create(model: bytes, providers: list[str], threads: int | None, what: str) 
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
         text = " ".join(_ANSI.sub("", str(exc)).split())
         text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+        text = _SOURCE_LOCATION.sub("", text)
+        versions = _IR_TOO_NEW.search(text)
+        if versions:
+            found, newest = versions.groups()
+            raise ModelError(f"the model's IR version {found} is newer than onnxruntime {ort.__version__} "
+                             f"reads (at most {newest}): re-save the model with ir_version {newest} "
+                             f"(onnx: model.ir_version = {newest}) or upgrade onnxruntime") from None
         raise ModelError(f"onnxruntime cannot load {what} ({text[:300]}): check that the model "
                          "uses operators this onnxruntime version supports") from None
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from onnxcam.atomic import atomic_path
-from onnxcam.imaging.io import PNG_SAVE_OPTIONS
+from onnxcam.imaging.io import OVERLAY_PNG_OPTIONS
 from onnxcam.cams import normalize, upsample_bilinear
 from onnxcam.errors import OptionError
 from onnxcam.imaging import load_image, overlay as blend
@@ -176,7 +176,7 @@ class Explanation:
             png = stack.enter_context(atomic_path(paths["overlay"]))
             npy = stack.enter_context(atomic_path(paths["raw_map"]))
             meta = stack.enter_context(atomic_path(paths["record"]))
-            picture.save(png, **PNG_SAVE_OPTIONS)
+            picture.save(png, **OVERLAY_PNG_OPTIONS)
             np.save(npy, np.asarray(self.raw_map, dtype=np.float32))
             meta.write_bytes(data)
         return paths

@@ -26,6 +26,10 @@ ALPHA_BACKGROUND = (255, 255, 255)
 #: against 78 ms at PIL's default level 6, for a file 4% larger; at the default, writing the PNGs
 #: took 60% of ``onnxcam explain`` over a folder.
 PNG_SAVE_OPTIONS = {"format": "PNG", "compress_level": 1}
+#: PNG options for the overlays (a photo under a colour map): zlib's run-length strategy encoded
+#: them in 16% less time than PNG_SAVE_OPTIONS, into 10% smaller files. Not for the figures, whose
+#: flat areas it left 24% bigger, for no gain in time.
+OVERLAY_PNG_OPTIONS = {**PNG_SAVE_OPTIONS, "compress_type": zlib.Z_RLE}
 
 # What Pillow's decoders raise on a damaged file (on top of OSError): the PNG plugin uses
 # SyntaxError, others struct.error, EOFError, ValueError or IndexError on short/garbled headers.

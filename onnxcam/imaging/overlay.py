@@ -48,6 +48,10 @@ def overlay(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, colormap:
     weight = check_alpha(alpha)
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     colours = apply_colormap(resize_map(map01, rgb.size), colormap).astype(np.float32)
-    pixels = np.asarray(rgb, dtype=np.float32)
-    blended = (1.0 - weight) * pixels + weight * colours
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    blended = np.asarray(rgb, dtype=np.float32)  # a new array, blended in place (same float32 steps)
+    blended *= 1.0 - weight
+    colours *= weight
+    blended += colours
+    np.rint(blended, out=blended)
+    np.clip(blended, 0, 255, out=blended)
+    return Image.fromarray(blended.astype(np.uint8))

@@ -618,6 +618,36 @@ def test_groups_of_files_are_decoded_ahead_and_a_bad_file_stops_where_it_is_met(
     assert seen == [0, 1]
 
 
+def test_files_are_read_on_the_decoding_threads_and_the_first_bad_one_in_order_raises(linear_model, tmp_path,
+                                                                                      monkeypatch):
+    import threading
+
+    import onnxcam.explain.explainer as explainer_module
+
+    paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(4)]
+    explainer = Explainer(linear_model, preprocess="unit")
+    sequential = explainer.explain(paths[:1] + [Image.open(p) for p in paths[1:]], method="gradcam")
+    threads = []
+    original = explainer_module.load_image
+
+    def recording_load(path):
+        threads.append(threading.current_thread().name)
+        return original(path)
+
+    monkeypatch.setattr(explainer_module, "load_image", recording_load)
+    parallel = explainer.explain(paths, method="gradcam")
+    assert len(threads) == 4 and all(name.startswith("onnxcam-decode") for name in threads)
+    assert all(np.array_equal(a.raw_map, b.raw_map) for a, b in zip(sequential, parallel))
+    assert [r.source for r in parallel] == [str(p) for p in paths]
+    threads.clear()
+    explainer.explain(paths[:1], method="gradcam")  # one file: read where it is needed
+    assert threads == [threading.current_thread().name]
+    for broken in (1, 3):
+        (tmp_path / f"{broken}.png").write_bytes(b"not a png")
+    with pytest.raises(ImageError, match=r"1\.png"):
+        explainer.explain(paths, method="gradcam")
+
+
 def test_dynamic_input_size_is_fixed_by_size(tmp_path):
     model = build_cnn("linear")
     dims = model.graph.input[0].type.tensor_type.shape.dim

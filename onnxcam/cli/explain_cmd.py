@@ -20,7 +20,7 @@ from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
 from onnxcam.explain.result import check_not_protected
 from onnxcam.imaging import COLORMAPS, compare_grid, find_images
 from onnxcam.imaging.io import PNG_SAVE_OPTIONS, display_path
-from onnxcam.runtime.providers import describe
+from onnxcam.runtime.providers import describe, usable_cpus
 
 VARIANT_OPTIONS = ("numerator", "averaging", "denominator")
 #: Images whose files may still be being written while later images are explained, per writer.
@@ -30,11 +30,7 @@ WRITE_AHEAD = 2
 def writer_threads() -> int:
     """Threads that write the files: half the usable CPUs, 2 to 8. Two kept up with the model on
     2 cores (64 images: 7.2 s -> 2.75 s); on a GPU the writing is the CPU's whole share of the work."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 2
-    return max(2, min(8, cpus // 2))
+    return max(2, min(8, usable_cpus() // 2))
 
 
 @click.command("explain", short_help="Write CAM overlays, raw maps and JSON records for images.",

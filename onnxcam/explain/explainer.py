@@ -48,10 +48,12 @@ in sample order, and give the same bits for any batch size.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,7 @@ from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
-from onnxcam.runtime.providers import check_device
+from onnxcam.runtime.providers import check_device, usable_cpus
 from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientSession
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
@@ -92,6 +94,15 @@ GROUP_MEMORY = 256 * 2**20
 MAX_GROUP_BATCHES = 8
 
 COMPARE_METHODS = ("gradcam", "gradcampp", "smoothgradcampp")
+#: Threads that read and preprocess a group's image files (Pillow and NumPy release the GIL): on
+#: 2 cores, two read 64 PNGs at 5.3 ms each against 11 ms for one. On a GPU, reading the images
+#: is most of the CPU's share of the work, and a group can be 64 images.
+DECODE_THREADS = 8
+
+
+@functools.lru_cache(maxsize=1)
+def _decoders() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(DECODE_THREADS, usable_cpus()), thread_name_prefix="onnxcam-decode")
 
 
 @dataclass
@@ -562,25 +573,32 @@ class Explainer:
             yield start, chunk, loaded, time.perf_counter() - began
 
     def _load(self, items: list[_Item], preprocessor: Preprocessor | None):
-        """Preprocessed batch, PIL images (for overlays), map sizes (H, W), array inputs (H,W,C)."""
-        rows, pictures, sizes, arrays = [], [], [], []
-        for item in items:
-            if item.array is not None:
-                rows.append(item.array)
-                pictures.append(None)
-                hw = item.array.shape[1:3] if self.layout == "NCHW" else item.array.shape[0:2]
-                sizes.append((int(hw[0]), int(hw[1])))
-                arrays.append(np.moveaxis(item.array, 0, -1) if self.layout == "NCHW" else item.array)
-                continue
-            picture = item.pil if item.pil is not None else load_image(item.path)
-            rows.append(preprocessor(picture))  # type: ignore[misc]
-            pictures.append(picture)
-            sizes.append((picture.height, picture.width))
-            arrays.append(None)
+        """Preprocessed batch, PIL images (for overlays), map sizes (H, W), array inputs (H,W,C).
+        Image files are read on the decoding threads (PIL images given, which may share a lazily
+        loaded object, are not); the first bad file in order raises."""
+        read = functools.partial(self._read, preprocessor=preprocessor)
+        files = [position for position, item in enumerate(items) if item.path is not None]
+        reading = {position: _decoders().submit(read, items[position]) for position in files} if len(files) > 1 else {}
+        try:
+            loaded = [reading[position].result() if position in reading else read(item)
+                      for position, item in enumerate(items)]
+        finally:
+            for future in reading.values():  # after an error: read no more
+                future.cancel()
+        rows, pictures, sizes, arrays = (list(column) for column in zip(*loaded))
         shapes = {row.shape for row in rows}
         if len(shapes) > 1:
             raise ImageError(f"image arrays of different shapes {sorted(shapes)} in one call: give one shape")
         return np.stack(rows).astype(self.session_dtype, copy=False), pictures, sizes, arrays
+
+    def _read(self, item: _Item, preprocessor: Preprocessor | None) -> tuple:
+        """(model input row, PIL image or None, map size (H, W), array input (H,W,C) or None)."""
+        if item.array is not None:
+            hw = item.array.shape[1:3] if self.layout == "NCHW" else item.array.shape[0:2]
+            return (item.array, None, (int(hw[0]), int(hw[1])),
+                    np.moveaxis(item.array, 0, -1) if self.layout == "NCHW" else item.array)
+        picture = item.pil if item.pil is not None else load_image(item.path)
+        return preprocessor(picture), picture, (picture.height, picture.width), None  # type: ignore[misc]
 
     @property
     def session_dtype(self) -> np.dtype:

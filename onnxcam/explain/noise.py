@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcam.errors import OptionError
+from onnxcam.runtime.providers import usable_cpus
 
 #: Bytes of standard normal samples kept between calls (25 samples at 3x224x224 take 15 MiB).
 NOISE_BANK_MEMORY = 32 * 2**20
@@ -115,7 +115,7 @@ BANK = NoiseBank()
 
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+    return ThreadPoolExecutor(max_workers=min(4, usable_cpus()),
                               thread_name_prefix="onnxcam-noise")
 
 

@@ -53,6 +53,14 @@ def check_device(device: str | None) -> str:
     return value
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask (container and taskset limits), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """Intra-op threads: the CPUs this process may use (its affinity mask, which respects
     container and taskset limits, unlike ORT's default of all physical cores), at most 16.
@@ -66,11 +74,7 @@ def default_threads() -> int:
         if threads < 1:
             raise OptionError(f"ONNXCAM_THREADS={value!r} must be at least 1")
         return threads
-    try:
-        available = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        available = os.cpu_count() or 1
-    return max(1, min(16, available))
+    return min(16, usable_cpus())
 
 
 def session_options(threads: int | None = None, cuda: bool = False) -> ort.SessionOptions:

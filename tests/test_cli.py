@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,8 @@ def test_explain_writes_overlay_map_and_record(work):
     assert np.load(out / f"{stem}.npy").shape == (32, 32)
     summary = result.stdout
     assert "a.png:" in summary and "p=" in summary and ("CPU" in summary or "CUDA" in summary)
+    assert re.search(r"2 images, 6 files in .*, [\d.]+ s \([\d.]+ images/s; model setup [\d.]+ s\)",
+                     summary)
     # the same seed gives the same map again, bit for bit; another batch size sums the moments
     # in other groups, which moves the map by float32 rounding only
     again = run(["explain", work / "cnn.onnx", work / "a.png", "--out", work / "again",
@@ -266,8 +269,12 @@ def test_explain_writes_while_explaining_and_keeps_image_order(work, monkeypatch
     result = run(["explain", work / "cnn.onnx", folder, "--method", "gradcam", "--out", work / "out",
                   "--json", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
-    images = json.loads(result.stdout)["images"]
+    document = json.loads(result.stdout)
+    images = document["images"]
     assert [Path(image["image"]).name for image in images] == names
+    timings = document["timings"]
+    assert 0 < timings["setup_s"] < timings["total_s"]
+    assert timings["images_per_s"] == pytest.approx(9 / timings["total_s"], rel=0.01)
     assert all(Path(p).is_file() for image in images for p in image["results"][0]["files"].values())
 
     real_save = Explanation.save

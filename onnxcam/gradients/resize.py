@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
-from onnx.reference import ReferenceEvaluator
 
 from onnxcam.errors import UnsupportedOperatorError
 from onnxcam.gradients.emitter import constant_value, static_shape
@@ -44,6 +43,8 @@ def _probe(node: gs.Node, basis: np.ndarray, roi, scales, sizes, out_hw) -> np.n
          for n in names if n],
         [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    from onnx.reference import ReferenceEvaluator  # here: importing it costs every run 30 ms of start-up
+
     return ReferenceEvaluator(model).run(None, inputs)[0]
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ METADATA = {"onnxcam.preprocess": "imagenet", "onnxcam.labels": "imagenet"}
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_architectures  # noqa: E402
+from onnx_export import export_classic  # noqa: E402
 
 
 def build(name: str, seed: int = 0):
@@ -69,22 +69,7 @@ def export_one(name: str, out_dir: Path, seed: int = 0) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.onnx"
-    tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (sample,),
-            str(tmp),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-            do_constant_folding=True,
-            export_params=True,
-        )
-    m = onnx.load(str(tmp))
-    os.remove(tmp)
+    m = export_classic(model, sample, OPSET, path.with_name(path.name + ".tmp"))
     m.doc_string = (
         f"{name} with seeded random weights (seed {seed}) for speed benchmarks only; "
         "predictions are meaningless."

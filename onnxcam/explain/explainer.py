@@ -578,7 +578,8 @@ class Explainer:
         loaded object, are not); the first bad file in order raises."""
         read = functools.partial(self._read, preprocessor=preprocessor)
         files = [position for position, item in enumerate(items) if item.path is not None]
-        reading = {position: _decoders().submit(read, items[position]) for position in files} if len(files) > 1 else {}
+        reading = ({position: _decoders().submit(read, items[position]) for position in files}
+                   if len(files) > 1 else {})
         try:
             loaded = [reading[position].result() if position in reading else read(item)
                       for position, item in enumerate(items)]

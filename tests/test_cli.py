@@ -58,12 +58,18 @@ def _bad_model(folder: Path, kind: str) -> Path:
         path.write_bytes(np.random.default_rng(0).bytes(4096))
     elif kind == "mlp":
         save_model(build_mlp(), path)
+    elif kind == "overflow":  # float32 overflow in the first convolution: NaN logits
+        model = build_cnn()
+        weights = next(init for init in model.graph.initializer if init.name == "W1")
+        weights.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weights) * np.float32(1e37), "W1"))
+        save_model(model, path)
     return path
 
 
 @pytest.mark.parametrize("kind,fragment", [
     ("missing", "does not exist"), ("empty", "empty file"), ("truncated", "not a valid ONNX file"),
     ("random", "not a valid ONNX file"), ("mlp", "no suitable target layer"),
+    ("overflow", "a.png: the model's logits are not finite"),
 ])
 def test_bad_model_is_a_one_line_error(work, kind, fragment):
     model = _bad_model(work, kind)

@@ -648,6 +648,29 @@ def test_files_are_read_on_the_decoding_threads_and_the_first_bad_one_in_order_r
         explainer.explain(paths, method="gradcam")
 
 
+def test_an_overflowing_model_is_a_model_error_naming_the_image(tmp_path):
+    """NaN logits would otherwise pick class 0 and explain it; an infinite gradient would give a
+    NaN map. Both stop the run with the image named."""
+    from onnxcam.errors import ModelError
+
+    model = build_cnn("linear")
+    weights = next(init for init in model.graph.initializer if init.name == "W1")
+    weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * np.float32(1e37), "W1"))
+    overflowing = save_model(model, tmp_path / "overflow.onnx")
+    paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(2)]
+    with pytest.raises(ModelError, match=r"0\.png: the model's logits are not finite"):
+        Explainer(overflowing, preprocess="unit").explain(paths, method="gradcam")
+
+    model = build_cnn("linear")  # GAP(Sqrt(a2)): d/da2 is infinite where the ReLU gave 0
+    gap = next(node for node in model.graph.node if node.op_type == "GlobalAveragePool")
+    gap.input[0] = "root"
+    model.graph.node.insert(list(model.graph.node).index(gap), helper.make_node("Sqrt", ["a2"], ["root"]))
+    rooted = save_model(model, tmp_path / "sqrt.onnx")
+    explainer = Explainer(rooted, layer="a2", preprocess="unit")
+    with pytest.raises(ModelError, match=r"0\.png: the gradcam map at layer a2 is not finite.*--layer"):
+        explainer.explain(paths, method="gradcam")
+
+
 def test_dynamic_input_size_is_fixed_by_size(tmp_path):
     model = build_cnn("linear")
     dims = model.graph.input[0].type.tensor_type.shape.dim

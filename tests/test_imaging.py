@@ -380,9 +380,11 @@ def test_jet_is_matplotlibs_piecewise_linear_jet():
 
 def test_apply_colormap_indexes_the_table_and_clips():
     values = np.array([[0.0, 1.0], [-3.0, np.nan], [0.5, 7.0]])
+    given = values.copy()
     coloured = apply_colormap(values, "gray")
     assert coloured.shape == (3, 2, 3) and coloured.dtype == np.uint8
     assert coloured[..., 0].tolist() == [[0, 255], [0, 0], [128, 255]]
+    np.testing.assert_array_equal(values, given)  # worked on a copy
     with pytest.raises(OptionError, match="turbo"):
         apply_colormap(values, "rainbow")
 

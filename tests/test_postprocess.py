@@ -104,3 +104,14 @@ def test_normalize_constant_maps_become_zeros():
     np.testing.assert_array_equal(out[1], 0.0)
     np.testing.assert_array_equal(out[2], np.eye(3))
     np.testing.assert_array_equal(normalize(np.full((2, 2), -1.0)), np.zeros((2, 2)))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_normalize_gives_zeros_for_a_map_with_nan_and_leaves_its_input_alone():
+    maps = np.stack([np.eye(3), np.eye(3)])
+    maps[1, 0, 1] = np.nan
+    given = maps.copy()
+    out = normalize(maps)
+    np.testing.assert_array_equal(out[0], np.eye(3))
+    np.testing.assert_array_equal(out[1], 0.0)
+    np.testing.assert_array_equal(maps, given)

@@ -354,6 +354,10 @@ class Explainer:
                     passes.noisy_passes(session, inputs, clean, accumulators, samples, noise_level, seed,
                                         batch, in_graph=self._noise_in_graph(session))
             t3 = time.perf_counter()
+            if not neuron_mode:
+                _check_finite(clean.logits, chunk, "the model's logits are not finite (NaN or inf), so there is no "
+                              "class score to explain: the model overflows on this input; check the model and "
+                              "its preprocessing (--preprocess, --mean/--std)")
             computed = {}
             moments_clean = None
             for name, cam in cams.items():
@@ -364,6 +368,11 @@ class Explainer:
                 # one sample per image: d1 = g, d2 = g^2, d3 = g^3 of the clean pass
                 moments = moments_clean = moments_clean or GradientMoments.from_gradients(clean.gradient)
                 computed[name] = cam.compute(clean.activation, moments)
+            for name, result in computed.items():
+                _check_finite(result.maps, [chunk[row] for row in clean.pair_image.tolist()],
+                              f"the {name} map at layer {gm.layer} is not finite (NaN or inf): the layer's "
+                              "activations or gradients overflow; pick another layer (--layer) or check the "
+                              "model in float32")
             t4 = time.perf_counter()
             timings.update(preprocess_s=preprocess_s, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
                            cam_s=t4 - t3, images=len(chunk))
@@ -644,6 +653,16 @@ class Explainer:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _check_finite(values: np.ndarray, items: list[_Item], problem: str) -> None:
+    """ModelError naming the first image whose row of ``values`` holds a NaN or an infinity:
+    an overflowing model would otherwise give a class picked from NaN logits, or a NaN map."""
+    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if not finite.all():
+        item = items[int(np.argmin(finite))]
+        where = display_path(item.path) if item.path is not None else f"image {item.index}"
+        raise ModelError(f"{where}: {problem}")
+
+
 def _method_key(name: str) -> str:
     from onnxcam.cams import canonical_method_name
 

@@ -658,8 +658,16 @@ def test_an_overflowing_model_is_a_model_error_naming_the_image(tmp_path):
     weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * np.float32(1e37), "W1"))
     overflowing = save_model(model, tmp_path / "overflow.onnx")
     paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(2)]
-    with pytest.raises(ModelError, match=r"0\.png: the model's logits are not finite"):
+    with pytest.raises(ModelError, match=r"0\.png: the model's logits hold NaN or \+inf"):
         Explainer(overflowing, preprocess="unit").explain(paths, method="gradcam")
+
+    model = build_cnn("linear", softmax=False)  # class 3 masked out with -inf: a model may do that
+    model.graph.output[0].name = "masked"
+    model.graph.initializer.append(numpy_helper.from_array(
+        np.where(np.arange(10) == 3, -np.inf, 0.0).astype(np.float32)[None], "mask"))
+    model.graph.node.append(helper.make_node("Add", ["logits", "mask"], ["masked"]))
+    masked = Explainer(save_model(model, tmp_path / "masked.onnx"), preprocess="unit").explain(paths, method="gradcam")
+    assert all(r.class_index != 3 and np.isfinite(r.raw_map).all() for r in masked)
 
     model = build_cnn("linear")  # GAP(Sqrt(a2)): d/da2 is infinite where the ReLU gave 0
     gap = next(node for node in model.graph.node if node.op_type == "GlobalAveragePool")

@@ -354,10 +354,10 @@ class Explainer:
                     passes.noisy_passes(session, inputs, clean, accumulators, samples, noise_level, seed,
                                         batch, in_graph=self._noise_in_graph(session))
             t3 = time.perf_counter()
-            if not neuron_mode:
-                _check_finite(clean.logits, chunk, "the model's logits are not finite (NaN or inf), so there is no "
-                              "class score to explain: the model overflows on this input; check the model and "
-                              "its preprocessing (--preprocess, --mean/--std)")
+            if not neuron_mode:  # -inf is allowed: a model may mask classes out with it
+                _check_finite(clean.logits, chunk, "the model's logits hold NaN or +inf, so there is no class "
+                              "score to explain: the model overflows on this input; check the model and its "
+                              "preprocessing (--preprocess, --mean/--std)", allow_minus_inf=True)
             computed = {}
             moments_clean = None
             for name, cam in cams.items():
@@ -653,10 +653,11 @@ class Explainer:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _check_finite(values: np.ndarray, items: list[_Item], problem: str) -> None:
+def _check_finite(values: np.ndarray, items: list[_Item], problem: str, allow_minus_inf: bool = False) -> None:
     """ModelError naming the first image whose row of ``values`` holds a NaN or an infinity:
     an overflowing model would otherwise give a class picked from NaN logits, or a NaN map."""
-    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    rows = values.reshape(len(values), -1)
+    finite = (~(np.isnan(rows) | np.isposinf(rows)) if allow_minus_inf else np.isfinite(rows)).all(axis=1)
     if not finite.all():
         item = items[int(np.argmin(finite))]
         where = display_path(item.path) if item.path is not None else f"image {item.index}"

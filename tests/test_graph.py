@@ -107,6 +107,17 @@ def test_missing_model_file(tmp_path):
         load_model(tmp_path / "nope.onnx")
 
 
+def test_a_second_model_input_is_a_model_error_that_says_what_to_do():
+    model = small_cnn()
+    conv = model.graph.node[0]
+    conv.input[1] = "w1_given"  # the first convolution's weights fed from outside
+    weights = next(init for init in model.graph.initializer if init.name == "w1")
+    model.graph.input.append(helper.make_tensor_value_info("w1_given", TensorProto.FLOAT,
+                                                           list(weights.dims)))
+    with pytest.raises(ModelError, match=r"2 inputs \(x, w1_given\).*fixed as constants"):
+        build_gradient_model(model)
+
+
 def test_errors_share_one_hierarchy():
     for error in (LayerError, ModelError, UnsupportedOperatorError):
         assert issubclass(error, OnnxCamError)

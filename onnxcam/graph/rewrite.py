@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcam.errors import LayerError, UnsupportedOperatorError
+from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
 from onnxcam.graph.locate import Candidate, candidate_layers, find_logits, resolve_tensor
 from onnxcam.graph.prepare import BATCH_DIM, load_model, prepare_model
 from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
@@ -59,8 +59,9 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     graph.toposort()
     if len(graph.inputs) != 1:
         names = ", ".join(t.name for t in graph.inputs)
-        raise LayerError(f"the model has {len(graph.inputs)} inputs ({names}): onnxcam explains "
-                         "single-input image models")
+        raise ModelError(f"the model has {len(graph.inputs)} inputs ({names}): onnxcam explains "
+                         "single-input image models; re-export it with the inputs other than the image "
+                         "fixed as constants")
     dtype = graph.inputs[0].dtype or np.float32
 
     logits = _expose_logits(graph, find_logits(graph))

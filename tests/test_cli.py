@@ -297,6 +297,16 @@ def test_explain_writes_while_explaining_and_keeps_image_order(work, monkeypatch
     assert not list((work / "out2").glob("03_*"))
 
 
+def test_explain_notes_a_batch_of_one_built_into_the_model(work):
+    from tests.test_explainer import with_batch_built_in
+
+    model = save_model(with_batch_built_in(build_cnn("mlp", seed=4)), work / "fixed.onnx")
+    result = run(["explain", model, work / "a.png", work / "b.png", "--samples", "3", "--out", work / "out"])
+    assert result.exit_code == 0, result.output
+    assert "Note: the model has a batch of 1 built in (at node 'as_strided')" in result.stderr
+    assert len(list((work / "out").glob("*.png"))) == 2
+
+
 def test_explain_neuron_and_feature_maps(work):
     out = work / "out"
     result = run(["explain", work / "cnn.onnx", work / "a.png", "--layer", "a1", "--score", "c2",

@@ -679,6 +679,38 @@ def test_an_overflowing_model_is_a_model_error_naming_the_image(tmp_path):
         explainer.explain(paths, method="gradcam")
 
 
+def with_batch_built_in(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its Flatten before the head done as torch's dynamo exporter does an
+    as_strided view: flatten the whole batch, then Gather fixed indices (a batch of 1 built in)."""
+    flatten = next(node for node in model.graph.node if node.op_type == "Flatten")
+    position = list(model.graph.node).index(flatten)
+    channels = 16
+    model.graph.node.remove(flatten)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), "all"),
+                                    numpy_helper.from_array(np.arange(channels, dtype=np.int64)[None], "strided")])
+    model.graph.node.insert(position, helper.make_node("Reshape", [flatten.input[0], "all"], ["flat_all"]))
+    model.graph.node.insert(position + 1, helper.make_node("Gather", ["flat_all", "strided"], [flatten.output[0]],
+                                                           name="as_strided"))
+    return model
+
+
+def test_a_model_with_a_batch_of_one_built_in_runs_one_row_at_a_time(tmp_path):
+    paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    plain = Explainer(save_model(build_cnn("mlp"), tmp_path / "plain.onnx"), preprocess="unit")
+    fixed_path = save_model(with_batch_built_in(build_cnn("mlp")), tmp_path / "fixed.onnx")
+    fixed = Explainer(fixed_path, preprocess="unit")
+    assert fixed.gradient_model.batch_built_in == "as_strided" and fixed.batch_size == 1
+    assert plain.gradient_model.batch_built_in is None and plain.batch_size > 1
+    for method in ("gradcam", "smoothgradcampp"):
+        expected = plain.explain(paths, method=method, samples=5)
+        got = fixed.explain(paths, method=method, samples=5)
+        assert [r.class_index for r in got] == [r.class_index for r in expected]
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-4, atol=1e-6 * np.abs(b.raw_map).max())
+    with pytest.raises(OptionError, match=r"batch size 4: the model runs one image at a time .*'as_strided'"):
+        Explainer(fixed_path, preprocess="unit", batch_size=4).explain(paths, method="gradcam")
+
+
 def test_dynamic_input_size_is_fixed_by_size(tmp_path):
     model = build_cnn("linear")
     dims = model.graph.input[0].type.tensor_type.shape.dim

@@ -118,6 +118,46 @@ def test_a_second_model_input_is_a_model_error_that_says_what_to_do():
         build_gradient_model(model)
 
 
+def _batched_and_single_runs(model) -> tuple[np.ndarray, np.ndarray]:
+    """(gradients of a run of 3 inputs, the same 3 run one at a time) of the rewritten model."""
+    gm = build_gradient_model(model)
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).standard_normal([3, 3, 8, 8]).astype(np.float32)
+    seed = np.eye(5, dtype=np.float32)[[0, 3, 4]]
+    together = session.run([GRADIENT], {"x": x, SEED: seed})[0]
+    alone = np.concatenate([session.run([GRADIENT], {"x": x[i:i + 1], SEED: seed[i:i + 1]})[0] for i in range(3)])
+    return together, alone
+
+
+@pytest.mark.parametrize("shape", [[1, 6], [1, -1]])
+def test_a_batch_of_one_in_an_allowzero_reshape_is_made_dynamic(shape):
+    """torch's dynamo exporter writes Reshape(allowzero=1), where a 0 in the shape is a real 0:
+    the batch of 1 becomes -1, or the input's own dim 0 where the shape has a -1 already."""
+    model = small_cnn(reshape_batch_one=True)
+    reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
+    reshape.attribute.append(helper.make_attribute("allowzero", 1))
+    flat = next(init for init in model.graph.initializer if init.name == "flat_shape")
+    flat.CopyFrom(numpy_helper.from_array(np.array(shape, np.int64), "flat_shape"))
+    assert build_gradient_model(model).batch_built_in is None
+    together, alone = _batched_and_single_runs(model)
+    np.testing.assert_array_equal(together, alone)
+
+
+def test_a_batch_of_one_built_into_gather_indices_is_found_and_named():
+    """The dynamo exporter's as_strided: flatten the whole batch, then Gather fixed indices."""
+    model = small_cnn(reshape_batch_one=True)
+    reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
+    reshape.output[0] = "flat_all"
+    flat = next(init for init in model.graph.initializer if init.name == "flat_shape")
+    flat.CopyFrom(numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"))
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(6, dtype=np.int64)[None], "strided"))
+    model.graph.node.insert(list(model.graph.node).index(reshape) + 1,
+                            helper.make_node("Gather", ["flat_all", "strided"], ["flat"], name="as_strided"))
+    gm = build_gradient_model(model)
+    assert gm.batch_built_in == "as_strided"
+    assert build_gradient_model(small_cnn(reshape_batch_one=True)).batch_built_in is None
+
+
 def test_errors_share_one_hierarchy():
     for error in (LayerError, ModelError, UnsupportedOperatorError):
         assert issubclass(error, OnnxCamError)

@@ -200,7 +200,7 @@ def explain(model, images, method, layer, classes, top_k, feature_maps, score, n
     written, device_used, skipped = totals["written"], totals["device"], totals["skipped"]
 
     elapsed = time.perf_counter() - started
-    notes = _notes(skipped)
+    notes = _notes(skipped, explainer.gradient_model.batch_built_in)
     if as_json:
         echo_json({
             "model": str(model), "layer": explainer.layer, "score_tensor": explainer.score,
@@ -296,8 +296,12 @@ def _write_compare(per_method, out: Path, stem: str, alpha: float, colormap: str
     return written
 
 
-def _notes(skipped: bool) -> list[str]:
+def _notes(skipped: bool, batch_built_in: str | None) -> list[str]:
     notes = []
+    if batch_built_in is not None:
+        notes.append(f"the model has a batch of 1 built in (at node {batch_built_in!r}), so every image and "
+                     "noisy sample ran alone, which is slower; re-export it with a dynamic batch to run "
+                     "them in batches.")
     if skipped:
         notes.append("the path from layer to score is linear, so every noisy gradient equals the clean "
                      "one: Smooth Grad-CAM++ (moments) equals Grad-CAM++ here and the noisy passes were "

@@ -489,6 +489,12 @@ class Explainer:
         return self._preprocessor
 
     def _batch_for(self, gm: GradientModel) -> int:
+        if gm.batch_built_in is not None:  # one row per run: a larger batch would not run
+            if self._batch_option not in (None, 1):
+                raise OptionError(f"batch size {self._batch_option}: the model runs one image at a time "
+                                  f"(a batch of 1 is built in at node {gm.batch_built_in!r}); use batch size 1 "
+                                  "(--batch-size 1) or re-export the model with a dynamic batch")
+            return 1
         if self._batch_option is not None:
             return self._batch_option
         per_sample = 4 * (_elements(self._item_shape(gm)) + 2 * _elements(gm.activation_shape[1:],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper, shape_inference, version_converter
 
@@ -146,10 +147,16 @@ def _make_batch_dynamic(model: onnx.ModelProto) -> None:
     for node in graph.node:
         if node.op_type != "Reshape" or node.input[0] not in was_one:
             continue
-        _copy_batch_in_reshape(graph, node, constants, constant_nodes)
+        _copy_batch_in_reshape(graph, node, constants, constant_nodes, shapes[node.input[0]])
 
 
-def _copy_batch_in_reshape(graph, node, constants, constant_nodes) -> None:
+def _copy_batch_in_reshape(graph, node, constants, constant_nodes, input_shape: list) -> None:
+    """Make a Reshape to a constant shape starting with 1 keep its input's dim 0 instead.
+
+    With allowzero 0 (the classic exporter) the 1 becomes 0, "copy that dim". With allowzero 1
+    (torch's dynamo exporter: a 0 is a real 0) it becomes -1; a -1 the shape had already is
+    resolved first from the input's static per-image size (left alone where that is unknown).
+    """
     from onnx import numpy_helper
 
     name = node.input[1]
@@ -160,11 +167,17 @@ def _copy_batch_in_reshape(graph, node, constants, constant_nodes) -> None:
     else:
         return  # computed shapes follow the batch already
     allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-    if target.ndim != 1 or target.size == 0 or target[0] != 1 or allowzero:
+    if target.ndim != 1 or target.size == 0 or target[0] != 1 or (allowzero and 0 in target):
         return
     fixed = target.copy()
-    fixed[0] = 0  # 0 = copy the input's dim 0
-    new_name = f"{name}__onnxcam_batch"
+    if allowzero and -1 in fixed[1:]:
+        per_image = input_shape[1:]
+        known = int(np.prod([d for d in fixed[1:] if d != -1]))
+        if not all(isinstance(d, int) for d in per_image) or known <= 0:
+            return
+        fixed[1:][fixed[1:] == -1] = int(np.prod(per_image)) // known
+    fixed[0] = -1 if allowzero else 0
+    new_name = f"{node.output[0]}__onnxcam_batch_shape"  # one per Reshape: others may share the shape
     graph.initializer.append(numpy_helper.from_array(fixed, new_name))
     node.input[1] = new_name
 

@@ -41,6 +41,7 @@ class GradientModel:
     num_classes: int | None
     candidates: tuple[Candidate, ...] = field(default=())
     path_is_linear: bool = False     # score is linear in A: the gradient does not depend on the input
+    batch_built_in: str | None = None  # the node after which the batch is 1 whatever the input's
 
     @property
     def is_class_score(self) -> bool:
@@ -64,7 +65,9 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
                          "fixed as constants")
     dtype = graph.inputs[0].dtype or np.float32
 
-    logits = _expose_logits(graph, find_logits(graph))
+    found = find_logits(graph)
+    built_in = _batch_built_in(found)
+    logits = _expose_logits(graph, found)
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
     source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape)
@@ -89,7 +92,30 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         model=rewritten, layer=source.name, score=target.name,
         input_name=graph.inputs[0].name, input_shape=input_shape,
         activation_shape=tuple(source.shape or ()), seed_shape=tuple(seed.shape or ()),
-        num_classes=_num_classes(logits), candidates=candidates, path_is_linear=linear)
+        num_classes=_num_classes(logits), candidates=candidates, path_is_linear=linear,
+        batch_built_in=built_in)
+
+
+def _batch_built_in(logits: gs.Tensor) -> str | None:
+    """The node after which the logits' batch is 1 whatever the input's, or None.
+
+    Exporters can bake the example's batch of 1 into constants that preparation cannot make
+    dynamic: torch's dynamo exporter turns some views into a Gather with fixed indices, and
+    attention reshapes with the batch in dim 1. Shape inference then gives the logits a dim 0 of
+    1 while the input's is symbolic; walking back along the tensors whose dim 0 is 1 finds the
+    node where it appears. Such a model can only run one image, one noisy row, at a time.
+    """
+    if not logits.shape or logits.shape[0] != 1:
+        return None
+    tensor = logits
+    while tensor.inputs:
+        node = tensor.inputs[0]
+        ones = [t for t in node.inputs
+                if isinstance(t, gs.Variable) and t.shape and len(t.shape) > 0 and t.shape[0] == 1]
+        if not ones:
+            return node.name or node.op
+        tensor = ones[0]
+    return tensor.name
 
 
 def _batched(shape) -> list | None:

@@ -141,7 +141,7 @@ def _read(key: str) -> GradientModel | None:
             seed_shape=tuple(info["seed_shape"]), num_classes=info["num_classes"],
             candidates=tuple(Candidate(c["tensor"], c["node"], c["op"], tuple(c["shape"]))
                              for c in info["candidates"]),
-            path_is_linear=bool(info["path_is_linear"]))
+            path_is_linear=bool(info["path_is_linear"]), batch_built_in=info.get("batch_built_in"))
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - a corrupt entry is rebuilt, never fatal
@@ -160,7 +160,7 @@ def _write(key: str, gm: GradientModel) -> None:
             "seed_shape": list(gm.seed_shape), "num_classes": gm.num_classes,
             "candidates": [{"tensor": c.tensor, "node": c.node, "op": c.op, "shape": list(c.shape)}
                            for c in gm.candidates],
-            "path_is_linear": gm.path_is_linear,
+            "path_is_linear": gm.path_is_linear, "batch_built_in": gm.batch_built_in,
         }
         model_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(model_path, data)

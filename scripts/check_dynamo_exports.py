@@ -1,0 +1,80 @@
+"""torchvision classifiers exported with torch's dynamo exporter: onnxcam's gradient at the
+output of ``model.features`` (``layer4`` for ResNets) against ``torch.autograd`` of the same weights.
+
+The dynamo exporter (torch >= 2.9's default) writes patterns the classic one does not: Reshape
+with ``allowzero=1``, and views as a Gather of fixed indices that build the example's batch of 1
+into the graph. Needs torch, torchvision and onnxscript, so it is a script, not a test::
+
+    python -m venv .cache/dvenv && .cache/dvenv/bin/pip install torch torchvision onnxscript -e .
+    .cache/dvenv/bin/python scripts/check_dynamo_exports.py mobilenet_v3_small convnext_tiny
+
+Prints, per model, where a batch of 1 is built in (or that the batch is free), the relative
+error of the gradient, and, when the batch is free, whether a run of 3 inputs gives each one's
+single-run gradient. Exits 1 if any gradient is off by more than ``--tolerance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def check(name: str, folder: Path, tolerance: float) -> bool:
+    import onnxruntime as ort
+    import torch
+    import torchvision
+
+    from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, SEED, build_gradient_model
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    path = folder / f"{name}.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), dynamo=True).save(str(path))
+    gm = build_gradient_model(path)
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    features = {}
+    body = model.features if hasattr(model, "features") else model.layer4  # ResNets have no .features
+    hook = body.register_forward_hook(lambda module, args, out: features.setdefault("A", out))
+    logits = model(x)
+    hook.remove()
+    activation = features["A"]
+    activation.retain_grad()
+    target = int(logits.argmax())
+    logits[0, target].backward()
+    seed = np.zeros((1, logits.shape[1]), np.float32)
+    seed[0, target] = 1.0
+    A, G = session.run([ACTIVATION, GRADIENT], {gm.input_name: x.numpy(), SEED: seed})
+    same_layer = A.shape == tuple(activation.shape) and np.allclose(A, activation.detach().numpy(), atol=1e-4)
+    expected = activation.grad.numpy()
+    error = float(np.abs(G - expected).max() / np.abs(expected).max()) if same_layer else float("inf")
+    where = f"batch of 1 built in at {gm.batch_built_in!r}" if gm.batch_built_in else "batch free"
+    line = f"{name}: layer {gm.layer}, {where}, gradient relative error {error:.1e}"
+    if gm.batch_built_in is None:
+        xs = np.random.default_rng(2).standard_normal((3, 3, 224, 224)).astype(np.float32)
+        seeds = np.repeat(seed, 3, axis=0)
+        together = session.run([GRADIENT], {gm.input_name: xs, SEED: seeds})[0]
+        alone = np.concatenate([session.run([GRADIENT], {gm.input_name: xs[i:i + 1], SEED: seeds[i:i + 1]})[0]
+                                for i in range(3)])
+        line += f", batch of 3 = single runs: {np.array_equal(together, alone)}"
+    print(line if same_layer else f"{name}: the layer {gm.layer} is not the body's output; not compared")
+    return same_layer and error <= tolerance
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="torchvision.models names (with .features, or ResNets)")
+    parser.add_argument("--tolerance", type=float, default=1e-5)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        results = [check(name, Path(folder), args.tolerance) for name in args.models]
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -133,6 +133,24 @@ def test_explainer_reports_an_ir_version_the_checker_accepts_but_onnxruntime_doe
 # sessions
 
 
+def test_a_failing_run_raises_without_onnxruntime_logging_it_too(model_path, capfd):
+    """ONNX Runtime logs a failing kernel in colour on stderr and raises the same text: the
+    session's runs keep only the exception, so the CLI's error stays one line."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "bad_reshape",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([7, -1], np.int64), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    failing = create_session(model.SerializeToString(), "cpu")[0]
+    session = GradientSession(load_gradient_model(model_path)[0], device="cpu")
+    capfd.readouterr()
+    with pytest.raises(Exception, match="Reshape"):
+        session._run("full", failing, None, {"x": np.zeros((1, 16), np.float32)})
+    assert capfd.readouterr().err == ""
+
+
 def test_gradient_session_runs_and_counts(model_path):
     gm = build_gradient_model(model_path, layer="a1")
     session = GradientSession(gm, device="cpu")

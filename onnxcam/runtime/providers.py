@@ -31,6 +31,7 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 #: ORT log severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Warnings (unused
 #: initializers, fallbacks) are noise for a command-line user; errors are kept.
 QUIET = 3
+SILENT = 4
 
 _lock = threading.Lock()
 _cuda_state: dict[str, object] = {"usable": None, "reason": ""}  # per process: probe CUDA once

@@ -41,7 +41,7 @@ from onnx.utils import Extractor
 
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
-from onnxcam.runtime.providers import check_device, create_session, resolve_device
+from onnxcam.runtime.providers import SILENT, check_device, create_session, resolve_device
 
 FULL, FORWARD, HEAD, NOISY, NOISY_INPUT, PICKING = "full", "forward", "head", "noisy", "noisy_input", "picking"
 
@@ -56,6 +56,9 @@ class GradientSession:
         self.threads = threads
         self.device: str | None = None  # "cpu" or "cuda" once a session exists
         self.run_calls = 0
+        # a failing run raises with the same text that ONNX Runtime would also log, in colour
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = SILENT
         self.calls: Counter[str] = Counter()
         self._sessions: dict[str, object] = {}
         self._parts: dict[str, onnx.ModelProto] | None = None
@@ -163,7 +166,7 @@ class GradientSession:
         session = self._session(kind)
         self.run_calls += 1
         self.calls[kind] += 1
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self._run_options)
         return binding.copy_outputs_to_cpu()
 
     @property
@@ -192,7 +195,7 @@ class GradientSession:
     def _run(self, kind: str, session, names: list[str], feeds: dict) -> list[np.ndarray]:
         self.run_calls += 1
         self.calls[kind] += 1
-        return session.run(names, feeds)
+        return session.run(names, feeds, self._run_options)
 
     def _binding(self, kind: str) -> tuple[ort.IOBinding, dict[str, ort.OrtValue]]:
         """The I/O binding of the ``kind`` session, kept between runs, and the device values

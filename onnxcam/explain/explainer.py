@@ -662,6 +662,8 @@ class Explainer:
 def _check_finite(values: np.ndarray, items: list[_Item], problem: str, allow_minus_inf: bool = False) -> None:
     """ModelError naming the first image whose row of ``values`` holds a NaN or an infinity:
     an overflowing model would otherwise give a class picked from NaN logits, or a NaN map."""
+    if values.size == 0:
+        return
     rows = values.reshape(len(values), -1)
     finite = (~(np.isnan(rows) | np.isposinf(rows)) if allow_minus_inf else np.isfinite(rows)).all(axis=1)
     if not finite.all():

@@ -110,8 +110,7 @@ def _batch_built_in(logits: gs.Tensor) -> str | None:
     tensor = logits
     while tensor.inputs:
         node = tensor.inputs[0]
-        ones = [t for t in node.inputs
-                if isinstance(t, gs.Variable) and t.shape and len(t.shape) > 0 and t.shape[0] == 1]
+        ones = [t for t in node.inputs if isinstance(t, gs.Variable) and t.shape and t.shape[0] == 1]
         if not ones:
             return node.name or node.op
         tensor = ones[0]

@@ -28,8 +28,9 @@ DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
-#: ORT log severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Warnings (unused
-#: initializers, fallbacks) are noise for a command-line user; errors are kept.
+#: ORT log severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Sessions log at QUIET:
+#: warnings (unused initializers, fallbacks) are noise for a command-line user, errors are kept.
+#: Runs log at SILENT: a failing run raises the very text it would log.
 QUIET = 3
 SILENT = 4
 

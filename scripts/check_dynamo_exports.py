@@ -1,16 +1,17 @@
 """torchvision classifiers exported with torch's dynamo exporter: onnxcam's gradient at the
-output of ``model.features`` (``layer4`` for ResNets) against ``torch.autograd`` of the same weights.
+output of ``model.features`` (``layer4`` for ResNets, the NCHW view of the last stage for Swin)
+against ``torch.autograd`` of the same weights.
 
 The dynamo exporter (torch >= 2.9's default) writes patterns the classic one does not: Reshape
-with ``allowzero=1``, and views as a Gather of fixed indices that build the example's batch of 1
-into the graph. Needs torch, torchvision and onnxscript, so it is a script, not a test::
+with ``allowzero=1``, views as a Gather of fixed indices into the flattened batch of 1 (both
+made batch-free by preparation), and attention reshapes that build the batch of 1 in for good. Needs torch, torchvision and onnxscript, so it is a script, not a test::
 
     python -m venv .cache/dvenv && .cache/dvenv/bin/pip install torch torchvision onnxscript -e .
     .cache/dvenv/bin/python scripts/check_dynamo_exports.py mobilenet_v3_small convnext_tiny
 
 Prints, per model, where a batch of 1 is built in (or that the batch is free), the relative
-error of the gradient, and, when the batch is free, whether a run of 3 inputs gives each one's
-single-run gradient. Exits 1 if any gradient is off by more than ``--tolerance``.
+error of the gradient, and, when the batch is free, how far a run of 3 inputs is from each
+one's single-run gradient. Exits 1 if either is more than ``--tolerance``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
 
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     features = {}
-    body = model.features if hasattr(model, "features") else model.layer4  # ResNets have no .features
+    # the last stage's output: Swin's is channels last, so its NCHW view after model.norm
+    body = next(getattr(model, name) for name in ("permute", "features", "layer4") if hasattr(model, name))
     hook = body.register_forward_hook(lambda module, args, out: features.setdefault("A", out))
     logits = model(x)
     hook.remove()
@@ -50,8 +52,8 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
     seed = np.zeros((1, logits.shape[1]), np.float32)
     seed[0, target] = 1.0
     A, G = session.run([ACTIVATION, GRADIENT], {gm.input_name: x.numpy(), SEED: seed})
-    same_layer = A.shape == tuple(activation.shape) and np.allclose(A, activation.detach().numpy(), atol=1e-4)
-    expected = activation.grad.numpy()
+    expected_activation, expected = activation.detach().numpy(), activation.grad.numpy()
+    same_layer = A.shape == expected.shape and np.allclose(A, expected_activation, atol=1e-4)
     error = float(np.abs(G - expected).max() / np.abs(expected).max()) if same_layer else float("inf")
     where = f"batch of 1 built in at {gm.batch_built_in!r}" if gm.batch_built_in else "batch free"
     line = f"{name}: layer {gm.layer}, {where}, gradient relative error {error:.1e}"
@@ -61,14 +63,16 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
         together = session.run([GRADIENT], {gm.input_name: xs, SEED: seeds})[0]
         alone = np.concatenate([session.run([GRADIENT], {gm.input_name: xs[i:i + 1], SEED: seeds[i:i + 1]})[0]
                                 for i in range(3)])
-        line += f", batch of 3 = single runs: {np.array_equal(together, alone)}"
+        batch_error = float(np.abs(together - alone).max() / np.abs(alone).max())
+        line += f", a run of 3 against single runs: relative difference {batch_error:.1e}"
+        error = max(error, batch_error)
     print(line if same_layer else f"{name}: the layer {gm.layer} is not the body's output; not compared")
     return same_layer and error <= tolerance
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="torchvision.models names (with .features, or ResNets)")
+    parser.add_argument("models", nargs="+", help="torchvision.models names (with .features, ResNets or Swins)")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:

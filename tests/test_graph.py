@@ -142,18 +142,46 @@ def test_a_batch_of_one_in_an_allowzero_reshape_is_made_dynamic(shape):
     np.testing.assert_array_equal(together, alone)
 
 
-def test_a_batch_of_one_built_into_gather_indices_is_found_and_named():
-    """The dynamo exporter's as_strided: flatten the whole batch, then Gather fixed indices."""
-    model = small_cnn(reshape_batch_one=True)
+def _with_flat_gather(model: onnx.ModelProto, indices: np.ndarray) -> onnx.ModelProto:
+    """The dynamo exporter's as_strided view: flatten the whole batch, then Gather ``indices``."""
     reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
     reshape.output[0] = "flat_all"
     flat = next(init for init in model.graph.initializer if init.name == "flat_shape")
     flat.CopyFrom(numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"))
-    model.graph.initializer.append(numpy_helper.from_array(np.arange(6, dtype=np.int64)[None], "strided"))
+    model.graph.initializer.append(numpy_helper.from_array(indices, "strided"))
     model.graph.node.insert(list(model.graph.node).index(reshape) + 1,
                             helper.make_node("Gather", ["flat_all", "strided"], ["flat"], name="as_strided"))
+    return model
+
+
+@pytest.mark.parametrize("order", [np.arange(6), np.array([1, 0, 3, 2, 5, 4])])
+def test_a_gather_from_the_whole_flattened_batch_is_made_per_row(order):
+    """Fixed indices of shape (1, ...) into a flattened batch of 1 (an as_strided view) become
+    per-row indices, so the model batches: the same gradients as single runs."""
+    model = _with_flat_gather(small_cnn(reshape_batch_one=True, softmax=False), order[None].astype(np.int64))
+    assert build_gradient_model(model).batch_built_in is None
+    together, alone = _batched_and_single_runs(model)
+    np.testing.assert_array_equal(together, alone)
+    single = np.random.default_rng(3).standard_normal([1, 3, 8, 8]).astype(np.float32)
+    check_gradient(model, single)
     gm = build_gradient_model(model)
-    assert gm.batch_built_in == "as_strided"
+    rewritten = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(rewritten.run([LOGITS], {"x": single, SEED: np.zeros((1, 5), np.float32)})[0],
+                                  plain.run(None, {"x": single})[0])
+
+
+def test_a_batch_of_one_built_in_elsewhere_is_found_and_named():
+    """A batch moved out of dim 0 and then summed over (here by the classifier's Gemm) cannot be
+    followed: the node where it is lost is named."""
+    model = small_cnn(reshape_batch_one=True)
+    flat = next(init for init in model.graph.initializer if init.name == "flat_shape")
+    flat.CopyFrom(numpy_helper.from_array(np.array([6, 1], np.int64), "flat_shape"))
+    reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
+    reshape.output[0] = "heads"
+    model.graph.node.insert(list(model.graph.node).index(reshape) + 1,
+                            helper.make_node("Transpose", ["heads"], ["flat"], perm=[1, 0], name="heads_first"))
+    assert build_gradient_model(model).batch_built_in == "fc"
     assert build_gradient_model(small_cnn(reshape_batch_one=True)).batch_built_in is None
 
 

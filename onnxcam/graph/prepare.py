@@ -1,13 +1,14 @@
 """Loading a model and bringing it to the one form the gradient rules are written for.
 
 Exported models come in every vintage: initializers listed as inputs, opset 7, a batch of 1 baked
-into Reshape constants, stale value_info. Preparation normalises all of it once, so the rewriter
+into Reshape constants or Gather indices, stale value_info. Preparation normalises all of it once, so the rewriter
 and the rule table stay small.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import onnx
 from onnx import helper, shape_inference, version_converter
 
 from onnxcam.errors import ModelError
+from onnxcam.graph.batch_axis import Lost, free_the_batch
 
 #: The opset the rules are written for: ScatterElements(reduction="add") needs 16,
 #: LayerNormalization 17. Newer models keep their own opset.
@@ -69,19 +71,31 @@ def model_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared model, and where each tensor carries the batch (``batch_axis``)."""
+
+    model: onnx.ModelProto
+    batch_axes: dict = field(default_factory=dict)
+
+
 def prepare_model(model: onnx.ModelProto, dynamic_batch: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with initializers out of the inputs, opset >= OPSET_FLOOR, a symbolic
     batch dimension, and fresh shape inference."""
+    return prepare(model, dynamic_batch).model
+
+
+def prepare(model: onnx.ModelProto, dynamic_batch: bool = True) -> Prepared:
+    """``prepare_model``, with the batch axes found on the way."""
     model = _copy(model)
     weights = _detach_weights(model)
     _drop_initializer_inputs(model)
     if model_opset(model) < OPSET_FLOOR:
         model = _upgrade_opset(model)
-    if dynamic_batch:
-        _make_batch_dynamic(model)
+    axes = _make_batch_dynamic(model) if dynamic_batch else {}
     model = infer_shapes(model)
     _attach_weights(model, weights)
-    return model
+    return Prepared(model, axes)
 
 
 #: Initializers above this many bytes are set aside while the model is converted and inferred:
@@ -131,55 +145,36 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return upgraded
 
 
-def _make_batch_dynamic(model: onnx.ModelProto) -> None:
-    """Symbolic dim 0 on every input and output; fix Reshapes that hard-code a batch of 1."""
+def _make_batch_dynamic(model: onnx.ModelProto) -> dict[str, int | Lost]:
+    """Symbolic dim 0 on every input and output; constants that hard-code a batch of 1 made to
+    follow the batch (``batch_axis.free_the_batch``, whose batch axes are returned)."""
     graph = model.graph
-    shapes = _inferred_shapes(model)
-    was_one = {name for name, shape in shapes.items() if shape and shape[0] == 1}
+    axes = {}
+    if all(_batch_of_one_or_symbolic(value) for value in graph.input):
+        axes = free_the_batch(model, _inferred_shapes(_with_batch_of_one(model)))
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
         if len(dims) >= 1:
             dims[0].Clear()
             dims[0].dim_param = BATCH_DIM
     del graph.value_info[:]  # stale static shapes would make the runtime fold Shape() to batch 1
-    constants = {init.name: init for init in graph.initializer}
-    constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    for node in graph.node:
-        if node.op_type != "Reshape" or node.input[0] not in was_one:
-            continue
-        _copy_batch_in_reshape(graph, node, constants, constant_nodes, shapes[node.input[0]])
+    return axes
 
 
-def _copy_batch_in_reshape(graph, node, constants, constant_nodes, input_shape: list) -> None:
-    """Make a Reshape to a constant shape starting with 1 keep its input's dim 0 instead.
+def _batch_of_one_or_symbolic(value: onnx.ValueInfoProto) -> bool:
+    dims = value.type.tensor_type.shape.dim
+    return not dims or not dims[0].HasField("dim_value") or dims[0].dim_value == 1
 
-    With allowzero 0 (the classic exporter) the 1 becomes 0, "copy that dim". With allowzero 1
-    (torch's dynamo exporter: a 0 is a real 0) it becomes -1; a -1 the shape had already is
-    resolved first from the input's static per-image size (left alone where that is unknown).
-    """
-    from onnx import numpy_helper
 
-    name = node.input[1]
-    if name in constants:
-        target = numpy_helper.to_array(constants[name])
-    elif name in constant_nodes:
-        target = numpy_helper.to_array(helper.get_attribute_value(constant_nodes[name].attribute[0]))
-    else:
-        return  # computed shapes follow the batch already
-    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-    if target.ndim != 1 or target.size == 0 or target[0] != 1 or (allowzero and 0 in target):
-        return
-    fixed = target.copy()
-    if allowzero and -1 in fixed[1:]:
-        per_image = input_shape[1:]
-        known = int(np.prod([d for d in fixed[1:] if d != -1]))
-        if not all(isinstance(d, int) for d in per_image) or known <= 0:
-            return
-        fixed[1:][fixed[1:] == -1] = int(np.prod(per_image)) // known
-    fixed[0] = -1 if allowzero else 0
-    new_name = f"{node.output[0]}__onnxcam_batch_shape"  # one per Reshape: others may share the shape
-    graph.initializer.append(numpy_helper.from_array(fixed, new_name))
-    node.input[1] = new_name
+def _with_batch_of_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose inputs have a batch of 1, for per-image shapes (the weights are detached)."""
+    copy = _copy(model)
+    for value in copy.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    return copy
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:

@@ -18,7 +18,8 @@ import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
 from onnxcam.graph.locate import Candidate, candidate_layers, find_logits, resolve_tensor
-from onnxcam.graph.prepare import BATCH_DIM, load_model, prepare_model
+from onnxcam.graph.batch_axis import Lost
+from onnxcam.graph.prepare import BATCH_DIM, load_model, prepare
 from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
 
 SEED = "onnxcam_seed"
@@ -55,7 +56,8 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     ``layer``: tensor or node name of the target layer (default: the last candidate).
     ``score``: a tensor name for neuron-level CAMs (default: the pre-softmax logits).
     """
-    prepared = prepare_model(load_model(model))
+    preparation = prepare(load_model(model))
+    prepared = preparation.model
     graph = gs.import_onnx(prepared)
     graph.toposort()
     if len(graph.inputs) != 1:
@@ -66,7 +68,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     dtype = graph.inputs[0].dtype or np.float32
 
     found = find_logits(graph)
-    built_in = _batch_built_in(found)
+    built_in = _batch_built_in(found, preparation.batch_axes.get(found.name))
     logits = _expose_logits(graph, found)
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
@@ -96,16 +98,18 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         batch_built_in=built_in)
 
 
-def _batch_built_in(logits: gs.Tensor) -> str | None:
+def _batch_built_in(logits: gs.Tensor, batch_axis: int | Lost | None) -> str | None:
     """The node after which the logits' batch is 1 whatever the input's, or None.
 
     Exporters can bake the example's batch of 1 into constants that preparation cannot make
-    dynamic: torch's dynamo exporter turns some views into a Gather with fixed indices, and
-    attention reshapes with the batch in dim 1. Shape inference then gives the logits a dim 0 of
-    1 while the input's is symbolic; walking back along the tensors whose dim 0 is 1 finds the
-    node where it appears. Such a model can only run one image, one noisy row, at a time.
+    follow the batch (``batch_axis``); it names the node where it lost the batch. Where it
+    could not follow the batch to the logits (an op it does not know), shape inference decides:
+    a dim 0 of 1 in the logits while the input's is symbolic, found by walking back along the
+    tensors whose dim 0 is 1. Such a model can only run one image, one noisy row, at a time.
     """
-    if not logits.shape or logits.shape[0] != 1:
+    if isinstance(batch_axis, Lost):
+        return batch_axis.node
+    if batch_axis == 0 or not logits.shape or logits.shape[0] != 1:
         return None
     tensor = logits
     while tensor.inputs:

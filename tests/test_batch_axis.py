@@ -1,0 +1,155 @@
+"""Following the batch through models exported at a batch of 1 (``onnxcam.graph.batch_axis``).
+
+Each model hard-codes its batch of 1 the way an exporter does. The property that matters: the
+rewritten model gives, for a run of 3 inputs, the logits of the original model run on each input
+alone, and each input's own single-run gradient; and its gradient matches finite differences.
+Where the batch cannot be followed, the node is named and nothing is claimed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam.graph import batch_axis
+from onnxcam.graph.rewrite import GRADIENT, LOGITS, SEED, build_gradient_model
+from tests.gradcheck import check_gradient
+
+RNG = np.random.default_rng(11)
+CLASSES = 5
+
+
+def _model(nodes, inits, channels=8, size=4) -> onnx.ModelProto:
+    """conv (x -> c) -> ``nodes`` (c -> body) -> GAP -> Flatten -> Gemm: logits."""
+    weights = {"conv_w": RNG.standard_normal((channels, 3, 3, 3)) * 0.3,
+               "fc_w": RNG.standard_normal((CLASSES, channels)) * 0.3}
+    head = [helper.make_node("GlobalAveragePool", ["body"], ["gap"], name="gap"),
+            helper.make_node("Flatten", ["gap"], ["flat"], axis=1, name="flatten"),
+            helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], transB=1, name="fc")]
+    conv = helper.make_node("Conv", ["x", "conv_w"], ["c"], pads=[1, 1, 1, 1], name="conv")
+    initializers = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()]
+    initializers += [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()]
+    graph = helper.make_graph([conv, *nodes, *head], "batch_of_one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, CLASSES])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _shape(values) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+def windows_model() -> onnx.ModelProto:
+    """Swin's window attention: NHWC, 2x2 windows of a 4x4 map (the batch folded into the 4
+    windows), a per-window mask added with the batch split back out, windows merged."""
+    nodes = [
+        helper.make_node("Transpose", ["c"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["nhwc", "grid"], ["grid6"]),                     # [1, 2, 2, 2, 2, 8]
+        helper.make_node("Transpose", ["grid6"], ["grouped"], perm=[0, 1, 3, 2, 4, 5]),
+        helper.make_node("Reshape", ["grouped", "windows"], ["w"]),                    # [4, 4, 8]
+        helper.make_node("MatMul", ["w", "mix"], ["mixed"]),
+        helper.make_node("Reshape", ["mixed", "per_image"], ["split"]),               # [1, 4, 4, 8]
+        helper.make_node("Add", ["split", "mask"], ["masked"]),
+        helper.make_node("Reshape", ["masked", "merged_windows"], ["merged"]),         # [-1, 4, 8]
+        helper.make_node("Reshape", ["merged", "grid"], ["back6"]),
+        helper.make_node("Transpose", ["back6"], ["back"], perm=[0, 1, 3, 2, 4, 5]),
+        helper.make_node("Reshape", ["back", "map"], ["map_nhwc"]),                   # [1, 4, 4, 8]
+        helper.make_node("Transpose", ["map_nhwc"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Relu", ["t"], ["body"], name="window_relu"),
+    ]
+    inits = {"grid": _shape([1, 2, 2, 2, 2, 8]), "windows": _shape([4, 4, 8]), "per_image": _shape([1, 4, 4, 8]),
+             "merged_windows": _shape([-1, 4, 8]), "map": _shape([1, 4, 4, 8]),
+             "mix": (RNG.standard_normal((8, 8)) * 0.3).astype(np.float32),
+             "mask": RNG.standard_normal((1, 4, 4, 1)).astype(np.float32)}
+    return _model(nodes, inits)
+
+
+def heads_model() -> onnx.ModelProto:
+    """torch's MultiheadAttention: tokens first, the batch in dim 1, folded into the 2 heads."""
+    nodes = [
+        helper.make_node("Reshape", ["c", "tokens_shape"], ["tokens"]),               # [1, 8, 16]
+        helper.make_node("Transpose", ["tokens"], ["lne"], perm=[2, 0, 1]),            # (16, N, 8)
+        helper.make_node("MatMul", ["lne", "proj"], ["q"]),
+        helper.make_node("Reshape", ["q", "heads_shape"], ["heads"]),                  # [16, 2, 4]
+        helper.make_node("Transpose", ["heads"], ["per_head"], perm=[1, 0, 2]),        # (2N, 16, 4)
+        helper.make_node("Softmax", ["per_head"], ["attention"], axis=-1),
+        helper.make_node("Transpose", ["attention"], ["back"], perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["back", "lne_shape"], ["joined"]),                # [16, 1, 8]
+        helper.make_node("Transpose", ["joined"], ["nel"], perm=[1, 2, 0]),            # (N, 8, 16)
+        helper.make_node("Reshape", ["nel", "map_shape"], ["body"], name="to_map"),    # [1, 8, 4, 4]
+    ]
+    inits = {"tokens_shape": _shape([1, 8, 16]), "heads_shape": _shape([16, 2, 4]), "lne_shape": _shape([16, 1, 8]),
+             "map_shape": _shape([1, 8, 4, 4]), "proj": (RNG.standard_normal((8, 8)) * 0.3).astype(np.float32)}
+    return _model(nodes, inits)
+
+
+def _logits_alone(model, x) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def _assert_batches_like_single_runs(model) -> None:
+    gm = build_gradient_model(model, layer="c")
+    assert gm.batch_built_in is None
+    x = RNG.standard_normal((3, 3, 4, 4)).astype(np.float32)
+    seed = RNG.standard_normal((3, CLASSES)).astype(np.float32)
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, gradient = session.run([LOGITS, GRADIENT], {"x": x, SEED: seed})
+    np.testing.assert_allclose(logits, _logits_alone(model, x), rtol=1e-5, atol=1e-6)
+    alone = np.concatenate([session.run([GRADIENT], {"x": x[i:i + 1], SEED: seed[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(gradient, alone, rtol=1e-5, atol=1e-7)
+    check_gradient(model, x, layer="c")
+
+
+@pytest.mark.parametrize("build", [windows_model, heads_model])
+def test_a_batch_of_one_folded_into_other_dims_is_followed(build):
+    _assert_batches_like_single_runs(build())
+
+
+def test_a_batch_followed_to_the_wrong_dim_fails_the_check(monkeypatch):
+    """The check above can fail: with the batch put in the last dim of every constant Reshape,
+    the heads model's softmax mixes the images."""
+    monkeypatch.setattr(batch_axis, "_batch_start", lambda in_shape, out_shape, axis: len(out_shape) - 1)
+    with pytest.raises(AssertionError):
+        _assert_batches_like_single_runs(heads_model())
+
+
+def _with_batch_mean(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Subtract the batch's mean (a training-mode normalisation): fine alone, mixes a batch."""
+    relu = next(node for node in model.graph.node if node.name == "window_relu")
+    relu.output[0] = "pre"
+    position = list(model.graph.node).index(relu) + 1
+    model.graph.node.insert(position, helper.make_node("ReduceMean", ["pre"], ["batch_mean"], axes=[0],
+                                                       keepdims=1, name="batch_mean"))
+    model.graph.node.insert(position + 1, helper.make_node("Sub", ["pre", "batch_mean"], ["centred"]))
+    model.graph.node.insert(position + 2, helper.make_node("Add", ["centred", "pre"], ["body"]))
+    return model
+
+
+def test_a_batch_that_cannot_be_followed_names_the_node():
+    gm = build_gradient_model(_with_batch_mean(windows_model()))
+    assert gm.batch_built_in == "batch_mean"
+
+
+def test_a_leading_one_is_followed_without_static_sizes():
+    """With a dynamic image size there are no per-image sizes: a Reshape to [1, 8, -1] (the
+    classic exporter's view(1, C, -1)) still follows the batch."""
+    nodes = [helper.make_node("Reshape", ["c", "rows_shape"], ["rows"]),
+             helper.make_node("ReduceMean", ["rows"], ["mean"], axes=[2], keepdims=1),
+             helper.make_node("Unsqueeze", ["mean", "last"], ["body"])]
+    model = _model(nodes, {"rows_shape": _shape([1, 8, -1]), "last": _shape([3])})
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    gm = build_gradient_model(model, layer="c")
+    assert gm.batch_built_in is None
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = RNG.standard_normal((3, 3, 6, 5)).astype(np.float32)
+    logits = session.run([LOGITS], {"x": x, SEED: np.zeros((3, CLASSES), np.float32)})[0]
+    np.testing.assert_allclose(logits, _logits_alone(model, x), rtol=1e-5, atol=1e-6)

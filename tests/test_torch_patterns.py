@@ -92,6 +92,14 @@ class ChannelsLastNorm(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class SizeView(nn.Module):
+    """``x.view(x.size(0), -1)``: with a dynamic batch the export computes the target shape from
+    ``Shape(x)`` on the path from the layer to the logits."""
+
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
 def gap_linear(c, classes=10):
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
 
@@ -123,6 +131,11 @@ def densenet_concat():
                                     nn.AvgPool2d(2), DenseBlock(24), gap_linear(36)))
 
 
+def size_view_flatten():
+    return Classifier(conv_bn(3, 8, stride=2),
+                      nn.Sequential(conv_bn(8, 8), nn.AdaptiveAvgPool2d(2), SizeView(), nn.Linear(32, 10)))
+
+
 PATTERNS = {
     "squeeze-excitation": (squeeze_excitation, 17),
     "inverted-residual-hardswish": (inverted_residual_hardswish, 17),
@@ -130,6 +143,7 @@ PATTERNS = {
     "layernorm-gelu-opset20": (layernorm_gelu, 20),
     "conv1x1-classifier": (conv1x1_classifier, 17),
     "densenet-concat": (densenet_concat, 17),
+    "size-view-flatten": (size_view_flatten, 17),
 }
 
 

@@ -15,17 +15,23 @@ from onnxcam.gradients.emitter import Emitter
 from onnxcam.gradients.rules import RULES
 
 
-def path_nodes(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> list[gs.Node]:
-    """Nodes on some path from ``source`` to ``target``, in topological order.
+#: Ops whose outputs depend on their input's shape only, never on its values.
+SHAPE_ONLY = {"Shape", "Size"}
 
+
+def path_nodes(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> list[gs.Node]:
+    """Nodes on some path of values from ``source`` to ``target``, in topological order.
+
+    Shapes and integer tensors carry no gradient: ``x.view(x.size(0), -1)`` exported with a
+    dynamic batch computes the Reshape's target from ``Shape(x)``, which is not on the path.
     ``graph.nodes`` must already be topologically sorted.
     """
     downstream = {source.name}
     forward = []
     for node in graph.nodes:
-        if any(t.name in downstream for t in node.inputs):
+        if node.op not in SHAPE_ONLY and any(t.name in downstream for t in node.inputs):
             forward.append(node)
-            downstream.update(t.name for t in node.outputs)
+            downstream.update(t.name for t in node.outputs if _carries_gradient(t))
     upstream = {target.name}
     on_path = []
     for node in reversed(forward):
@@ -33,6 +39,14 @@ def path_nodes(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> list[gs
             on_path.append(node)
             upstream.update(t.name for t in node.inputs if t.name in downstream)
     return on_path[::-1]
+
+
+def _carries_gradient(tensor: gs.Tensor) -> bool:
+    try:
+        dtype = np.dtype(tensor.dtype)
+    except TypeError:
+        return True  # unknown or not a NumPy type (bfloat16): assume values
+    return not (np.issubdtype(dtype, np.integer) or dtype == np.bool_)
 
 
 #: Ops that are linear in their path inputs when every other input is a constant (affine for

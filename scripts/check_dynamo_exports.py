@@ -1,6 +1,6 @@
 """torchvision classifiers exported with torch's dynamo exporter: onnxcam's gradient at the
-output of ``model.features`` (``layer4`` for ResNets, the NCHW view of the last stage for Swin)
-against ``torch.autograd`` of the same weights.
+output of ``model.features`` (``layer4`` for ResNets, the NCHW view of the last stage for Swin,
+the patch embedding for ViT) against ``torch.autograd`` of the same weights.
 
 The dynamo exporter (torch >= 2.9's default) writes patterns the classic one does not: Reshape
 with ``allowzero=1``, views as a Gather of fixed indices into the flattened batch of 1 (both
@@ -33,6 +33,10 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
+    with torch.no_grad():  # zero-initialised weights (ViT's head) would make every gradient 0
+        for parameter in model.parameters():
+            if parameter.dim() > 1 and not parameter.any():
+                parameter.normal_(0, 0.02)
     path = folder / f"{name}.onnx"
     torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), dynamo=True).save(str(path))
     gm = build_gradient_model(path)
@@ -40,8 +44,10 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
 
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     features = {}
-    # the last stage's output: Swin's is channels last, so its NCHW view after model.norm
-    body = next(getattr(model, name) for name in ("permute", "features", "layer4") if hasattr(model, name))
+    # the last stage's output (Swin's is channels last: its NCHW view after model.norm); for a
+    # ViT, whose token layers are not candidates, the patch embedding
+    body = next(getattr(model, name) for name in ("permute", "features", "layer4", "conv_proj")
+                if hasattr(model, name))
     hook = body.register_forward_hook(lambda module, args, out: features.setdefault("A", out))
     logits = model(x)
     hook.remove()
@@ -72,7 +78,7 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="torchvision.models names (with .features, ResNets or Swins)")
+    parser.add_argument("models", nargs="+", help="torchvision.models names (with .features, ResNets, Swins or ViTs)")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:

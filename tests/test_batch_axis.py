@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcam.graph import batch_axis
+from onnxcam.graph import batch_axis, rewrite
 from onnxcam.graph.rewrite import GRADIENT, LOGITS, SEED, build_gradient_model
 from tests.gradcheck import check_gradient
 
@@ -72,7 +72,8 @@ def windows_model() -> onnx.ModelProto:
 
 
 def heads_model() -> onnx.ModelProto:
-    """torch's MultiheadAttention: tokens first, the batch in dim 1, folded into the 2 heads."""
+    """torch's MultiheadAttention: tokens first, the batch in dim 1, folded into the 2 heads, then
+    behind the tokens (16 x N rows) for the output projection."""
     nodes = [
         helper.make_node("Reshape", ["c", "tokens_shape"], ["tokens"]),               # [1, 8, 16]
         helper.make_node("Transpose", ["tokens"], ["lne"], perm=[2, 0, 1]),            # (16, N, 8)
@@ -82,11 +83,34 @@ def heads_model() -> onnx.ModelProto:
         helper.make_node("Softmax", ["per_head"], ["attention"], axis=-1),
         helper.make_node("Transpose", ["attention"], ["back"], perm=[1, 0, 2]),
         helper.make_node("Reshape", ["back", "lne_shape"], ["joined"]),                # [16, 1, 8]
-        helper.make_node("Transpose", ["joined"], ["nel"], perm=[1, 2, 0]),            # (N, 8, 16)
+        helper.make_node("Reshape", ["joined", "rows_shape"], ["rows"]),               # [16, 8]: 16 x N rows
+        helper.make_node("MatMul", ["rows", "out_proj"], ["projected"]),
+        helper.make_node("Reshape", ["projected", "lne_shape"], ["tokens_out"]),       # [16, 1, 8]
+        helper.make_node("Transpose", ["tokens_out"], ["nel"], perm=[1, 2, 0]),        # (N, 8, 16)
         helper.make_node("Reshape", ["nel", "map_shape"], ["body"], name="to_map"),    # [1, 8, 4, 4]
     ]
     inits = {"tokens_shape": _shape([1, 8, 16]), "heads_shape": _shape([16, 2, 4]), "lne_shape": _shape([16, 1, 8]),
-             "map_shape": _shape([1, 8, 4, 4]), "proj": (RNG.standard_normal((8, 8)) * 0.3).astype(np.float32)}
+             "rows_shape": _shape([16, 8]), "map_shape": _shape([1, 8, 4, 4]),
+             "proj": (RNG.standard_normal((8, 8)) * 0.3).astype(np.float32),
+             "out_proj": (RNG.standard_normal((8, 8)) * 0.3).astype(np.float32)}
+    return _model(nodes, inits)
+
+
+def class_token_model() -> onnx.ModelProto:
+    """ViT's class token: a constant (1, 1, C) token concatenated before the image's tokens,
+    which the exporter wrote for a batch of 1; here every token then gets the sequence's mean."""
+    nodes = [
+        helper.make_node("Reshape", ["c", "tokens_shape"], ["tokens"]),                # [1, 8, 16]
+        helper.make_node("Transpose", ["tokens"], ["nlc"], perm=[0, 2, 1]),             # (N, 16, 8)
+        helper.make_node("Concat", ["class_token", "nlc"], ["sequence"], axis=1, name="cls_concat"),
+        helper.make_node("ReduceMean", ["sequence"], ["summary"], axes=[1], keepdims=1),
+        helper.make_node("Slice", ["sequence", "one", "end", "one"], ["patches"]),
+        helper.make_node("Add", ["patches", "summary"], ["mixed"]),
+        helper.make_node("Transpose", ["mixed"], ["ncl"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["ncl", "map_shape"], ["body"]),                    # [1, 8, 4, 4]
+    ]
+    inits = {"tokens_shape": _shape([1, 8, 16]), "map_shape": _shape([1, 8, 4, 4]), "one": _shape([1]),
+             "end": _shape([17]), "class_token": RNG.standard_normal((1, 1, 8)).astype(np.float32)}
     return _model(nodes, inits)
 
 
@@ -108,16 +132,23 @@ def _assert_batches_like_single_runs(model) -> None:
     check_gradient(model, x, layer="c")
 
 
-@pytest.mark.parametrize("build", [windows_model, heads_model])
+@pytest.mark.parametrize("build", [windows_model, heads_model, class_token_model])
 def test_a_batch_of_one_folded_into_other_dims_is_followed(build):
     _assert_batches_like_single_runs(build())
 
 
-def test_a_batch_followed_to_the_wrong_dim_fails_the_check(monkeypatch):
-    """The check above can fail: with the batch put in the last dim of every constant Reshape,
-    the heads model's softmax mixes the images."""
-    monkeypatch.setattr(batch_axis, "_batch_start", lambda in_shape, out_shape, axis: len(out_shape) - 1)
-    with pytest.raises(AssertionError):
+def test_a_wrong_reading_of_the_batch_is_caught_by_a_run_of_two_images(monkeypatch):
+    """With the batch put in the last possible dim of every constant Reshape, the heads model's
+    softmax would mix the images: the run of two images that checks every reading catches it,
+    and the model runs one row at a time, naming the first node read that way."""
+    def last_place(before, out_shape, axis):
+        return batch_axis.Batch(len(out_shape) - 1, 1)
+
+    monkeypatch.setattr(batch_axis, "batch_place", last_place)
+    gm = build_gradient_model(heads_model(), layer="c")
+    assert gm.batch_built_in is not None
+    monkeypatch.setattr(rewrite, "batch_is_consistent", lambda *args: True)
+    with pytest.raises(AssertionError):  # unchecked, the same reading would pass as batch-free
         _assert_batches_like_single_runs(heads_model())
 
 

@@ -303,7 +303,7 @@ def test_explain_notes_a_batch_of_one_built_into_the_model(work):
     model = save_model(with_batch_built_in(build_cnn("mlp", seed=4)), work / "fixed.onnx")
     result = run(["explain", model, work / "a.png", work / "b.png", "--samples", "3", "--out", work / "out"])
     assert result.exit_code == 0, result.output
-    assert "Note: the model has a batch of 1 built in (at node 'cls_concat')" in result.stderr
+    assert "Note: the model has a batch of 1 built in (at node 'batch_mean')" in result.stderr
     assert len(list((work / "out").glob("*.png"))) == 2
 
 

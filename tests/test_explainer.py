@@ -680,21 +680,17 @@ def test_an_overflowing_model_is_a_model_error_naming_the_image(tmp_path):
 
 
 def with_batch_built_in(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with a class token as a ViT export has it: a constant (1, 1, channels) token
-    concatenated before the image's features, then the features taken back out. The constant
-    lines up with a batch of 1 only (a batch of 1 built in, at 'cls_concat')."""
+    """``model`` with its features moved away from the batch's mean (2 f - mean), as batch
+    statistics export: the identity for one image, a mix of the images for several (a batch of
+    1 built in, at 'batch_mean')."""
     flatten = next(node for node in model.graph.node if node.op_type == "Flatten")
     position = list(model.graph.node).index(flatten)
-    channels = 16
     features = flatten.output[0]
     flatten.output[0] = "features_flat"
-    model.graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "token_axis"),
-                                    numpy_helper.from_array(np.ones((1, 1, channels), np.float32), "cls_token"),
-                                    numpy_helper.from_array(np.array(1, np.int64), "image_token")])
-    model.graph.node.insert(position + 1, helper.make_node("Unsqueeze", ["features_flat", "token_axis"], ["tokens"]))
-    model.graph.node.insert(position + 2, helper.make_node("Concat", ["cls_token", "tokens"], ["sequence"], axis=1,
-                                                           name="cls_concat"))
-    model.graph.node.insert(position + 3, helper.make_node("Gather", ["sequence", "image_token"], [features], axis=1))
+    model.graph.node.insert(position + 1, helper.make_node("ReduceMean", ["features_flat"], ["mean"], axes=[0],
+                                                           keepdims=1, name="batch_mean"))
+    model.graph.node.insert(position + 2, helper.make_node("Sub", ["features_flat", "mean"], ["centred"]))
+    model.graph.node.insert(position + 3, helper.make_node("Add", ["centred", "features_flat"], [features]))
     return model
 
 
@@ -703,7 +699,7 @@ def test_a_model_with_a_batch_of_one_built_in_runs_one_row_at_a_time(tmp_path):
     plain = Explainer(save_model(build_cnn("mlp"), tmp_path / "plain.onnx"), preprocess="unit")
     fixed_path = save_model(with_batch_built_in(build_cnn("mlp")), tmp_path / "fixed.onnx")
     fixed = Explainer(fixed_path, preprocess="unit")
-    assert fixed.gradient_model.batch_built_in == "cls_concat" and fixed.batch_size == 1
+    assert fixed.gradient_model.batch_built_in == "batch_mean" and fixed.batch_size == 1
     assert plain.gradient_model.batch_built_in is None and plain.batch_size > 1
     for method in ("gradcam", "smoothgradcampp"):
         expected = plain.explain(paths, method=method, samples=5)
@@ -711,7 +707,7 @@ def test_a_model_with_a_batch_of_one_built_in_runs_one_row_at_a_time(tmp_path):
         assert [r.class_index for r in got] == [r.class_index for r in expected]
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-4, atol=1e-6 * np.abs(b.raw_map).max())
-    with pytest.raises(OptionError, match=r"batch size 4: the model runs one image at a time .*'cls_concat'"):
+    with pytest.raises(OptionError, match=r"batch size 4: the model runs one image at a time .*'batch_mean'"):
         Explainer(fixed_path, preprocess="unit", batch_size=4).explain(paths, method="gradcam")
 
 

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, shape_inference, version_converter
 
 from onnxcam.errors import ModelError
-from onnxcam.graph.batch_axis import Lost, free_the_batch
+from onnxcam.graph.batch_axis import Followed, free_the_batch
 
 #: The opset the rules are written for: ScatterElements(reduction="add") needs 16,
 #: LayerNormalization 17. Newer models keep their own opset.
@@ -73,10 +73,12 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A prepared model, and where each tensor carries the batch (``batch_axis``)."""
+    """A prepared model, where each tensor carries the batch, and the nodes changed on a reading
+    of the exporter's intent (``batch_axis``)."""
 
     model: onnx.ModelProto
     batch_axes: dict = field(default_factory=dict)
+    batch_guesses: tuple = ()
 
 
 def prepare_model(model: onnx.ModelProto, dynamic_batch: bool = True) -> onnx.ModelProto:
@@ -92,10 +94,12 @@ def prepare(model: onnx.ModelProto, dynamic_batch: bool = True) -> Prepared:
     _drop_initializer_inputs(model)
     if model_opset(model) < OPSET_FLOOR:
         model = _upgrade_opset(model)
-    axes = _make_batch_dynamic(model) if dynamic_batch else {}
+    followed = _make_batch_dynamic(model) if dynamic_batch else None
     model = infer_shapes(model)
     _attach_weights(model, weights)
-    return Prepared(model, axes)
+    if followed is None:
+        return Prepared(model)
+    return Prepared(model, followed.axes, tuple(followed.guesses))
 
 
 #: Initializers above this many bytes are set aside while the model is converted and inferred:
@@ -145,20 +149,20 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return upgraded
 
 
-def _make_batch_dynamic(model: onnx.ModelProto) -> dict[str, int | Lost]:
+def _make_batch_dynamic(model: onnx.ModelProto) -> Followed:
     """Symbolic dim 0 on every input and output; constants that hard-code a batch of 1 made to
-    follow the batch (``batch_axis.free_the_batch``, whose batch axes are returned)."""
+    follow the batch (``batch_axis.free_the_batch``, whose findings are returned)."""
     graph = model.graph
-    axes = {}
+    followed = Followed({}, [])
     if all(_batch_of_one_or_symbolic(value) for value in graph.input):
-        axes = free_the_batch(model, _inferred_shapes(_with_batch_of_one(model)))
+        followed = free_the_batch(model, _inferred_shapes(_with_batch_of_one(model)))
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
         if len(dims) >= 1:
             dims[0].Clear()
             dims[0].dim_param = BATCH_DIM
     del graph.value_info[:]  # stale static shapes would make the runtime fold Shape() to batch 1
-    return axes
+    return followed
 
 
 def _batch_of_one_or_symbolic(value: onnx.ValueInfoProto) -> bool:

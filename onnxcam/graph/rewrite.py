@@ -18,8 +18,8 @@ import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
 from onnxcam.graph.locate import Candidate, candidate_layers, find_logits, resolve_tensor
-from onnxcam.graph.batch_axis import Lost
-from onnxcam.graph.prepare import BATCH_DIM, load_model, prepare
+from onnxcam.graph.batch_axis import Batch, Lost, batch_is_consistent
+from onnxcam.graph.prepare import BATCH_DIM, Prepared, load_model, prepare
 from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
 
 SEED = "onnxcam_seed"
@@ -68,7 +68,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     dtype = graph.inputs[0].dtype or np.float32
 
     found = find_logits(graph)
-    built_in = _batch_built_in(found, preparation.batch_axes.get(found.name))
+    built_in = _batch_built_in(found, preparation)
     logits = _expose_logits(graph, found)
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
@@ -98,18 +98,28 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         batch_built_in=built_in)
 
 
-def _batch_built_in(logits: gs.Tensor, batch_axis: int | Lost | None) -> str | None:
+def _batch_built_in(logits: gs.Tensor, preparation: Prepared) -> str | None:
     """The node after which the logits' batch is 1 whatever the input's, or None.
 
-    Exporters can bake the example's batch of 1 into constants that preparation cannot make
-    follow the batch (``batch_axis``); it names the node where it lost the batch. Where it
-    could not follow the batch to the logits (an op it does not know), shape inference decides:
-    a dim 0 of 1 in the logits while the input's is symbolic, found by walking back along the
-    tensors whose dim 0 is 1. Such a model can only run one image, one noisy row, at a time.
+    Exporters bake the example's batch of 1 into constants; preparation follows the batch and
+    makes them follow it (``batch_axis``), and names the node where it lost the batch. Where it
+    changed the model on a reading of the exporter's intent, a run of two images must give each
+    image's own outputs, or the first such node is named. Where it could not follow the batch
+    to the logits (an op it does not know), shape inference decides: a dim 0 of 1 in the logits
+    while the input's is symbolic, found by walking back along the tensors whose dim 0 is 1.
+    Such a model can only run one image, one noisy row, at a time.
     """
-    if isinstance(batch_axis, Lost):
-        return batch_axis.node
-    if batch_axis == 0 or not logits.shape or logits.shape[0] != 1:
+    batch = preparation.batch_axes.get(logits.name)
+    if isinstance(batch, Lost):
+        return batch.node
+    if batch == Batch(0):
+        if not preparation.batch_guesses:
+            return None
+        graph_input = preparation.model.graph.input[0]
+        image = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim][1:]
+        consistent = all(image) and batch_is_consistent(preparation.model, graph_input.name, tuple(image))
+        return None if consistent else preparation.batch_guesses[0]
+    if not logits.shape or logits.shape[0] != 1:
         return None
     tensor = logits
     while tensor.inputs:

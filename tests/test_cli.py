@@ -305,6 +305,11 @@ def test_explain_notes_a_batch_of_one_built_into_the_model(work):
     assert result.exit_code == 0, result.output
     assert "Note: the model has a batch of 1 built in (at node 'batch_mean')" in result.stderr
     assert len(list((work / "out").glob("*.png"))) == 2
+    inspected = run(["inspect", model])
+    assert "Batch: 1, built in at node 'batch_mean'" in inspected.stdout
+    assert json.loads(run(["inspect", model, "--json"]).stdout)["batch_built_in"] == "batch_mean"
+    rewritten = run(["rewrite", model, "-o", work / "gradient.onnx"])
+    assert rewritten.exit_code == 0 and "feed the written model one row at a time" in rewritten.stderr
 
 
 def test_explain_neuron_and_feature_maps(work):
@@ -354,6 +359,7 @@ def test_inspect_text_and_json(work):
     assert "Logits: logits" in text and "10 classes" in text
     assert "*  a2" in text and "Relu" in text
     assert "linear" in text and "Smooth Grad-CAM++" in text and "equals" in text
+    assert "Batch: any (runs in batches)" in text
     document = json.loads(run(["inspect", model, "--json"]).stdout)
     assert document["automatic_layer"] == "a2" and document["automatic_path_linear"] is True
     assert [c["tensor"] for c in document["candidates"]] == ["c1", "a1", "c2", "a2"]

@@ -93,6 +93,12 @@ def _report(path: Path, use_cache: bool) -> dict:
         gm, _ = load_gradient_model(path, use_cache=use_cache)
         report["explainable"] = True
         report["automatic_path_linear"] = gm.path_is_linear
+        report["batch_built_in"] = gm.batch_built_in
+        if gm.batch_built_in:
+            report["notes"].append(
+                f"the model has a batch of 1 built in (at node {gm.batch_built_in!r}): onnxcam runs it one "
+                "image, and one noisy sample, at a time, which is slower; re-export it with a dynamic batch "
+                "to run them in batches.")
         if gm.path_is_linear:
             earlier = [r["tensor"] for r in rows if not r["path_linear"] and r["supported"]]
             example = f", e.g. --layer {earlier[-1]}" if earlier else ""
@@ -104,6 +110,7 @@ def _report(path: Path, use_cache: bool) -> dict:
     except OnnxCamError as exc:
         report["explainable"] = False
         report["automatic_path_linear"] = None
+        report["batch_built_in"] = None
         report["notes"].append(f"cannot explain with the automatic layer: {' '.join(str(exc).split())}")
     return report
 
@@ -136,6 +143,9 @@ def _text(report: dict) -> str:
         size = "x".join("?" if d is None else str(d) for d in layout["size"])
         lines.append(f"Layout: {layout['layout']}, {layout['channels']} channels, {size}")
     lines.append(f"Preprocessing: {report['preprocessing']}")
+    if report["explainable"]:
+        built_in = report["batch_built_in"]
+        lines.append("Batch: " + (f"1, built in at node {built_in!r}" if built_in else "any (runs in batches)"))
     lines.append("")
     if report["candidates"]:
         lines.append(f"Candidate target layers ({len(report['candidates'])}, * = automatic):")

@@ -55,6 +55,9 @@ def rewrite(model: Path, out: Path, layer: str | None, score: str | None) -> Non
     for row in value_info_rows(gm.model.graph.output):
         role = f"  {ROLE[row['name']]}" if row["name"] in ROLE else ""
         click.echo(f"  {row['name']}  {shape_text(row['shape'])}  {row['dtype']}{role}")
+    if gm.batch_built_in:
+        click.echo(f"Note: the model has a batch of 1 built in (at node {gm.batch_built_in!r}): feed the "
+                   "written model one row at a time.", err=True)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -134,6 +134,8 @@ def check_gradient(model, inputs: np.ndarray, layer: str | None = None, score: s
             _score_shape(prepared, gm, gm.score, inputs)
         seed = rng.standard_normal(shape).astype(np.float32)
     activation, gradient = onnxcam_gradient(gm, inputs, seed)
+    if gm.layer_layout == "NHWC":  # A and g come channels first; the reference takes the layer as it is
+        activation, gradient = (t.transpose(0, 2, 3, 1) for t in (activation, gradient))
     reference = _reference_function(prepared, gm, gm.score, inputs)
     a0 = activation.astype(np.float64)
     seed64 = seed.astype(np.float64)

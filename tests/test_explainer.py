@@ -892,3 +892,43 @@ def test_the_bound_images_are_refilled_in_place_and_the_callers_arrays_kept(mlp_
         np.testing.assert_array_equal(b.raw_map, a.raw_map)
     np.testing.assert_array_equal(first, kept[0])
     np.testing.assert_array_equal(second, kept[1])
+
+
+def with_channels_last_stage(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its second conv's output also seen channels last, as Swin's stages and
+    tf2onnx's models have them: c2 -> Transpose (c2_nhwc, [N, 32, 32, 16]) -> Transpose back."""
+    relu = next(node for node in model.graph.node if node.name == "relu2")
+    position = list(model.graph.node).index(relu)
+    model.graph.node.insert(position, helper.make_node("Transpose", ["c2"], ["c2_nhwc"], perm=[0, 2, 3, 1]))
+    model.graph.node.insert(position + 1, helper.make_node("Transpose", ["c2_nhwc"], ["c2_back"], perm=[0, 3, 1, 2]))
+    relu.input[0] = "c2_back"
+    return model
+
+
+def test_a_channels_last_layer_gives_the_maps_of_its_channels_first_twin(tmp_path):
+    """A layer read as (N, h, w, K) gives the maps of the same values read as (N, K, h, w), not
+    maps 16 wide: the rewritten model returns A and g channels first."""
+    paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(2)]
+    explainer = Explainer(save_model(with_channels_last_stage(build_cnn("mlp")), tmp_path / "nhwc.onnx"),
+                          preprocess="unit")
+    layouts = {c.tensor: c.layout for c in explainer.gradient_model.candidates}
+    assert layouts["c2_nhwc"] == "NHWC" and layouts["c2"] == layouts["c2_back"] == "NCHW"
+    for method, top_k in (("gradcam", 2), ("smoothgradcampp", 1)):
+        twin = explainer.explain(paths, method=method, top_k=top_k, samples=4, layer="c2")
+        got = explainer.explain(paths, method=method, top_k=top_k, samples=4, layer="c2_nhwc")
+        assert [r.class_index for r in got] == [r.class_index for r in twin]
+        for a, b in zip(got, twin):
+            assert a.raw_map.shape == b.raw_map.shape
+            np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-5, atol=1e-7 * np.abs(b.raw_map).max())
+
+
+@pytest.mark.parametrize("shape, size, layout", [
+    ((1, 64, 56, 56), (224, 224), "NCHW"), ((1, 56, 56, 64), (224, 224), "NHWC"),
+    ((1, 768, 7, 7), (224, 224), "NCHW"), ((1, 7, 7, 768), (224, 224), "NHWC"),
+    ((1, 32, 112, 112), (224, 224), "NCHW"), ((1, 28, 40, 64), (224, 320), "NHWC"),
+    ((1, 7, 7, 7), (224, 224), "NCHW"), ((1, 7, 7, 768), (None, None), "NCHW"),
+])
+def test_layer_layout_reads_the_spatial_dims_from_the_image_size(shape, size, layout):
+    from onnxcam.graph.locate import layer_layout
+
+    assert layer_layout(shape, size) == layout

@@ -81,7 +81,7 @@ def _report(path: Path, use_cache: bool) -> dict:
         for candidate in candidate_layers(graph, logits):
             nodes = path_nodes(graph, tensors[candidate.tensor], logits)
             rows.append({"tensor": candidate.tensor, "node": candidate.node, "op": candidate.op,
-                         "shape": list(candidate.shape),
+                         "shape": list(candidate.shape), "layout": candidate.layout,
                          "path_linear": path_is_linear(nodes, tensors[candidate.tensor]),
                          "supported": not unsupported_nodes(nodes), "automatic": False})
     if rows:
@@ -149,10 +149,10 @@ def _text(report: dict) -> str:
     lines.append("")
     if report["candidates"]:
         lines.append(f"Candidate target layers ({len(report['candidates'])}, * = automatic):")
-        rows = [["*" if r["automatic"] else "", r["tensor"], r["op"], shape_text(r["shape"]),
+        rows = [["*" if r["automatic"] else "", r["tensor"], r["op"], shape_text(r["shape"]), r["layout"],
                  ("linear" if r["path_linear"] else "non-linear") + ("" if r["supported"] else ", unsupported op")]
                 for r in report["candidates"]]
-        lines.append(table(rows, ["", "tensor", "op", "shape", "path to logits"]))
+        lines.append(table(rows, ["", "tensor", "op", "shape", "layout", "path to logits"]))
     else:
         lines.append("Candidate target layers: none (no 4-D activation with spatial size >= 2 that every "
                      "path to the logits passes through)")

@@ -4,6 +4,7 @@ layer or tensor the user named."""
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
@@ -24,6 +25,7 @@ class Candidate:
     node: str  # the producing node's name
     op: str
     shape: tuple
+    layout: str = "NCHW"  # "NHWC": channels last (Swin's stages, tf2onnx's models)
 
 
 def find_logits(graph: gs.Graph) -> gs.Tensor:
@@ -41,9 +43,38 @@ def find_logits(graph: gs.Graph) -> gs.Tensor:
     return graph.outputs[0]
 
 
-def _spatial(shape) -> bool:
-    return (shape is not None and len(shape) == 4
-            and all(isinstance(d, int) and d >= 2 for d in shape[2:]))
+def _spatial(shape, layout: str) -> bool:
+    spatial = (shape[2:] if layout == "NCHW" else shape[1:3]) if shape is not None and len(shape) == 4 else ()
+    return len(spatial) == 2 and all(isinstance(d, int) and d >= 2 for d in spatial)
+
+
+def image_size(graph: gs.Graph) -> tuple:
+    """The model input's (H, W), None where unknown."""
+    from onnxcam.imaging.preprocess import detect_layout
+
+    shape = graph.inputs[0].shape if graph.inputs else None
+    try:
+        return detect_layout(shape or [], name="the model input")[1]
+    except Exception:  # noqa: BLE001 - not an image input: no size to compare layers with
+        return (None, None)
+
+
+def layer_layout(shape, size: tuple) -> str:
+    """"NHWC" for a channels-last activation, else "NCHW" (the ONNX convention, and ties).
+
+    An activation's spatial dims are the image's divided by one stride; its channel count is not
+    tied to the image. The reading whose (h, w) fit inside the image at the closest strides in H
+    and W wins: (N, 7, 7, 768) of a 224x224 image is channels last, (N, 64, 56, 56) is not."""
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or None in size:
+        return "NCHW"
+    height, width = size
+
+    def mismatch(h: int, w: int) -> float:
+        if not (1 <= h <= height and 1 <= w <= width):
+            return math.inf
+        return abs(math.log((height / h) / (width / w)))
+
+    return "NHWC" if mismatch(shape[1], shape[2]) < mismatch(shape[2], shape[3]) else "NCHW"
 
 
 def dominates(graph: gs.Graph, tensor: gs.Tensor, target: gs.Tensor) -> bool:
@@ -59,11 +90,13 @@ def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
     """Rank-4 activations with spatial size >= 2 that every input-to-score path passes through,
     in graph order; the last one is the automatic choice."""
     ancestors = _ancestors(score)
+    size = image_size(graph)
     found = []
     for node in graph.nodes:
         for out in node.outputs:
-            if out.name in ancestors and _spatial(out.shape) and dominates(graph, out, score):
-                found.append(Candidate(out.name, node.name, node.op, tuple(out.shape)))
+            layout = layer_layout(out.shape, size)
+            if out.name in ancestors and _spatial(out.shape, layout) and dominates(graph, out, score):
+                found.append(Candidate(out.name, node.name, node.op, tuple(out.shape), layout))
     return found
 
 

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
-from onnxcam.graph.locate import Candidate, candidate_layers, find_logits, resolve_tensor
+from onnxcam.graph.locate import Candidate, candidate_layers, find_logits, image_size, layer_layout, resolve_tensor
 from onnxcam.graph.batch_axis import Batch, Lost, batch_is_consistent
 from onnxcam.graph.prepare import BATCH_DIM, Prepared, load_model, prepare
 from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
@@ -43,6 +43,7 @@ class GradientModel:
     candidates: tuple[Candidate, ...] = field(default=())
     path_is_linear: bool = False     # score is linear in A: the gradient does not depend on the input
     batch_built_in: str | None = None  # the node after which the batch is 1 whatever the input's
+    layer_layout: str = "NCHW"       # the layer's own; A and g come out as NCHW either way
 
     @property
     def is_class_score(self) -> bool:
@@ -81,8 +82,10 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     except UnsupportedOperatorError as exc:
         raise UnsupportedOperatorError(f"{exc}{_later_layers_hint(graph, source, target, candidates)}") from None
 
-    graph.outputs.append(_named_identity(graph, source, ACTIVATION, dtype, source.shape))
-    graph.outputs.append(_named_identity(graph, gradient, GRADIENT, dtype, source.shape))
+    layout = layer_layout(source.shape, image_size(graph))
+    activation_shape = _nchw(source.shape, layout)
+    graph.outputs.append(_nchw_view(graph, source, ACTIVATION, dtype, activation_shape, layout))
+    graph.outputs.append(_nchw_view(graph, gradient, GRADIENT, dtype, activation_shape, layout))
     graph.outputs.append(logits)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
@@ -93,9 +96,9 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     return GradientModel(
         model=rewritten, layer=source.name, score=target.name,
         input_name=graph.inputs[0].name, input_shape=input_shape,
-        activation_shape=tuple(source.shape or ()), seed_shape=tuple(seed.shape or ()),
+        activation_shape=tuple(activation_shape or ()), seed_shape=tuple(seed.shape or ()),
         num_classes=_num_classes(logits), candidates=candidates, path_is_linear=linear,
-        batch_built_in=built_in)
+        batch_built_in=built_in, layer_layout=layout)
 
 
 def _batch_built_in(logits: gs.Tensor, preparation: Prepared) -> str | None:
@@ -178,9 +181,19 @@ def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape) -
     return graph.tensors()[candidates[-1].tensor]
 
 
-def _named_identity(graph: gs.Graph, tensor: gs.Tensor, name: str, dtype, shape) -> gs.Variable:
+def _nchw(shape, layout: str):
+    return shape if layout == "NCHW" or shape is None else [shape[0], shape[3], shape[1], shape[2]]
+
+
+def _nchw_view(graph: gs.Graph, tensor: gs.Tensor, name: str, dtype, shape, layout: str) -> gs.Variable:
+    """``tensor`` as a graph output ``name`` of ``shape``, channels first: the CAM methods read
+    (N, K, h, w)."""
     out = gs.Variable(name, dtype=dtype, shape=_batched(shape))
-    graph.nodes.append(gs.Node(op="Identity", name=f"onnxcam/{name}", inputs=[tensor], outputs=[out]))
+    if layout == "NCHW":
+        graph.nodes.append(gs.Node(op="Identity", name=f"onnxcam/{name}", inputs=[tensor], outputs=[out]))
+    else:
+        graph.nodes.append(gs.Node(op="Transpose", name=f"onnxcam/{name}", attrs={"perm": [0, 3, 1, 2]},
+                                   inputs=[tensor], outputs=[out]))
     return out
 
 

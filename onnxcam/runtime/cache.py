@@ -29,7 +29,7 @@ from onnxcam.graph.rewrite import GradientModel, build_gradient_model
 
 log = logging.getLogger("onnxcam.cache")
 
-FORMAT = 1  # bump when the entry layout changes
+FORMAT = 2  # bump when the entry layout changes
 
 
 def cache_dir() -> Path:
@@ -139,9 +139,10 @@ def _read(key: str) -> GradientModel | None:
             layer=info["layer"], score=info["score"], input_name=info["input_name"],
             input_shape=tuple(info["input_shape"]), activation_shape=tuple(info["activation_shape"]),
             seed_shape=tuple(info["seed_shape"]), num_classes=info["num_classes"],
-            candidates=tuple(Candidate(c["tensor"], c["node"], c["op"], tuple(c["shape"]))
+            candidates=tuple(Candidate(c["tensor"], c["node"], c["op"], tuple(c["shape"]), c["layout"])
                              for c in info["candidates"]),
-            path_is_linear=bool(info["path_is_linear"]), batch_built_in=info.get("batch_built_in"))
+            path_is_linear=bool(info["path_is_linear"]), batch_built_in=info["batch_built_in"],
+            layer_layout=info["layer_layout"])
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - a corrupt entry is rebuilt, never fatal
@@ -158,9 +159,10 @@ def _write(key: str, gm: GradientModel) -> None:
             "layer": gm.layer, "score": gm.score, "input_name": gm.input_name,
             "input_shape": list(gm.input_shape), "activation_shape": list(gm.activation_shape),
             "seed_shape": list(gm.seed_shape), "num_classes": gm.num_classes,
-            "candidates": [{"tensor": c.tensor, "node": c.node, "op": c.op, "shape": list(c.shape)}
-                           for c in gm.candidates],
+            "candidates": [{"tensor": c.tensor, "node": c.node, "op": c.op, "shape": list(c.shape),
+                            "layout": c.layout} for c in gm.candidates],
             "path_is_linear": gm.path_is_linear, "batch_built_in": gm.batch_built_in,
+            "layer_layout": gm.layer_layout,
         }
         model_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(model_path, data)

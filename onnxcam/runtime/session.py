@@ -232,6 +232,8 @@ class GradientSession:
 def _split(gm: GradientModel) -> dict[str, onnx.ModelProto] | None:
     """The forward part and the head of the rewritten model, or None when the layer does not
     separate the input from the score (a named layer beside a skip connection)."""
+    if gm.layer_layout != "NCHW":  # the head would take the layer in its own layout, A is NCHW
+        return None
     try:
         extractor = Extractor(gm.model)
         head = extractor.extract_model([gm.layer, SEED], [GRADIENT])

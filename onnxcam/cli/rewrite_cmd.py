@@ -15,7 +15,7 @@ from onnxcam.runtime.cache import load_gradient_model
 
 ROLE = {
     SEED: "input: cotangent of the score, e.g. one-hot rows [N, classes] picking the class",
-    ACTIVATION: "output: the target layer's activation A",
+    ACTIVATION: "output: the target layer's activation A, channels first",
     GRADIENT: "output: d<seed, score>/dA, shaped like A",
     LOGITS: "output: the pre-softmax logits [N, classes]",
 }
@@ -36,7 +36,8 @@ def rewrite(model: Path, out: Path, layer: str | None, score: str | None) -> Non
     \b
       onnxcam_seed        input   cotangent of the score: [N, classes] for the logits
                                   (a one-hot row picks a class), or the --score tensor's shape
-      onnxcam_activation  output  the target layer's activation A
+      onnxcam_activation  output  the target layer's activation A, channels first
+                                  (a channels-last layer is transposed)
       onnxcam_gradient    output  d<seed, score>/dA, shaped like A
       onnxcam_logits      output  the pre-softmax logits [N, classes]
 

@@ -920,15 +920,3 @@ def test_a_channels_last_layer_gives_the_maps_of_its_channels_first_twin(tmp_pat
         for a, b in zip(got, twin):
             assert a.raw_map.shape == b.raw_map.shape
             np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-5, atol=1e-7 * np.abs(b.raw_map).max())
-
-
-@pytest.mark.parametrize("shape, size, layout", [
-    ((1, 64, 56, 56), (224, 224), "NCHW"), ((1, 56, 56, 64), (224, 224), "NHWC"),
-    ((1, 768, 7, 7), (224, 224), "NCHW"), ((1, 7, 7, 768), (224, 224), "NHWC"),
-    ((1, 32, 112, 112), (224, 224), "NCHW"), ((1, 28, 40, 64), (224, 320), "NHWC"),
-    ((1, 7, 7, 7), (224, 224), "NCHW"), ((1, 7, 7, 768), (None, None), "NCHW"),
-])
-def test_layer_layout_reads_the_spatial_dims_from_the_image_size(shape, size, layout):
-    from onnxcam.graph.locate import layer_layout
-
-    assert layer_layout(shape, size) == layout

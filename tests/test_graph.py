@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam.errors import LayerError, ModelError, OnnxCamError, UnsupportedOperatorError
-from onnxcam.graph.locate import find_logits
+from onnxcam.graph.locate import find_logits, layer_layout
 from onnxcam.graph.prepare import OPSET_FLOOR, load_model, model_opset, prepare_model
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, build_gradient_model
 from tests.gradcheck import check_gradient, onnxcam_gradient
@@ -320,3 +320,13 @@ def test_a_scale_goes_into_the_emitted_gemm_only_when_nothing_else_reads_it(othe
         assert gemm.attrs.get("alpha", 1.0) == 1.0 and out.inputs[0].op == "Mul"
     else:
         assert gemm.attrs["alpha"] == 0.25 and out is reshaped
+
+
+@pytest.mark.parametrize("shape, size, layout", [
+    ((1, 64, 56, 56), (224, 224), "NCHW"), ((1, 56, 56, 64), (224, 224), "NHWC"),
+    ((1, 768, 7, 7), (224, 224), "NCHW"), ((1, 7, 7, 768), (224, 224), "NHWC"),
+    ((1, 32, 112, 112), (224, 224), "NCHW"), ((1, 28, 40, 64), (224, 320), "NHWC"),
+    ((1, 7, 7, 7), (224, 224), "NCHW"), ((1, 7, 7, 768), (None, None), "NCHW"),
+])
+def test_layer_layout_reads_the_spatial_dims_from_the_image_size(shape, size, layout):
+    assert layer_layout(shape, size) == layout

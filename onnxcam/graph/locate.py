@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from onnxcam.errors import LayerError
+from onnxcam.errors import LayerError, ModelError
 
 #: Ops that only move or relabel data between the logits and the model's output.
 PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
@@ -55,7 +55,7 @@ def image_size(graph: gs.Graph) -> tuple:
     shape = graph.inputs[0].shape if graph.inputs else None
     try:
         return detect_layout(shape or [], name="the model input")[1]
-    except Exception:  # noqa: BLE001 - not an image input: no size to compare layers with
+    except ModelError:  # not an image input: no size to compare layers with
         return (None, None)
 
 
@@ -87,8 +87,9 @@ def dominates(graph: gs.Graph, tensor: gs.Tensor, target: gs.Tensor) -> bool:
 
 
 def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
-    """Rank-4 activations with spatial size >= 2 that every input-to-score path passes through,
-    in graph order; the last one is the automatic choice."""
+    """Rank-4 activations (channels first or last, ``layer_layout``) with spatial size >= 2 that
+    every input-to-score path passes through, in graph order; the last one is the automatic
+    choice."""
     ancestors = _ancestors(score)
     size = image_size(graph)
     found = []

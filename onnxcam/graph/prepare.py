@@ -1,8 +1,8 @@
 """Loading a model and bringing it to the one form the gradient rules are written for.
 
 Exported models come in every vintage: initializers listed as inputs, opset 7, a batch of 1 baked
-into Reshape constants or Gather indices, stale value_info. Preparation normalises all of it once, so the rewriter
-and the rule table stay small.
+into constants (``batch_axis``), stale value_info. Preparation normalises all of it once, so the
+rewriter and the rule table stay small.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """torchvision classifiers exported with torch's dynamo exporter: onnxcam's gradient at the
 output of ``model.features`` (``layer4`` for ResNets, the NCHW view of the last stage for Swin,
-the patch embedding for ViT) against ``torch.autograd`` of the same weights.
+the patch tokens entering the last block, on their grid, for ViT) against ``torch.autograd`` of
+the same weights.
 
 The dynamo exporter (torch >= 2.9's default) writes patterns the classic one does not: Reshape
 with ``allowzero=1``, views as a Gather of fixed indices into the flattened batch of 1 (both
@@ -44,11 +45,19 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
 
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     features = {}
-    # the last stage's output (Swin's is channels last: its NCHW view after model.norm); for a
-    # ViT, whose token layers are not candidates, the patch embedding
-    body = next(getattr(model, name) for name in ("permute", "features", "layer4", "conv_proj")
-                if hasattr(model, name))
-    hook = body.register_forward_hook(lambda module, args, out: features.setdefault("A", out))
+    if hasattr(model, "encoder"):  # a ViT: the tokens entering the last block, patches on their grid
+        hook = model.encoder.layers[-1].register_forward_pre_hook(
+            lambda module, args: features.setdefault("A", args[0]))
+        side = int(round((model.seq_length - 1) ** 0.5))
+
+        def view(t):
+            return t[:, 1:].reshape(1, side, side, -1).transpose(0, 3, 1, 2)
+    else:  # the last stage's output (Swin's is channels last: its NCHW view after model.norm)
+        body = next(getattr(model, name) for name in ("permute", "features", "layer4") if hasattr(model, name))
+        hook = body.register_forward_hook(lambda module, args, out: features.setdefault("A", out))
+
+        def view(t):
+            return t
     logits = model(x)
     hook.remove()
     activation = features["A"]
@@ -58,7 +67,7 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
     seed = np.zeros((1, logits.shape[1]), np.float32)
     seed[0, target] = 1.0
     A, G = session.run([ACTIVATION, GRADIENT], {gm.input_name: x.numpy(), SEED: seed})
-    expected_activation, expected = activation.detach().numpy(), activation.grad.numpy()
+    expected_activation, expected = view(activation.detach().numpy()), view(activation.grad.numpy())
     same_layer = A.shape == expected.shape and np.allclose(A, expected_activation, atol=1e-4)
     error = float(np.abs(G - expected).max() / np.abs(expected).max()) if same_layer else float("inf")
     where = f"batch of 1 built in at {gm.batch_built_in!r}" if gm.batch_built_in else "batch free"

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam.errors import LayerError, ModelError, OnnxCamError, UnsupportedOperatorError
-from onnxcam.graph.locate import find_logits, layer_layout
+from onnxcam.graph.locate import find_logits, layer_layout, token_grid
 from onnxcam.graph.prepare import OPSET_FLOOR, load_model, model_opset, prepare_model
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, build_gradient_model
 from tests.gradcheck import check_gradient, onnxcam_gradient
@@ -330,3 +330,14 @@ def test_a_scale_goes_into_the_emitted_gemm_only_when_nothing_else_reads_it(othe
 ])
 def test_layer_layout_reads_the_spatial_dims_from_the_image_size(shape, size, layout):
     assert layer_layout(shape, size) == layout
+
+
+@pytest.mark.parametrize("shape, size, grid", [
+    ((1, 197, 768), (224, 224), (1, 14, 14)), ((1, 196, 768), (224, 224), (0, 14, 14)),
+    ((1, 198, 384), (224, 224), (2, 14, 14)), ((1, 50, 768), (224, 224), (1, 7, 7)),
+    ((1, 193, 64), (192, 256), (1, 12, 16)), ((1, 10, 64), (224, 224), None),
+    ((1, 197, 768), (None, None), None), ((1, 768, 7, 7), (224, 224), None),
+])
+def test_vit_tokens_are_found_on_their_patch_grid(shape, size, grid):
+    assert token_grid(shape, size) == grid
+    assert layer_layout(shape, size) == ("NLC" if grid else "NCHW")

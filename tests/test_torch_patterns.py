@@ -212,3 +212,85 @@ def test_gradient_matches_torch_autograd(name):
     np.testing.assert_allclose(a_onnx, activation.detach().numpy(), rtol=1e-4, atol=1e-5)
     error = np.abs(g_onnx - grad_torch.numpy()).max() / np.abs(grad_torch.numpy()).max()
     assert error < 1e-4, f"{name}: relative gradient error {error:.2e} at layer {layer}"
+
+
+class Attention(nn.Module):
+    """timm's ViT attention: one qkv projection, heads split by reshapes of the batch's size."""
+
+    def __init__(self, width, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attention = (q @ k.transpose(-2, -1) * (width // self.heads) ** -0.5).softmax(dim=-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(batch, tokens, width))
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm1, self.attention = nn.LayerNorm(width), Attention(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """A ViT on 16x16 images: 4x4 patches (a 4 x 4 grid), a class token, two timm-style blocks."""
+
+    def __init__(self, width=16, classes=10):
+        super().__init__()
+        self.patches = nn.Conv2d(3, width, 4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, width) * 0.5)
+        self.position = nn.Parameter(torch.randn(1, 17, width) * 0.5)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(2))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, classes)
+
+    def tokens(self, x):
+        """The tokens that enter the last block."""
+        patches = self.patches(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), patches], dim=1) + self.position
+        return self.blocks[0](x)
+
+    def rest(self, tokens):
+        return self.head(self.norm(self.blocks[1](tokens))[:, 0])
+
+    def forward(self, x):
+        return self.rest(self.tokens(x))
+
+
+def test_a_vit_is_explained_at_its_last_blocks_input_on_the_patch_grid():
+    """ViT tokens (N, 1 + 16, C) are candidates: the automatic layer is the last block's input
+    (after it only the class token reaches the head, so every patch's gradient is 0 there), and A
+    and g come back as the 4 x 4 patch grid, matching torch.autograd on the same tokens."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), buffer, input_names=["input"], output_names=["output"],
+                      opset_version=17, dynamo=False)
+    gm = build_gradient_model(onnx.load_from_string(buffer.getvalue()))
+    assert gm.batch_built_in is None
+    assert gm.layer_layout == "NLC" and tuple(gm.activation_shape[1:]) == (16, 4, 4)
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    tokens = model.tokens(x).detach().requires_grad_(True)
+    logits = model.rest(tokens)
+    seed = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    (grad_torch,) = torch.autograd.grad((logits * seed).sum(), tokens)
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a_onnx, g_onnx = session.run([ACTIVATION, GRADIENT], {gm.input_name: x.numpy(), SEED: seed.numpy()})
+
+    def on_grid(t):
+        return t[:, 1:].reshape(2, 4, 4, 16).permute(0, 3, 1, 2).detach().numpy()
+
+    np.testing.assert_allclose(a_onnx, on_grid(tokens), rtol=1e-4, atol=1e-5)
+    error = np.abs(g_onnx - on_grid(grad_torch)).max() / np.abs(grad_torch.numpy()).max()
+    assert error < 1e-4, f"relative gradient error {error:.2e} at layer {gm.layer}"

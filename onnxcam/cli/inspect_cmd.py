@@ -14,6 +14,7 @@ from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph.locate import candidate_layers, find_logits
 from onnxcam.graph.prepare import load_model, model_opset, prepare_model
+from onnxcam.graph.rewrite import automatic_layer
 from onnxcam.imaging import detect_layout
 from onnxcam.runtime.cache import load_gradient_model
 
@@ -75,19 +76,19 @@ def _report(path: Path, use_cache: bool) -> dict:
         report["notes"].append(str(exc) if isinstance(exc, OnnxCamError) else "the model has no inputs")
     report["preprocessing"] = _preprocessing_text(report["metadata"])
 
-    rows = []
+    rows, automatic = [], None
     if logits is not None:
         tensors = graph.tensors()
-        for candidate in candidate_layers(graph, logits):
+        candidates = candidate_layers(graph, logits)
+        automatic = automatic_layer(graph, candidates, logits)
+        for candidate in candidates:
             nodes = path_nodes(graph, tensors[candidate.tensor], logits)
             rows.append({"tensor": candidate.tensor, "node": candidate.node, "op": candidate.op,
                          "shape": list(candidate.shape), "layout": candidate.layout,
                          "path_linear": path_is_linear(nodes, tensors[candidate.tensor]),
-                         "supported": not unsupported_nodes(nodes), "automatic": False})
-    if rows:
-        rows[-1]["automatic"] = True
+                         "supported": not unsupported_nodes(nodes), "automatic": candidate == automatic})
     report["candidates"] = rows
-    report["automatic_layer"] = rows[-1]["tensor"] if rows else None
+    report["automatic_layer"] = automatic.tensor if automatic else None
 
     try:
         gm, _ = load_gradient_model(path, use_cache=use_cache)

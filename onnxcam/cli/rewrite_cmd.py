@@ -37,7 +37,8 @@ def rewrite(model: Path, out: Path, layer: str | None, score: str | None) -> Non
       onnxcam_seed        input   cotangent of the score: [N, classes] for the logits
                                   (a one-hot row picks a class), or the --score tensor's shape
       onnxcam_activation  output  the target layer's activation A, channels first
-                                  (a channels-last layer is transposed)
+                                  (a channels-last layer transposed, ViT patch
+                                  tokens on their grid)
       onnxcam_gradient    output  d<seed, score>/dA, shaped like A
       onnxcam_logits      output  the pre-softmax logits [N, classes]
 

@@ -178,12 +178,15 @@ class _Walk:
         if self.shapes[node.input[source_index]][source.axis] != 1:
             return  # a folded batch (several per-image values in its dim) would need a Tile
         for i, name in enumerate(node.input):
-            shape = self.shapes.get(name)
-            if any(i == j for j, _ in batched) or shape is None or len(shape) != out_rank or shape[batch.axis] != 1:
-                continue
             stem = f"{node.output[0]}__onnxcam_token{i}"
             if name == f"{stem}_expanded":  # expanded when the model was prepared before
                 batched.append((i, batch))
+                continue
+            producer = self.producers.get(name)
+            if producer is not None and producer.op_type == "Expand" and not _static(self.shapes.get(name)):
+                name = producer.input[0]  # expanded to a computed shape: the classic exporter's expand(n, -1, -1)
+            shape = self.shapes.get(name)
+            if any(i == j for j, _ in batched) or shape is None or len(shape) != out_rank or shape[batch.axis] != 1:
                 continue
             parts = [f"{stem}_before"] * bool(batch.axis) + [f"{stem}_batch"] + \
                 [f"{stem}_after"] * bool(out_rank - batch.axis - 1)

@@ -25,7 +25,7 @@ class Candidate:
     node: str  # the producing node's name
     op: str
     shape: tuple
-    layout: str = "NCHW"  # "NHWC": channels last (Swin's stages, tf2onnx's models)
+    layout: str = "NCHW"  # "NHWC": channels last (Swin's stages, tf2onnx's models); "NLC": ViT tokens
 
 
 def find_logits(graph: gs.Graph) -> gs.Tensor:
@@ -44,8 +44,33 @@ def find_logits(graph: gs.Graph) -> gs.Tensor:
 
 
 def _spatial(shape, layout: str) -> bool:
+    if layout == "NLC":
+        return True  # token_grid found a grid of at least 2 x 2
     spatial = (shape[2:] if layout == "NCHW" else shape[1:3]) if shape is not None and len(shape) == 4 else ()
     return len(spatial) == 2 and all(isinstance(d, int) and d >= 2 for d in spatial)
+
+
+#: Tokens ahead of a ViT's patch tokens: none, a class token, a class and a distillation token.
+EXTRA_TOKENS = (0, 1, 2)
+
+
+def token_grid(shape, size: tuple) -> tuple[int, int, int] | None:
+    """(extra tokens, rows, columns) of a ViT token tensor (N, tokens, channels) whose patch
+    tokens tile the image in square patches of a whole number of pixels (197 tokens of a 224x224
+    image: a class token and 14 x 14 patches of 16 pixels), else None."""
+    if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]) or None in size:
+        return None
+    height, width = size
+    for extra in EXTRA_TOKENS:
+        patches = shape[1] - extra
+        if patches < 4:
+            continue
+        rows = round(math.sqrt(patches * height / width))
+        columns = patches // rows if rows else 0
+        if (rows >= 2 and columns >= 2 and rows * columns == patches and height % rows == 0
+                and width % columns == 0 and height // rows == width // columns):
+            return extra, rows, columns
+    return None
 
 
 def image_size(graph: gs.Graph) -> tuple:
@@ -60,11 +85,14 @@ def image_size(graph: gs.Graph) -> tuple:
 
 
 def layer_layout(shape, size: tuple) -> str:
-    """"NHWC" for a channels-last activation, else "NCHW" (the ONNX convention, and ties).
+    """"NLC" for ViT tokens (``token_grid``), "NHWC" for a channels-last activation, else "NCHW"
+    (the ONNX convention, and ties).
 
     An activation's spatial dims are the image's divided by one stride; its channel count is not
     tied to the image. The reading whose (h, w) fit inside the image at the closest strides in H
     and W wins: (N, 7, 7, 768) of a 224x224 image is channels last, (N, 64, 56, 56) is not."""
+    if token_grid(shape, size) is not None:
+        return "NLC"
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or None in size:
         return "NCHW"
     height, width = size
@@ -87,9 +115,9 @@ def dominates(graph: gs.Graph, tensor: gs.Tensor, target: gs.Tensor) -> bool:
 
 
 def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
-    """Rank-4 activations (channels first or last, ``layer_layout``) with spatial size >= 2 that
-    every input-to-score path passes through, in graph order; the last one is the automatic
-    choice."""
+    """Rank-4 activations (channels first or last, ``layer_layout``) with spatial size >= 2, and
+    ViT token tensors on a grid of at least 2 x 2, that every input-to-score path passes through,
+    in graph order."""
     ancestors = _ancestors(score)
     size = image_size(graph)
     found = []

@@ -17,10 +17,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
-from onnxcam.graph.locate import Candidate, candidate_layers, find_logits, image_size, layer_layout, resolve_tensor
+from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, image_size, layer_layout, resolve_tensor,
+                                  token_grid)
 from onnxcam.graph.batch_axis import Batch, Lost, batch_is_consistent
 from onnxcam.graph.prepare import BATCH_DIM, Prepared, load_model, prepare
 from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
+from onnxcam.gradients.emitter import constant_value
 
 SEED = "onnxcam_seed"
 ACTIVATION = "onnxcam_activation"
@@ -73,7 +75,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     logits = _expose_logits(graph, found)
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
-    source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape)
+    source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape, logits)
     seed = gs.Variable(SEED, dtype=dtype, shape=_batched(target.shape))
     graph.inputs.append(seed)
     linear = path_is_linear(path_nodes(graph, source, target), source)
@@ -82,10 +84,12 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     except UnsupportedOperatorError as exc:
         raise UnsupportedOperatorError(f"{exc}{_later_layers_hint(graph, source, target, candidates)}") from None
 
-    layout = layer_layout(source.shape, image_size(graph))
-    activation_shape = _nchw(source.shape, layout)
-    graph.outputs.append(_nchw_view(graph, source, ACTIVATION, dtype, activation_shape, layout))
-    graph.outputs.append(_nchw_view(graph, gradient, GRADIENT, dtype, activation_shape, layout))
+    size = image_size(graph)
+    layout = layer_layout(source.shape, size)
+    grid = token_grid(source.shape, size)
+    activation_shape = _nchw(source.shape, layout, grid)
+    graph.outputs.append(_nchw_view(graph, source, ACTIVATION, dtype, activation_shape, layout, grid))
+    graph.outputs.append(_nchw_view(graph, gradient, GRADIENT, dtype, activation_shape, layout, grid))
     graph.outputs.append(logits)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
@@ -168,7 +172,38 @@ def _num_classes(logits: gs.Tensor) -> int | None:
     return n if isinstance(n, int) else None
 
 
-def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape) -> gs.Tensor:
+def automatic_layer(graph: gs.Graph, candidates, score: gs.Tensor) -> Candidate | None:
+    """The last candidate, passing over ViT token tensors whose patch tokens reach the score only
+    through one selected token (the class token, after the last attention block): their gradient
+    is zero on every patch, and so would be the map."""
+    tensors = graph.tensors()
+    for candidate in reversed(candidates):
+        source = tensors[candidate.tensor]
+        if candidate.layout != "NLC" or _patch_tokens_reach_score(path_nodes(graph, source, score), source):
+            return candidate
+    return candidates[-1] if candidates else None
+
+
+def _patch_tokens_reach_score(nodes, source: gs.Tensor) -> bool:
+    """False when a token is selected (Gather or Slice on the token axis) before attention mixes
+    the tokens (a MatMul of two tensors of the path)."""
+    on_path = {source.name} | {t.name for node in nodes for t in node.outputs}
+    for node in nodes:
+        if node.op == "MatMul" and all(t.name in on_path for t in node.inputs[:2]):
+            return True
+        if node.op in ("Gather", "Slice") and node.inputs[0].name in on_path and _on_token_axis(node):
+            return False
+    return True
+
+
+def _on_token_axis(node: gs.Node) -> bool:
+    if node.op == "Gather":
+        return node.attrs.get("axis", 0) in (1, -2)
+    axes = constant_value(node.inputs[3]) if len(node.inputs) > 3 else None
+    return axes is None or bool(np.isin(axes, (1, -2)).any())
+
+
+def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape, score: gs.Tensor) -> gs.Tensor:
     if layer is not None:
         return resolve_tensor(graph, layer)
     if not candidates and input_shape and not all(isinstance(d, int) for d in input_shape[1:]):
@@ -178,18 +213,35 @@ def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape) -
         raise LayerError("the model has no suitable target layer (a 4-D activation with spatial "
                          "size >= 2 that every path to the logits passes through): name one with "
                          "--layer")
-    return graph.tensors()[candidates[-1].tensor]
+    return graph.tensors()[automatic_layer(graph, candidates, score).tensor]
 
 
-def _nchw(shape, layout: str):
-    return shape if layout == "NCHW" or shape is None else [shape[0], shape[3], shape[1], shape[2]]
+def _nchw(shape, layout: str, grid):
+    if layout == "NCHW" or shape is None:
+        return shape
+    if layout == "NLC":
+        return [shape[0], shape[2], grid[1], grid[2]]
+    return [shape[0], shape[3], shape[1], shape[2]]
 
 
-def _nchw_view(graph: gs.Graph, tensor: gs.Tensor, name: str, dtype, shape, layout: str) -> gs.Variable:
+def _nchw_view(graph: gs.Graph, tensor: gs.Tensor, name: str, dtype, shape, layout: str, grid) -> gs.Variable:
     """``tensor`` as a graph output ``name`` of ``shape``, channels first: the CAM methods read
-    (N, K, h, w)."""
+    (N, K, h, w). ViT tokens lose their class (and distillation) token, and the patch tokens go
+    back on their grid, as pytorch-grad-cam's ``reshape_transform`` does."""
     out = gs.Variable(name, dtype=dtype, shape=_batched(shape))
-    if layout == "NCHW":
+    if layout == "NLC":
+        extra, rows, columns = grid
+        patches = gs.Variable(f"onnxcam/{name}_patches", dtype=dtype)
+        on_grid = gs.Variable(f"onnxcam/{name}_grid", dtype=dtype)
+        bounds = [gs.Constant(f"onnxcam/{name}_{what}", np.array([value], np.int64))
+                  for what, value in (("start", extra), ("end", extra + rows * columns), ("axis", 1))]
+        grid_shape = gs.Constant(f"onnxcam/{name}_grid_shape", np.array([-1, rows, columns, shape[1]], np.int64))
+        graph.nodes += [
+            gs.Node(op="Slice", name=f"onnxcam/{name}_patches", inputs=[tensor, *bounds], outputs=[patches]),
+            gs.Node(op="Reshape", name=f"onnxcam/{name}_grid", inputs=[patches, grid_shape], outputs=[on_grid]),
+            gs.Node(op="Transpose", name=f"onnxcam/{name}", attrs={"perm": [0, 3, 1, 2]},
+                    inputs=[on_grid], outputs=[out])]
+    elif layout == "NCHW":
         graph.nodes.append(gs.Node(op="Identity", name=f"onnxcam/{name}", inputs=[tensor], outputs=[out]))
     else:
         graph.nodes.append(gs.Node(op="Transpose", name=f"onnxcam/{name}", attrs={"perm": [0, 3, 1, 2]},

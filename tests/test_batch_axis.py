@@ -119,8 +119,8 @@ def _logits_alone(model, x) -> np.ndarray:
     return np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
 
 
-def _assert_batches_like_single_runs(model) -> None:
-    gm = build_gradient_model(model, layer="c")
+def _assert_batches_like_single_runs(model, layer: str = "c") -> None:
+    gm = build_gradient_model(model, layer=layer)
     assert gm.batch_built_in is None
     x = RNG.standard_normal((3, 3, 4, 4)).astype(np.float32)
     seed = RNG.standard_normal((3, CLASSES)).astype(np.float32)
@@ -129,7 +129,7 @@ def _assert_batches_like_single_runs(model) -> None:
     np.testing.assert_allclose(logits, _logits_alone(model, x), rtol=1e-5, atol=1e-6)
     alone = np.concatenate([session.run([GRADIENT], {"x": x[i:i + 1], SEED: seed[i:i + 1]})[0] for i in range(3)])
     np.testing.assert_allclose(gradient, alone, rtol=1e-5, atol=1e-7)
-    check_gradient(model, x, layer="c")
+    check_gradient(model, x, layer=layer)
 
 
 @pytest.mark.parametrize("build", [windows_model, heads_model, class_token_model])
@@ -184,3 +184,23 @@ def test_a_leading_one_is_followed_without_static_sizes():
     x = RNG.standard_normal((3, 3, 6, 5)).astype(np.float32)
     logits = session.run([LOGITS], {"x": x, SEED: np.zeros((3, CLASSES), np.float32)})[0]
     np.testing.assert_allclose(logits, _logits_alone(model, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("before_windows, built_in", [(True, "cumsum"), (False, None)])
+def test_an_op_it_does_not_know_is_decided_by_a_run_of_two_images(before_windows, built_in):
+    """After an op batch_axis does not know (CumSum, before the layer, so it needs no gradient
+    rule), the batch's place is unknown: the windows' constants after it stay as exported, and a
+    run of two images tells whether the model batches (it does not, and the CumSum is named) or
+    it still does (a CumSum after the windows)."""
+    model = windows_model()
+    where = "nhwc" if before_windows else "t"
+    consumer = next(node for node in model.graph.node if where in node.input)
+    consumer.input[list(consumer.input).index(where)] = "summed"
+    model.graph.initializer.append(numpy_helper.from_array(_shape(-1), "last_axis"))
+    producer = next(node for node in model.graph.node if where in node.output)
+    model.graph.node.insert(list(model.graph.node).index(producer) + 1,
+                            helper.make_node("CumSum", [where, "last_axis"], ["summed"], name="cumsum"))
+    gm = build_gradient_model(model, layer="body")
+    assert gm.batch_built_in == built_in
+    if built_in is None:
+        _assert_batches_like_single_runs(model, layer="body")

@@ -45,11 +45,19 @@ class Lost:
     node: str
 
 
+@dataclass(frozen=True)
+class Unknown:
+    """The batch reaches the tensor, but its place was lost track of at ``node`` (an op this
+    module does not know): nothing is claimed, a run decides."""
+
+    node: str
+
+
 @dataclass
 class Followed:
     """What ``free_the_batch`` found and changed."""
 
-    axes: dict        # tensor name -> Batch or Lost (absent: unknown)
+    axes: dict        # tensor name -> Batch, Lost or Unknown (absent: the batch does not reach it)
     guesses: list     # names of the nodes changed on a reading of the exporter's intent
 
 
@@ -69,6 +77,8 @@ PER_ROW = {
     "GlobalMaxPool", "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LRN",
     "DepthToSpace", "SpaceToDepth",
 }
+#: Ops whose outputs are shapes, not values.
+SHAPE_ONLY = {"Shape", "Size"}
 #: Ops that work along one ``axis`` and keep the rank.
 ALONG_AXIS = {"Softmax", "LogSoftmax", "Hardmax", "Split"}
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
@@ -97,15 +107,21 @@ class _Walk:
 
     def run(self) -> Followed:
         for node in list(self.graph.node):
+            if node.op_type in SHAPE_ONLY:
+                continue  # shapes follow the batch by themselves
             states = [self.axes.get(name) for name in node.input]
             lost = next((s for s in states if isinstance(s, Lost)), None)
+            unknown = next((s for s in states if isinstance(s, Unknown)), None)
             batched = [(i, s) for i, s in enumerate(states) if isinstance(s, Batch)]
             if lost is not None:  # whatever it meets, a tensor that mixed the batch stays mixed
-                self.axes.update((output, lost) for output in node.output)
+                out = lost
+            elif unknown is not None:
+                out = unknown
             elif batched:
-                out = self.follow(node, batched)
-                if out is not None:
-                    self.axes.update((output, out) for output in node.output)
+                out = self.follow(node, batched) or Unknown(node.name or node.output[0])
+            else:
+                continue
+            self.axes.update((output, out) for output in node.output)
         return Followed(self.axes, self.guesses)
 
     def value(self, name: str) -> np.ndarray | None:
@@ -376,14 +392,16 @@ def batch_is_consistent(model: onnx.ModelProto, input_name: str, image_shape: tu
     that ``free_the_batch`` made on a reading of the exporter's intent)."""
     import onnxruntime as ort
 
-    from onnxcam.runtime.providers import CPU_PROVIDER, session_options
+    from onnxcam.runtime.providers import CPU_PROVIDER, SILENT, session_options
 
     rng = np.random.default_rng(0)
     images = rng.standard_normal((2, *image_shape)).astype(np.float32)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = SILENT
     try:
         session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=[CPU_PROVIDER])
-        together = session.run(None, {input_name: images})
-        alone = [session.run(None, {input_name: images[i:i + 1]}) for i in range(2)]
+        together = session.run(None, {input_name: images}, quiet)
+        alone = [session.run(None, {input_name: images[i:i + 1]}, quiet) for i in range(2)]
     except Exception:  # noqa: BLE001 - a shape the batch breaks is the answer, not an error
         return False
     for k, output in enumerate(together):

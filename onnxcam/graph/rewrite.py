@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
 from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, image_size, layer_layout, resolve_tensor,
                                   token_grid)
-from onnxcam.graph.batch_axis import Batch, Lost, batch_is_consistent
+from onnxcam.graph.batch_axis import Batch, Lost, Unknown, batch_is_consistent
 from onnxcam.graph.prepare import BATCH_DIM, Prepared, load_model, prepare
 from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.gradients.emitter import constant_value
@@ -110,22 +110,22 @@ def _batch_built_in(logits: gs.Tensor, preparation: Prepared) -> str | None:
 
     Exporters bake the example's batch of 1 into constants; preparation follows the batch and
     makes them follow it (``batch_axis``), and names the node where it lost the batch. Where it
-    changed the model on a reading of the exporter's intent, a run of two images must give each
-    image's own outputs, or the first such node is named. Where it could not follow the batch
-    to the logits (an op it does not know), shape inference decides: a dim 0 of 1 in the logits
-    while the input's is symbolic, found by walking back along the tensors whose dim 0 is 1.
-    Such a model can only run one image, one noisy row, at a time.
+    changed the model on a reading of the exporter's intent, or lost track of the batch at an op
+    it does not know, a run of two images must give each image's own outputs, or the first such
+    node is named. Without a static input size to run, shape inference decides: a dim 0 of 1 in
+    the logits, found by walking back along the tensors whose dim 0 is 1. Such a model can only
+    run one image, one noisy row, at a time.
     """
     batch = preparation.batch_axes.get(logits.name)
     if isinstance(batch, Lost):
         return batch.node
-    if batch == Batch(0):
-        if not preparation.batch_guesses:
-            return None
-        graph_input = preparation.model.graph.input[0]
-        image = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim][1:]
-        consistent = all(image) and batch_is_consistent(preparation.model, graph_input.name, tuple(image))
-        return None if consistent else preparation.batch_guesses[0]
+    if batch == Batch(0) and not preparation.batch_guesses:
+        return None
+    suspect = batch.node if isinstance(batch, Unknown) else (preparation.batch_guesses or (logits.name,))[0]
+    graph_input = preparation.model.graph.input[0]
+    image = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim][1:]
+    if image and all(image):
+        return None if batch_is_consistent(preparation.model, graph_input.name, tuple(image)) else suspect
     if not logits.shape or logits.shape[0] != 1:
         return None
     tensor = logits

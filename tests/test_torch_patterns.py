@@ -131,6 +131,23 @@ def densenet_concat():
                                     nn.AvgPool2d(2), DenseBlock(24), gap_linear(36)))
 
 
+class EncoderHead(nn.Module):
+    """Patches as tokens through torch's TransformerEncoderLayer (nn.MultiheadAttention), whose
+    export computes reshape targets through Mod and Add of constants."""
+
+    def __init__(self, width=16, classes=10):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x.flatten(2).transpose(1, 2)).mean(1))
+
+
+def multihead_attention():
+    return Classifier(nn.Conv2d(3, 16, 8, stride=8), nn.Sequential(EncoderHead()))
+
+
 def size_view_flatten():
     return Classifier(conv_bn(3, 8, stride=2),
                       nn.Sequential(conv_bn(8, 8), nn.AdaptiveAvgPool2d(2), SizeView(), nn.Linear(32, 10)))
@@ -144,6 +161,7 @@ PATTERNS = {
     "conv1x1-classifier": (conv1x1_classifier, 17),
     "densenet-concat": (densenet_concat, 17),
     "size-view-flatten": (size_view_flatten, 17),
+    "multihead-attention": (multihead_attention, 17),
 }
 
 

@@ -94,12 +94,49 @@ def prepare(model: onnx.ModelProto, dynamic_batch: bool = True) -> Prepared:
     _drop_initializer_inputs(model)
     if model_opset(model) < OPSET_FLOOR:
         model = _upgrade_opset(model)
+    _fold_index_arithmetic(model)
     followed = _make_batch_dynamic(model) if dynamic_batch else None
     model = infer_shapes(model)
     _attach_weights(model, weights)
     if followed is None:
         return Prepared(model)
     return Prepared(model, followed.axes, tuple(followed.guesses))
+
+
+#: Integer arithmetic that exporters leave on constants (torch's MultiheadAttention computes a
+#: reshape's target through Mod and Add of constants), which shape inference does not evaluate.
+INDEX_ARITHMETIC = {
+    "Mod": lambda a, b, fmod=0: np.fmod(a, b) if fmod else np.mod(a, b),
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Neg": np.negative, "Identity": np.asarray,
+    "Reshape": lambda a, shape, allowzero=0: a.reshape([a.shape[i] if d == 0 and not allowzero else d
+                                                      for i, d in enumerate(shape)]),
+    "Unsqueeze": lambda a, axes: np.expand_dims(a, tuple(int(x) for x in axes)),
+    "Concat": lambda *parts, axis: np.concatenate(parts, axis=axis),
+}
+
+
+def _fold_index_arithmetic(model: onnx.ModelProto) -> None:
+    """Replace integer arithmetic on constants by its result, so that shape inference can follow
+    the shapes computed from it."""
+    from onnx import numpy_helper
+
+    known = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
+             if init.data_type == onnx.TensorProto.INT64 and (init.raw_data or init.int64_data)}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            value = numpy_helper.to_array(node.attribute[0].t)
+            if value.dtype == np.int64:
+                known[node.output[0]] = value
+            continue
+        rule = INDEX_ARITHMETIC.get(node.op_type)
+        if rule is None or len(node.output) != 1 or not node.input or not all(i in known for i in node.input):
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        value = np.asarray(rule(*(known[i] for i in node.input), **attributes)).astype(np.int64)
+        known[node.output[0]] = value
+        folded = helper.make_node("Constant", [], [node.output[0]], name=node.name,
+                                  value=numpy_helper.from_array(value))
+        node.CopyFrom(folded)
 
 
 #: Initializers above this many bytes are set aside while the model is converted and inferred:

@@ -13,9 +13,9 @@ A Reshape never moves data, so the batch keeps its place among the values: the o
 holds it becomes -1. A class token is expanded to the batch; fixed indices into a whole
 flattened batch become a Gather per row. Where the batch cannot be followed (an op that mixes
 it, a reduction over it) the node is recorded: a model whose logits lose the batch there runs
-one row at a time. Ops this module does not know leave their outputs unknown and nothing
-downstream of them is changed. Only a batch of 1 kept in dim 0 is certain; every other change
-is a reading of the exporter's intent, which ``batch_is_consistent`` checks by running the model.
+one row at a time. Past an op this module does not know the batch's place is unknown, and
+nothing downstream is changed. Only a batch of 1 kept in dim 0 is certain: every other change,
+and every unknown place, is settled by ``batch_is_consistent``, which runs the model.
 """
 
 from __future__ import annotations

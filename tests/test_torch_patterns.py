@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, SEED, build_gradient_model
+from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, build_gradient_model
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -312,3 +312,27 @@ def test_a_vit_is_explained_at_its_last_blocks_input_on_the_patch_grid():
     np.testing.assert_allclose(a_onnx, on_grid(tokens), rtol=1e-4, atol=1e-5)
     error = np.abs(g_onnx - on_grid(grad_torch)).max() / np.abs(grad_torch.numpy()).max()
     assert error < 1e-4, f"relative gradient error {error:.2e} at layer {gm.layer}"
+
+
+def test_multihead_attention_exported_for_one_image_runs_in_batches():
+    """The classic exporter without dynamic axes writes MultiheadAttention's batch of 1 into its
+    reshapes, one of them computed from Shape with the batch in dim 1: batch_axis follows it, the
+    run of two images confirms it, and a run of 3 gives each image's single-run gradient."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = multihead_attention().eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, torch.zeros(1, 3, 32, 32), buffer, input_names=["input"], output_names=["output"],
+                      opset_version=17, dynamo=False)
+    gm = build_gradient_model(onnx.load_from_string(buffer.getvalue()), layer="/body/Conv_output_0")
+    assert gm.batch_built_in is None
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    seed = np.random.default_rng(4).standard_normal((3, 10)).astype(np.float32)
+    together, logits = session.run([GRADIENT, LOGITS], {gm.input_name: x, SEED: seed})
+    alone = np.concatenate([session.run([GRADIENT], {gm.input_name: x[i:i + 1], SEED: seed[i:i + 1]})[0]
+                            for i in range(3)])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)

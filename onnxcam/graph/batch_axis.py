@@ -260,8 +260,10 @@ class _Walk:
         if place is None:
             return lost
         target = self.value(node.input[1])
-        if target is None:  # a computed shape (Shape -> Gather -> Concat) follows a batch in dim 0
-            return place if place == batch == Batch(0) else None
+        if target is None:  # a computed shape (Shape -> Gather -> Concat) follows the batch itself
+            if not place == batch == Batch(0):
+                self.guesses.append(node.name or node.output[0])  # where it puts the batch: a run decides
+            return place
         fixed = np.array(out_shape, dtype=np.int64)
         fixed[place.axis] = -1
         if not np.array_equal(fixed, target):

@@ -283,7 +283,7 @@ class TinyViT(nn.Module):
         return self.rest(self.tokens(x))
 
 
-def test_a_vit_is_explained_at_its_last_blocks_input_on_the_patch_grid():
+def test_a_vit_is_explained_at_its_last_blocks_input_on_the_patch_grid(tmp_path):
     """ViT tokens (N, 1 + 16, C) are candidates: the automatic layer is the last block's input
     (after it only the class token reaches the head, so every patch's gradient is 0 there), and A
     and g come back as the 4 x 4 patch grid, matching torch.autograd on the same tokens."""
@@ -312,6 +312,13 @@ def test_a_vit_is_explained_at_its_last_blocks_input_on_the_patch_grid():
     np.testing.assert_allclose(a_onnx, on_grid(tokens), rtol=1e-4, atol=1e-5)
     error = np.abs(g_onnx - on_grid(grad_torch)).max() / np.abs(grad_torch.numpy()).max()
     assert error < 1e-4, f"relative gradient error {error:.2e} at layer {gm.layer}"
+
+    from tests.cli_helpers import run
+
+    (tmp_path / "vit.onnx").write_bytes(buffer.getvalue())
+    inspected = run(["inspect", tmp_path / "vit.onnx"])
+    assert f"*  {gm.layer}" in inspected.stdout and "NLC" in inspected.stdout
+    assert "only the class token reaches the score" in inspected.stdout
 
 
 def test_multihead_attention_exported_for_one_image_runs_in_batches():

@@ -89,6 +89,10 @@ def _report(path: Path, use_cache: bool) -> dict:
                          "supported": not unsupported_nodes(nodes), "automatic": candidate == automatic})
     report["candidates"] = rows
     report["automatic_layer"] = automatic.tensor if automatic else None
+    if rows and automatic is not None and rows[-1]["tensor"] != automatic.tensor:
+        report["notes"].append(
+            f"the automatic layer is {automatic.tensor}, not a later token layer: after the last attention "
+            "only the class token reaches the score, so every patch's gradient there is 0 and so would be the map.")
 
     try:
         gm, _ = load_gradient_model(path, use_cache=use_cache)

@@ -337,6 +337,7 @@ def test_layer_layout_reads_the_spatial_dims_from_the_image_size(shape, size, la
     ((1, 198, 384), (224, 224), (2, 14, 14)), ((1, 50, 768), (224, 224), (1, 7, 7)),
     ((1, 193, 64), (192, 256), (1, 12, 16)), ((1, 10, 64), (224, 224), None),
     ((1, 197, 768), (None, None), None), ((1, 768, 7, 7), (224, 224), None),
+    ((1, 256, 49), (224, 224), None), ((1, 49, 256), (224, 224), None), ((1, 197, 1024), (224, 224), (1, 14, 14)),
 ])
 def test_vit_tokens_are_found_on_their_patch_grid(shape, size, grid):
     assert token_grid(shape, size) == grid

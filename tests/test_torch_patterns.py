@@ -135,7 +135,7 @@ class EncoderHead(nn.Module):
     """Patches as tokens through torch's TransformerEncoderLayer (nn.MultiheadAttention), whose
     export computes reshape targets through Mod and Add of constants."""
 
-    def __init__(self, width=16, classes=10):
+    def __init__(self, width=24, classes=10):
         super().__init__()
         self.encoder = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True)
         self.fc = nn.Linear(width, classes)
@@ -145,7 +145,7 @@ class EncoderHead(nn.Module):
 
 
 def multihead_attention():
-    return Classifier(nn.Conv2d(3, 16, 8, stride=8), nn.Sequential(EncoderHead()))
+    return Classifier(nn.Conv2d(3, 24, 8, stride=8), nn.Sequential(EncoderHead()))
 
 
 def size_view_flatten():
@@ -343,3 +343,36 @@ def test_multihead_attention_exported_for_one_image_runs_in_batches():
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_tokens_whose_count_shape_inference_loses_are_still_read_on_their_grid():
+    """With a dynamic batch, the classic export of MultiheadAttention leaves the token count
+    symbolic; the per-image shapes give it back, so the tokens are candidates on their 4 x 4 grid
+    (the flattened map (N, 24, 16) is not read as tokens). At the first, the attention's residual
+    sum, A and g match torch on the same grid."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = multihead_attention().eval()
+    onnx_model = onnx.load_from_string(export(model, 17))
+    tokens = [c for c in build_gradient_model(onnx_model).candidates if c.layout == "NLC"]
+    assert tokens and all(c.shape[1:] == (16, 24) for c in tokens)
+    gm = build_gradient_model(onnx_model, layer=tokens[0].tensor)
+    assert tuple(gm.activation_shape[1:]) == (24, 4, 4)
+
+    encoder, fc = model.head[0].encoder, model.head[0].fc
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    patches = model.body(x).flatten(2).transpose(1, 2)
+    residual = (patches + encoder._sa_block(patches, None, None)).detach().requires_grad_(True)
+    after = encoder.norm1(residual)
+    logits = fc(encoder.norm2(after + encoder._ff_block(after)).mean(1))
+    seed = torch.randn(logits.shape, generator=torch.Generator().manual_seed(6))
+    (expected,) = torch.autograd.grad((logits * seed).sum(), residual)
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a_onnx, g_onnx = session.run([ACTIVATION, GRADIENT], {gm.input_name: x.numpy(), SEED: seed.numpy()})
+
+    def on_grid(t):
+        return t.reshape(2, 4, 4, 24).permute(0, 3, 1, 2).detach().numpy()
+
+    np.testing.assert_allclose(a_onnx, on_grid(residual), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g_onnx, on_grid(expected), rtol=1e-4, atol=1e-4 * np.abs(expected.numpy()).max())

@@ -13,7 +13,7 @@ from onnxcam.errors import OnnxCamError
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph.locate import candidate_layers, find_logits
-from onnxcam.graph.prepare import load_model, model_opset, prepare_model
+from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer
 from onnxcam.imaging import detect_layout
 from onnxcam.runtime.cache import load_gradient_model
@@ -55,7 +55,8 @@ def _report(path: Path, use_cache: bool) -> dict:
                      if metadata_value(proto, key) is not None},
         "notes": [],
     }
-    graph = gs.import_onnx(prepare_model(proto))
+    preparation = prepare(proto)
+    graph = gs.import_onnx(preparation.model)
     graph.toposort()
     logits = find_logits(graph) if graph.outputs else None
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
@@ -79,7 +80,7 @@ def _report(path: Path, use_cache: bool) -> dict:
     rows, automatic = [], None
     if logits is not None:
         tensors = graph.tensors()
-        candidates = candidate_layers(graph, logits)
+        candidates = candidate_layers(graph, logits, preparation.per_image)
         automatic = automatic_layer(graph, candidates, logits)
         for candidate in candidates:
             nodes = path_nodes(graph, tensors[candidate.tensor], logits)

@@ -57,12 +57,22 @@ EXTRA_TOKENS = (0, 1, 2)
 def token_grid(shape, size: tuple) -> tuple[int, int, int] | None:
     """(extra tokens, rows, columns) of a ViT token tensor (N, tokens, channels) whose patch
     tokens tile the image in square patches of a whole number of pixels (197 tokens of a 224x224
-    image: a class token and 14 x 14 patches of 16 pixels), else None."""
+    image: a class token and 14 x 14 patches of 16 pixels), else None.
+
+    Without leading tokens, (N, tokens, C) cannot be told from a flattened map (N, C, h * w) when
+    both dims could be a grid (256 channels of 7 x 7 = 49 positions): such a tensor is not read."""
     if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]) or None in size:
         return None
+    reading = _grid(shape[1], size)
+    if reading is not None and reading[0] == 0 and _grid(shape[2], size) is not None:
+        return None
+    return reading
+
+
+def _grid(count: int, size: tuple) -> tuple[int, int, int] | None:
     height, width = size
     for extra in EXTRA_TOKENS:
-        patches = shape[1] - extra
+        patches = count - extra
         if patches < 4:
             continue
         rows = round(math.sqrt(patches * height / width))
@@ -114,18 +124,29 @@ def dominates(graph: gs.Graph, tensor: gs.Tensor, target: gs.Tensor) -> bool:
     return target.name not in reached
 
 
-def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
+def known_shape(tensor: gs.Tensor, per_image: dict | None = None):
+    """``tensor``'s shape, with the dims after the batch taken from the per-image shapes where
+    symbolic inference lost them (the token count of a dynamic-batch attention export)."""
+    shape = tensor.shape
+    known = (per_image or {}).get(tensor.name)
+    if shape is None or all(isinstance(d, int) for d in shape[1:]) or not known or len(known) != len(shape):
+        return shape
+    return [shape[0], *known[1:]]
+
+
+def candidate_layers(graph: gs.Graph, score: gs.Tensor, per_image: dict | None = None) -> list[Candidate]:
     """Rank-4 activations (channels first or last, ``layer_layout``) with spatial size >= 2, and
     ViT token tensors on a grid of at least 2 x 2, that every input-to-score path passes through,
-    in graph order."""
+    in graph order. ``per_image``: shapes at a batch of 1 (``prepare.Prepared``)."""
     ancestors = _ancestors(score)
     size = image_size(graph)
     found = []
     for node in graph.nodes:
         for out in node.outputs:
-            layout = layer_layout(out.shape, size)
-            if out.name in ancestors and _spatial(out.shape, layout) and dominates(graph, out, score):
-                found.append(Candidate(out.name, node.name, node.op, tuple(out.shape), layout))
+            shape = known_shape(out, per_image)
+            layout = layer_layout(shape, size)
+            if out.name in ancestors and _spatial(shape, layout) and dominates(graph, out, score):
+                found.append(Candidate(out.name, node.name, node.op, tuple(shape), layout))
     return found
 
 

@@ -79,6 +79,7 @@ class Prepared:
     model: onnx.ModelProto
     batch_axes: dict = field(default_factory=dict)
     batch_guesses: tuple = ()
+    per_image: dict = field(default_factory=dict)  # tensor shapes at a batch of 1, before the batch was freed
 
 
 def prepare_model(model: onnx.ModelProto, dynamic_batch: bool = True) -> onnx.ModelProto:
@@ -95,12 +96,12 @@ def prepare(model: onnx.ModelProto, dynamic_batch: bool = True) -> Prepared:
     if model_opset(model) < OPSET_FLOOR:
         model = _upgrade_opset(model)
     _fold_index_arithmetic(model)
-    followed = _make_batch_dynamic(model) if dynamic_batch else None
+    followed, per_image = _make_batch_dynamic(model) if dynamic_batch else (None, {})
     model = infer_shapes(model)
     _attach_weights(model, weights)
     if followed is None:
         return Prepared(model)
-    return Prepared(model, followed.axes, tuple(followed.guesses))
+    return Prepared(model, followed.axes, tuple(followed.guesses), per_image)
 
 
 #: Integer arithmetic that exporters leave on constants (torch's MultiheadAttention computes a
@@ -186,20 +187,22 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return upgraded
 
 
-def _make_batch_dynamic(model: onnx.ModelProto) -> Followed:
+def _make_batch_dynamic(model: onnx.ModelProto) -> tuple[Followed, dict]:
     """Symbolic dim 0 on every input and output; constants that hard-code a batch of 1 made to
-    follow the batch (``batch_axis.free_the_batch``, whose findings are returned)."""
+    follow the batch (``batch_axis.free_the_batch``). Returns its findings and the per-image
+    shapes (static where the symbolic ones lose track, as in the token count of attention)."""
     graph = model.graph
-    followed = Followed({}, [])
+    followed, per_image = Followed({}, []), {}
     if all(_batch_of_one_or_symbolic(value) for value in graph.input):
-        followed = free_the_batch(model, _inferred_shapes(_with_batch_of_one(model)))
+        per_image = _inferred_shapes(_with_batch_of_one(model))
+        followed = free_the_batch(model, per_image)
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
         if len(dims) >= 1:
             dims[0].Clear()
             dims[0].dim_param = BATCH_DIM
     del graph.value_info[:]  # stale static shapes would make the runtime fold Shape() to batch 1
-    return followed
+    return followed, per_image
 
 
 def _batch_of_one_or_symbolic(value: onnx.ValueInfoProto) -> bool:

@@ -17,8 +17,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
-from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, image_size, layer_layout, resolve_tensor,
-                                  token_grid)
+from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, image_size, known_shape, layer_layout,
+                                  resolve_tensor, token_grid)
 from onnxcam.graph.batch_axis import Batch, Lost, Unknown, batch_is_consistent
 from onnxcam.graph.prepare import BATCH_DIM, Prepared, load_model, prepare
 from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
@@ -73,7 +73,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     found = find_logits(graph)
     built_in = _batch_built_in(found, preparation)
     logits = _expose_logits(graph, found)
-    candidates = tuple(candidate_layers(graph, logits))
+    candidates = tuple(candidate_layers(graph, logits, preparation.per_image))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
     source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape, logits)
     seed = gs.Variable(SEED, dtype=dtype, shape=_batched(target.shape))
@@ -85,9 +85,10 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         raise UnsupportedOperatorError(f"{exc}{_later_layers_hint(graph, source, target, candidates)}") from None
 
     size = image_size(graph)
-    layout = layer_layout(source.shape, size)
-    grid = token_grid(source.shape, size)
-    activation_shape = _nchw(source.shape, layout, grid)
+    shape = known_shape(source, preparation.per_image)
+    layout = layer_layout(shape, size)
+    grid = token_grid(shape, size)
+    activation_shape = _nchw(shape, layout, grid)
     graph.outputs.append(_nchw_view(graph, source, ACTIVATION, dtype, activation_shape, layout, grid))
     graph.outputs.append(_nchw_view(graph, gradient, GRADIENT, dtype, activation_shape, layout, grid))
     graph.outputs.append(logits)

@@ -120,6 +120,16 @@ def onnxcam_gradient(gm, inputs: np.ndarray, seed: np.ndarray):
     return activation, gradient
 
 
+def together_and_alone(gm, inputs: np.ndarray, seed: np.ndarray, outputs=(GRADIENT,)):
+    """``outputs`` of the rewritten model for one run of all ``inputs``, and for each input run
+    alone (concatenated): batching must not change any row."""
+    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    together = session.run(list(outputs), {gm.input_name: inputs, SEED: seed})
+    singles = [session.run(list(outputs), {gm.input_name: inputs[i:i + 1], SEED: seed[i:i + 1]})
+               for i in range(len(inputs))]
+    return together, [np.concatenate([single[k] for single in singles]) for k in range(len(outputs))]
+
+
 def check_gradient(model, inputs: np.ndarray, layer: str | None = None, score: str | None = None,
                    seed: np.ndarray | None = None, directions: int = 4, rtol: float = 1e-4,
                    rng_seed: int = 0, prepared: onnx.ModelProto | None = None) -> float:

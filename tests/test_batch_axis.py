@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam.graph import batch_axis, rewrite
 from onnxcam.graph.rewrite import GRADIENT, LOGITS, SEED, build_gradient_model
-from tests.gradcheck import check_gradient
+from tests.gradcheck import check_gradient, together_and_alone
 
 RNG = np.random.default_rng(11)
 CLASSES = 5
@@ -124,10 +124,8 @@ def _assert_batches_like_single_runs(model, layer: str = "c") -> None:
     assert gm.batch_built_in is None
     x = RNG.standard_normal((3, 3, 4, 4)).astype(np.float32)
     seed = RNG.standard_normal((3, CLASSES)).astype(np.float32)
-    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    logits, gradient = session.run([LOGITS, GRADIENT], {"x": x, SEED: seed})
+    (logits, gradient), (_, alone) = together_and_alone(gm, x, seed, (LOGITS, GRADIENT))
     np.testing.assert_allclose(logits, _logits_alone(model, x), rtol=1e-5, atol=1e-6)
-    alone = np.concatenate([session.run([GRADIENT], {"x": x[i:i + 1], SEED: seed[i:i + 1]})[0] for i in range(3)])
     np.testing.assert_allclose(gradient, alone, rtol=1e-5, atol=1e-7)
     check_gradient(model, x, layer=layer)
 

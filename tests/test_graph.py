@@ -13,7 +13,7 @@ from onnxcam.errors import LayerError, ModelError, OnnxCamError, UnsupportedOper
 from onnxcam.graph.locate import find_logits, layer_layout, token_grid
 from onnxcam.graph.prepare import OPSET_FLOOR, load_model, model_opset, prepare_model
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, build_gradient_model
-from tests.gradcheck import check_gradient, onnxcam_gradient
+from tests.gradcheck import check_gradient, onnxcam_gradient, together_and_alone
 
 RNG = np.random.default_rng(5)
 
@@ -123,8 +123,7 @@ def _batched_and_single_runs(model) -> tuple[np.ndarray, np.ndarray]:
     gm = build_gradient_model(model)
     x = np.random.default_rng(2).standard_normal([3, 3, 8, 8]).astype(np.float32)
     seed = np.eye(5, dtype=np.float32)[[0, 3, 4]]
-    together = onnxcam_gradient(gm, x, seed)[1]
-    alone = np.concatenate([onnxcam_gradient(gm, x[i:i + 1], seed[i:i + 1])[1] for i in range(3)])
+    (together,), (alone,) = together_and_alone(gm, x, seed)
     return together, alone
 
 

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, build_gradient_model
+from tests.gradcheck import together_and_alone
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -334,12 +335,9 @@ def test_multihead_attention_exported_for_one_image_runs_in_batches():
                       opset_version=17, dynamo=False)
     gm = build_gradient_model(onnx.load_from_string(buffer.getvalue()), layer="/body/Conv_output_0")
     assert gm.batch_built_in is None
-    session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
     seed = np.random.default_rng(4).standard_normal((3, 10)).astype(np.float32)
-    together, logits = session.run([GRADIENT, LOGITS], {gm.input_name: x, SEED: seed})
-    alone = np.concatenate([session.run([GRADIENT], {gm.input_name: x[i:i + 1], SEED: seed[i:i + 1]})[0]
-                            for i in range(3)])
+    (together, logits), (alone, _) = together_and_alone(gm, x, seed, (GRADIENT, LOGITS))
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)

@@ -104,6 +104,18 @@ case("Sum-three", make_model([helper.make_node("Tanh", ["x"], ["t"]),
                               helper.make_node("Sum", ["x", "t", "c"], ["y"])], [2, 3],
                              [_const("c", [1.0, 2.0, 3.0])]), normal([2, 3]))
 
+# Where: both branches on the path with a condition from the values; dynamo's NaN guard after a
+# Softmax; a condition broadcast against the branches
+nodes = [helper.make_node("Greater", ["x", "c"], ["cond"]), helper.make_node("Tanh", ["x"], ["t"]),
+         helper.make_node("Where", ["cond", "x", "t"], ["y"])]
+case("Where-both-branches", make_model(nodes, [2, 3, 4], [_const("c", 0.3)]), distinct([2, 3, 4]))
+nodes = [helper.make_node("Softmax", ["x"], ["p"]), helper.make_node("IsNaN", ["p"], ["nan"]),
+         helper.make_node("Where", ["nan", "zero", "p"], ["y"])]
+case("Where-nan-guard", make_model(nodes, [2, 5], [_const("zero", 0.0)]), normal([2, 5]))
+nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Where", ["m", "s", "x"], ["y"])]
+case("Where-broadcast-condition", make_model(nodes, [2, 3, 4], [_const("m", [[True], [False], [True]], np.bool_)]),
+     normal([2, 3, 4]))
+
 # -- linear algebra --------------------------------------------------------------------------
 for ta, tb in [(0, 0), (0, 1)]:
     b = weights(6, 4) if not tb else weights(4, 6)

@@ -192,6 +192,20 @@ def _div(em, node, dy):
             em.unbroadcast(db, b, y) if db is not None else None]
 
 
+@rule("Where")
+def _where(em, node, dy):
+    """``dy`` goes to ``a`` where the condition holds and to ``b`` elsewhere; the boolean condition
+    carries none (dynamo's attention writes ``Where(IsNaN(p), 0, p)`` after the Softmax)."""
+    cond, a, b = node.inputs
+    y = _y(node)
+    dtype = int(onnx.helper.np_dtype_to_tensor_dtype(em.dtype))
+    taken = em.op("Cast", cond, to=dtype)
+    da = em.unbroadcast(em.op("Mul", dy[0], taken), a, y) if em.wants(a) else None
+    db = (em.unbroadcast(em.op("Mul", dy[0], em.op("Sub", em.const(1.0), taken)), b, y)
+          if em.wants(b) else None)
+    return [None, da, db]
+
+
 @rule("Neg")
 def _neg(em, node, dy):
     return [em.op("Neg", dy[0])]

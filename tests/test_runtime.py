@@ -424,3 +424,44 @@ def test_the_device_is_known_before_the_first_session(model_path, monkeypatch):
     assert providers.resolve_device("auto") == "cpu"
     explainer.explain(np.zeros((1, 3, 32, 32), np.float32), method="gradcampp")
     assert explainer.session.calls[NOISY] == 0 and explainer.device == "cpu"
+
+
+def test_a_layer_that_feeds_a_pad_before_a_conv_loads(tmp_path):
+    """tf2onnx writes Keras' ZeroPadding2D as a Pad before a strided Conv. onnxruntime 1.31
+    removes the Identity that exposes such a layer and folds the Pad into the Conv, and loses the
+    layer's tensor on the way: the session is made again without identity elimination, and the
+    maps are those of an unoptimised run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    weights = {"w1": rng.standard_normal((4, 3, 3, 3)) * 0.4, "w2": rng.standard_normal((6, 4, 3, 3)) * 0.4,
+               "fc": rng.standard_normal((5, 6)) * 0.4}
+    initializers = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()]
+    initializers.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["layer"]),
+             helper.make_node("Pad", ["layer", "pads"], ["padded"]),
+             helper.make_node("Conv", ["padded", "w2"], ["c2"], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["a2"]),
+             helper.make_node("GlobalAveragePool", ["a2"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "zero_padding", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "zero_padding.onnx"
+    onnx.save(model, path)
+
+    x = random_inputs(2, seed=3)
+    result = Explainer(path, layer="layer").explain(x, method="gradcam", targets=1)
+    gm = build_gradient_model(model, layer="layer")
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(gm.model.SerializeToString(), plain, providers=["CPUExecutionProvider"])
+    seed = np.zeros((2, 5), np.float32)
+    seed[:, 1] = 1
+    activation, gradient = session.run(["onnxcam_activation", "onnxcam_gradient"], {"x": x, "onnxcam_seed": seed})
+    expected = np.maximum((gradient.mean(axis=(2, 3), keepdims=True) * activation).sum(axis=1), 0)
+    for r, cam in zip(result, expected):
+        np.testing.assert_allclose(r.raw_map, cam, rtol=1e-5, atol=1e-6 * cam.max())

@@ -217,12 +217,24 @@ def _preload_cuda_libraries() -> None:
         preload()
 
 
+#: onnxruntime (1.31) can lose a tensor when it both removes the Identity that exposes a layer as
+#: an output and folds the Pad after that layer into the next Conv (tf2onnx's ZeroPadding2D before
+#: a strided conv): the session then fails to load, and loads without that one optimisation.
+_IDENTITY_ELIMINATION_BUG = re.compile(r"Node input '[^']*' is not a graph input, initializer, or output of a previous node")
+
+
 def _create(model: bytes, providers: list[str], threads: int | None, what: str) -> ort.InferenceSession:
     cuda = CUDA_PROVIDER in providers
     options = session_options(threads, cuda)
     with_options = [(name, cuda_provider_options()) if name == CUDA_PROVIDER else name for name in providers]
     try:
-        return ort.InferenceSession(model, sess_options=options, providers=with_options)
+        try:
+            return ort.InferenceSession(model, sess_options=options, providers=with_options)
+        except Exception as exc:
+            if not _IDENTITY_ELIMINATION_BUG.search(str(exc)):
+                raise
+            return ort.InferenceSession(model, sess_options=options, providers=with_options,
+                                        disabled_optimizers=["EliminateIdentity"])
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
         text = " ".join(_ANSI.sub("", str(exc)).split())
         text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)

@@ -539,6 +539,8 @@ def test_targets_are_validated(mlp_head_model):
         explainer.explain(inputs, samples=0)
     with pytest.raises(LayerError, match="nearest names: a2"):
         Explainer(mlp_head_model, layer="a3")
+    with pytest.raises(LayerError, match=r"layer 'hr' has shape \['N', 12\], not a map"):
+        Explainer(mlp_head_model, layer="hr").explain(inputs, method="gradcam")
     several = explainer.explain(inputs, method="gradcam", targets=[[1, 2], [3]])
     assert [(r.image_index, r.class_index) for r in several] == [(0, 1), (0, 2), (1, 3)]
 

@@ -434,6 +434,11 @@ class Explainer:
             start = time.perf_counter()
             gm, cached = load_gradient_model(self.model_source, layer=layer, score=score,
                                              use_cache=self.use_cache)
+            if len(gm.activation_shape) != 4:
+                raise LayerError(
+                    f"layer '{gm.layer}' has shape {list(gm.activation_shape)}, not a map: a CAM needs a 4-D "
+                    "activation (channels first or last) or ViT tokens whose patches tile the image; "
+                    "'onnxcam inspect MODEL' lists the layers that qualify")
             self.setup_timings["rewrite_s"] = time.perf_counter() - start
             self.setup_timings["from_cache"] = cached
             self._unreported_setup[gm.layer] = self.setup_timings["rewrite_s"]  # goes into the first results

@@ -202,3 +202,18 @@ def test_an_op_it_does_not_know_is_decided_by_a_run_of_two_images(before_windows
     assert gm.batch_built_in == built_in
     if built_in is None:
         _assert_batches_like_single_runs(model, layer="body")
+
+
+def test_pads_computed_at_run_time_are_decided_by_a_run_of_two_images():
+    """Hugging Face's Swin pads each map to a whole number of windows with pads computed from its
+    Shape: their values are unknown until the model runs, so a run decides (it batches); they
+    were once taken for a pad of the batch's dim."""
+    nodes = [helper.make_node("Shape", ["c"], ["c_shape"]),
+             helper.make_node("Sub", ["c_shape", "c_shape"], ["zeros"]),
+             helper.make_node("Concat", ["zeros", "zeros"], ["no_pads"], axis=0),
+             helper.make_node("Add", ["no_pads", "window_pads"], ["pads"]),
+             helper.make_node("Pad", ["c", "pads"], ["padded"], name="window_pad"),
+             helper.make_node("Relu", ["padded"], ["body"])]
+    model = _model(nodes, {"window_pads": _shape([0, 0, 0, 0, 0, 0, 1, 1])})
+    assert build_gradient_model(model, layer="c").batch_built_in is None
+    _assert_batches_like_single_runs(model)

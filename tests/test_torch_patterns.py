@@ -374,3 +374,73 @@ def test_tokens_whose_count_shape_inference_loses_are_still_read_on_their_grid()
 
     np.testing.assert_allclose(a_onnx, on_grid(residual), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(g_onnx, on_grid(expected), rtol=1e-4, atol=1e-4 * np.abs(expected.numpy()).max())
+
+
+class RegisterViT(nn.Module):
+    """Hugging Face's Dinov2WithRegisters in small: 4x4 patches (an 8 x 8 grid of a 32x32 image), position
+    embeddings interpolated to a grid read from the input's shape (a Resize whose sizes come from
+    ``Shape`` through ``Div``, beyond ONNX's shape inference), a class token expanded to the batch,
+    4 register tokens put in by ``cat(x[:, :1], registers, x[:, 1:])``, and a head on the class
+    token and the mean of the patch tokens."""
+
+    def __init__(self, width=16, classes=10):
+        super().__init__()
+        self.patches = nn.Conv2d(3, width, 4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, width) * 0.5)
+        self.registers = nn.Parameter(torch.randn(1, 4, width) * 0.5)
+        self.position = nn.Parameter(torch.randn(1, width, 2, 2) * 0.5)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(2))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(2 * width, classes)
+
+    def tokens(self, x):
+        """The tokens that enter the last block."""
+        rows, columns = x.shape[2] // 4, x.shape[3] // 4
+        position = nn.functional.interpolate(self.position, size=(rows, columns), mode="bilinear")
+        patches = (self.patches(x) + position).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), patches], dim=1)
+        x = torch.cat([x[:, :1], self.registers.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        return self.blocks[0](x)
+
+    def rest(self, tokens, grid):
+        """The head reads the patch tokens in a shape computed from the input's (a ``Shape`` of
+        the input after every block)."""
+        out = self.norm(self.blocks[1](tokens))
+        patches = out[:, 5:].reshape(out.shape[0], grid[0] * grid[1], -1)
+        return self.head(torch.cat([out[:, 0], patches.mean(1)], dim=1))
+
+    def forward(self, x):
+        return self.rest(self.tokens(x), (x.shape[2] // 4, x.shape[3] // 4))
+
+
+def test_a_vit_with_register_tokens_and_shapes_read_from_its_input():
+    """The patterns of Hugging Face's ViT exports: sizes computed from the input's Shape (measured
+    at a batch of 1 where inference loses them; a Shape is no way around a layer), and a class
+    token plus 4 registers ahead of the patches (read as tokens, and taking the class token off to
+    put it back is no class-token selection). Every patch reaches the head through the mean, so
+    the automatic layer is the last token layer, on the 8 x 8 grid; its gradient matches torch
+    and a run of 3 matches single runs."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = RegisterViT().eval()
+    onnx_model = onnx.load_from_string(export(model, 17))
+    gm = build_gradient_model(onnx_model)
+    assert gm.batch_built_in is None
+    assert gm.layer_layout == "NLC" and tuple(gm.activation_shape[1:]) == (16, 8, 8)
+    assert gm.candidates[-1].tensor == gm.layer and gm.candidates[-1].shape[1:] == (69, 16)
+
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = model.tokens(x).detach().requires_grad_(True)
+    gm = build_gradient_model(onnx_model, layer=_layer_tensor(gm, export(model, 17), x.numpy(), tokens.detach().numpy()))
+    logits = model.rest(tokens, (8, 8))
+    seed = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    (grad_torch,) = torch.autograd.grad((logits * seed).sum(), tokens)
+    (a_onnx, g_onnx), (_, g_alone) = together_and_alone(gm, x.numpy(), seed.numpy(), (ACTIVATION, GRADIENT))
+
+    def on_grid(t):
+        return t[:, 5:].reshape(3, 8, 8, 16).permute(0, 3, 1, 2).detach().numpy()
+
+    np.testing.assert_allclose(a_onnx, on_grid(tokens), rtol=1e-4, atol=1e-5)
+    error = np.abs(g_onnx - on_grid(grad_torch)).max() / np.abs(grad_torch.numpy()).max()
+    assert error < 1e-4, f"relative gradient error {error:.2e} at layer {gm.layer}"
+    np.testing.assert_allclose(g_onnx, g_alone, rtol=1e-5, atol=1e-6 * np.abs(g_alone).max())

@@ -31,7 +31,7 @@ def path_nodes(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> list[gs
     for node in graph.nodes:
         if node.op not in SHAPE_ONLY and any(t.name in downstream for t in node.inputs):
             forward.append(node)
-            downstream.update(t.name for t in node.outputs if _carries_gradient(t))
+            downstream.update(t.name for t in node.outputs if carries_values(t))
     upstream = {target.name}
     on_path = []
     for node in reversed(forward):
@@ -41,7 +41,9 @@ def path_nodes(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> list[gs
     return on_path[::-1]
 
 
-def _carries_gradient(tensor: gs.Tensor) -> bool:
+def carries_values(tensor: gs.Tensor) -> bool:
+    """False for integer and boolean tensors (shapes, indices, masks): no gradient flows
+    through them."""
     try:
         dtype = np.dtype(tensor.dtype)
     except TypeError:

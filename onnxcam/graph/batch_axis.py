@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxcam.gradients.backward import SHAPE_ONLY
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -77,8 +79,6 @@ PER_ROW = {
     "GlobalMaxPool", "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LRN",
     "DepthToSpace", "SpaceToDepth",
 }
-#: Ops whose outputs are shapes, not values.
-SHAPE_ONLY = {"Shape", "Size"}
 #: Ops that work along one ``axis`` and keep the rank.
 ALONG_AXIS = {"Softmax", "LogSoftmax", "Hardmax", "Split"}
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
@@ -199,8 +199,8 @@ class _Walk:
                 batched.append((i, batch))
                 continue
             producer = self.producers.get(name)
-            if producer is not None and producer.op_type == "Expand" and not _static(self.shapes.get(name)):
-                name = producer.input[0]  # expanded to a computed shape: the classic exporter's expand(n, -1, -1)
+            if producer is not None and producer.op_type == "Expand" and producer.input[0] not in self.axes:
+                name = producer.input[0]  # the classic exporter's expand(n, -1, -1), n computed from a Shape
             shape = self.shapes.get(name)
             if any(i == j for j, _ in batched) or shape is None or len(shape) != out_rank or shape[batch.axis] != 1:
                 continue
@@ -341,18 +341,21 @@ class _Walk:
             return out if where < 0 or shape[where] == 1 else lost
         if op == "Tile":
             repeats = self.value(node.input[1])
-            return batch if repeats is not None and repeats[batch.axis] == 1 else lost
-        if op == "Pad":
+            return None if repeats is None else batch if repeats[batch.axis] == 1 else lost
+        if op == "Pad":  # pads computed at run time (HF Swin's window padding): a run decides
             pads = attrs.get("pads") if "pads" in attrs else self.value(node.input[1])
             listed = self.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
             if pads is None:
-                return lost
+                return None
             padded = range(len(in_shape)) if listed is None else [_axis(a, len(in_shape)) for a in listed]
             half = len(pads) // 2
             return lost if any(a == batch.axis and (pads[i] or pads[i + half]) for i, a in enumerate(padded)) else batch
-        # Resize: a scale of 1 on the batch's dim keeps it; fixed sizes do not
+        # Resize: a scale of 1 on the batch's dim keeps it; fixed sizes do not, computed ones may
         scales = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        return batch if scales is not None and scales.size and scales[batch.axis] == 1 else lost
+        if scales is not None and scales.size:
+            return batch if scales[batch.axis] == 1 else lost
+        sizes = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        return lost if sizes is None or self.value(sizes) is not None else None
 
     def insert_before(self, node, *new_nodes) -> None:
         position = list(self.graph.node).index(node)

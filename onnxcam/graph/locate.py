@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError
+from onnxcam.gradients.backward import SHAPE_ONLY, carries_values
 
 #: Ops that only move or relabel data between the logits and the model's output.
 PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
@@ -50,8 +51,13 @@ def _spatial(shape, layout: str) -> bool:
     return len(spatial) == 2 and all(isinstance(d, int) and d >= 2 for d in spatial)
 
 
-#: Tokens ahead of a ViT's patch tokens: none, a class token, a class and a distillation token.
-EXTRA_TOKENS = (0, 1, 2)
+#: Tokens ahead of a ViT's patch tokens: none, a class token, a class and a distillation token,
+#: and 4, 8 or 16 register tokens with or without a class token (DINOv2 with registers). The
+#: fewest that leave a grid win.
+EXTRA_TOKENS = (0, 1, 2, 4, 5, 8, 9, 16, 17)
+#: The counts that include a class token: a flattened map (N, C, h * w) whose channel count is
+#: one of these plus a grid is rare, while a ViT's width is often a square (256, 1024).
+WITH_CLASS_TOKEN = (1, 2, 5, 9, 17)
 
 
 def token_grid(shape, size: tuple) -> tuple[int, int, int] | None:
@@ -59,19 +65,20 @@ def token_grid(shape, size: tuple) -> tuple[int, int, int] | None:
     tokens tile the image in square patches of a whole number of pixels (197 tokens of a 224x224
     image: a class token and 14 x 14 patches of 16 pixels), else None.
 
-    Without leading tokens, (N, tokens, C) cannot be told from a flattened map (N, C, h * w) when
-    both dims could be a grid (256 channels of 7 x 7 = 49 positions): such a tensor is not read."""
+    Without a class token, (N, tokens, C) cannot be told from a flattened map (N, C, h * w) when
+    its channels could be the grid ((N, 24, 16) of a 16x16 image: 8 registers and 4 x 4 patches of
+    16 channels, or 24 channels of 4 x 4 positions): such a tensor is not read."""
     if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]) or None in size:
         return None
-    reading = _grid(shape[1], size)
-    if reading is not None and reading[0] == 0 and _grid(shape[2], size) is not None:
+    reading = _grid(shape[1], size, EXTRA_TOKENS)
+    if reading is not None and reading[0] not in WITH_CLASS_TOKEN and _grid(shape[2], size, (0,)) is not None:
         return None
     return reading
 
 
-def _grid(count: int, size: tuple) -> tuple[int, int, int] | None:
+def _grid(count: int, size: tuple, extras) -> tuple[int, int, int] | None:
     height, width = size
-    for extra in EXTRA_TOKENS:
+    for extra in extras:
         patches = count - extra
         if patches < 4:
             continue
@@ -116,11 +123,13 @@ def layer_layout(shape, size: tuple) -> str:
 
 
 def dominates(graph: gs.Graph, tensor: gs.Tensor, target: gs.Tensor) -> bool:
-    """True when every path from the graph inputs to ``target`` passes through ``tensor``."""
+    """True when every path of values from the graph inputs to ``target`` passes through
+    ``tensor``. Shapes are not values: HF's embeddings read the input's Shape for a Reshape after
+    every block, which is no way around them (``backward.path_nodes`` skips it too)."""
     reached = {t.name for t in graph.inputs if t.name != tensor.name}
     for node in graph.nodes:  # topologically sorted
-        if any(t.name in reached for t in node.inputs):
-            reached.update(t.name for t in node.outputs if t.name != tensor.name)
+        if node.op not in SHAPE_ONLY and any(t.name in reached for t in node.inputs):
+            reached.update(t.name for t in node.outputs if t.name != tensor.name and carries_values(t))
     return target.name not in reached
 
 
@@ -151,6 +160,7 @@ def candidate_layers(graph: gs.Graph, score: gs.Tensor, per_image: dict | None =
 
 
 def _ancestors(tensor: gs.Tensor) -> set[str]:
+    """Tensors whose values reach ``tensor`` (not through shapes)."""
     seen, stack = set(), [tensor]
     while stack:
         t = stack.pop()
@@ -158,7 +168,8 @@ def _ancestors(tensor: gs.Tensor) -> set[str]:
             continue
         seen.add(t.name)
         for node in t.inputs:
-            stack.extend(node.inputs)
+            if node.op not in SHAPE_ONLY:
+                stack.extend(i for i in node.inputs if carries_values(i))
     return seen
 
 

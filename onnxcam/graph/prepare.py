@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, shape_inference, version_converter
 
 from onnxcam.errors import ModelError
-from onnxcam.graph.batch_axis import Followed, free_the_batch
+from onnxcam.graph.batch_axis import Batch, Followed, free_the_batch
 
 #: The opset the rules are written for: ScatterElements(reduction="add") needs 16,
 #: LayerNormalization 17. Newer models keep their own opset.
@@ -96,8 +96,10 @@ def prepare(model: onnx.ModelProto, dynamic_batch: bool = True) -> Prepared:
     if model_opset(model) < OPSET_FLOOR:
         model = _upgrade_opset(model)
     _fold_index_arithmetic(model)
-    followed, per_image = _make_batch_dynamic(model) if dynamic_batch else (None, {})
+    followed, per_image = _make_batch_dynamic(model, weights) if dynamic_batch else (None, {})
     model = infer_shapes(model)
+    if followed is not None:
+        _complete_shapes(model, followed.axes, per_image)
     _attach_weights(model, weights)
     if followed is None:
         return Prepared(model)
@@ -187,14 +189,16 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return upgraded
 
 
-def _make_batch_dynamic(model: onnx.ModelProto) -> tuple[Followed, dict]:
+def _make_batch_dynamic(model: onnx.ModelProto, weights: dict[str, bytes]) -> tuple[Followed, dict]:
     """Symbolic dim 0 on every input and output; constants that hard-code a batch of 1 made to
     follow the batch (``batch_axis.free_the_batch``). Returns its findings and the per-image
     shapes (static where the symbolic ones lose track, as in the token count of attention)."""
     graph = model.graph
     followed, per_image = Followed({}, []), {}
     if all(_batch_of_one_or_symbolic(value) for value in graph.input):
-        per_image = _inferred_shapes(_with_batch_of_one(model))
+        single = _with_batch_of_one(model)
+        per_image, types = _inferred_shapes(single)
+        per_image.update(_measured_shapes(single, weights, per_image, types))
         followed = free_the_batch(model, per_image)
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -221,15 +225,72 @@ def _with_batch_of_one(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
+def _inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, int]]:
+    """Every tensor's inferred shape and element type."""
     inferred = infer_shapes(model)
-    shapes = {}
+    shapes, types = {}, {}
     for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         tensor_type = value.type.tensor_type
+        types[value.name] = tensor_type.elem_type
         if tensor_type.HasField("shape"):
             shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None
                                   for d in tensor_type.shape.dim]
-    return shapes
+    return shapes, types
+
+
+def _measured_shapes(single: onnx.ModelProto, weights: dict[str, bytes], inferred: dict[str, list],
+                     types: dict[str, int]) -> dict:
+    """The shapes that inference left incomplete at a batch of 1, measured by running the model
+    once on a random image of its static size. Sizes computed from ``Shape`` through ``Div`` or
+    ``Mod`` (HF's embeddings, Swin's window padding) are beyond ONNX's data propagation, and the
+    gradient rules need them. Empty when nothing is missing, or when the model cannot run alone."""
+    import onnxruntime as ort
+
+    from onnxcam.runtime.providers import CPU_PROVIDER, SILENT
+
+    graph = single.graph
+    lost = [name for node in graph.node for name in node.output
+            if name and types.get(name) and not all(isinstance(d, int) for d in inferred.get(name, [None]))]
+    feeds = {}
+    for value in graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim]
+        if not lost or not all(dims) or value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            return {}
+        feeds[value.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    runnable = _copy(single)
+    _attach_weights(runnable, weights)
+    known_outputs = {o.name for o in runnable.graph.output}
+    runnable.graph.output.extend(helper.make_tensor_value_info(name, types[name], None)
+                                 for name in lost if name not in known_outputs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = SILENT
+    try:
+        session = ort.InferenceSession(runnable.SerializeToString(), options, providers=[CPU_PROVIDER])
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, feeds)
+    except Exception:  # noqa: BLE001 - the inferred shapes stand, and the rules say what they lack
+        return {}
+    return {name: list(value.shape) for name, value in zip(names, values) if name in set(lost)}
+
+
+def _complete_shapes(model: onnx.ModelProto, axes: dict, per_image: dict[str, list]) -> None:
+    """Fill the dims that symbolic inference lost from the per-image shapes: every dim of a
+    tensor but the one that holds the batch (``batch_axis.Batch``) is the same at any batch."""
+    for value in model.graph.value_info:
+        place, known = axes.get(value.name), per_image.get(value.name)
+        tensor_type = value.type.tensor_type
+        if not isinstance(place, Batch) or not known or not all(isinstance(d, int) for d in known):
+            continue
+        if not tensor_type.HasField("shape"):
+            tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension() for _ in known)
+        dims = tensor_type.shape.dim
+        if len(dims) != len(known):
+            continue
+        for axis, (dim, size) in enumerate(zip(dims, known)):
+            if axis != place.axis and not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = size
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -175,26 +175,34 @@ def _num_classes(logits: gs.Tensor) -> int | None:
 
 def automatic_layer(graph: gs.Graph, candidates, score: gs.Tensor) -> Candidate | None:
     """The last candidate, passing over ViT token tensors whose patch tokens reach the score only
-    through one selected token (the class token, after the last attention block): their gradient
+    through the leading tokens (the class token, after the last attention block): their gradient
     is zero on every patch, and so would be the map."""
-    tensors = graph.tensors()
+    tensors, size = graph.tensors(), image_size(graph)
     for candidate in reversed(candidates):
-        source = tensors[candidate.tensor]
-        if candidate.layout != "NLC" or _patch_tokens_reach_score(path_nodes(graph, source, score), source):
+        if candidate.layout != "NLC":
+            return candidate
+        source, (extra, _, _) = tensors[candidate.tensor], token_grid(candidate.shape, size)
+        if _patch_tokens_reach_score(path_nodes(graph, source, score), source, extra, candidate.shape[1]):
             return candidate
     return candidates[-1] if candidates else None
 
 
-def _patch_tokens_reach_score(nodes, source: gs.Tensor) -> bool:
-    """False when a token is selected (Gather or Slice on the token axis) before attention mixes
-    the tokens (a MatMul of two tensors of the path)."""
+def _patch_tokens_reach_score(nodes, source: gs.Tensor, extra: int, tokens: int) -> bool:
+    """False when, before attention mixes the tokens (a MatMul of two tensors of the path), the
+    path keeps only leading tokens (a Gather or Slice on the token axis). Taking the class token
+    off to put it back, as ``cat(x[:, :1], registers, x[:, 1:])`` does, keeps the patches."""
     on_path = {source.name} | {t.name for node in nodes for t in node.outputs}
+    selected_leading = False
     for node in nodes:
         if node.op == "MatMul" and all(t.name in on_path for t in node.inputs[:2]):
             return True
         if node.op in ("Gather", "Slice") and node.inputs[0].name in on_path and _on_token_axis(node):
-            return False
-    return True
+            kept = _kept_tokens(node, tokens)
+            if kept is None or not (kept >= extra).any():
+                selected_leading = True
+            else:
+                return True
+    return not selected_leading
 
 
 def _on_token_axis(node: gs.Node) -> bool:
@@ -202,6 +210,18 @@ def _on_token_axis(node: gs.Node) -> bool:
         return node.attrs.get("axis", 0) in (1, -2)
     axes = constant_value(node.inputs[3]) if len(node.inputs) > 3 else None
     return axes is None or bool(np.isin(axes, (1, -2)).any())
+
+
+def _kept_tokens(node: gs.Node, tokens: int) -> np.ndarray | None:
+    """The token indices a Gather or Slice on the token axis keeps, None where not constant."""
+    if node.op == "Gather":
+        indices = constant_value(node.inputs[1])
+        return None if indices is None else np.asarray(indices).ravel() % tokens
+    starts, ends, steps = (constant_value(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2, 4))
+    if starts is None or ends is None or len(np.ravel(starts)) != 1:
+        return None
+    step = int(np.ravel(steps)[0]) if steps is not None else 1
+    return np.arange(tokens)[slice(int(np.ravel(starts)[0]), int(np.ravel(ends)[0]), step)]
 
 
 def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape, score: gs.Tensor) -> gs.Tensor:

@@ -206,14 +206,20 @@ def test_an_op_it_does_not_know_is_decided_by_a_run_of_two_images(before_windows
 
 def test_pads_computed_at_run_time_are_decided_by_a_run_of_two_images():
     """Hugging Face's Swin pads each map to a whole number of windows with pads computed from its
-    Shape: their values are unknown until the model runs, so a run decides (it batches); they
-    were once taken for a pad of the batch's dim."""
+    Shape, then rolls it (a Concat of two Slices): the pads' values are unknown until the model
+    runs, so a run decides (it batches; they were once taken for a pad of the batch's dim), and
+    the padded sizes, which the Concat's gradient needs, are told from the batch's by one run of
+    two images."""
     nodes = [helper.make_node("Shape", ["c"], ["c_shape"]),
              helper.make_node("Sub", ["c_shape", "c_shape"], ["zeros"]),
              helper.make_node("Concat", ["zeros", "zeros"], ["no_pads"], axis=0),
              helper.make_node("Add", ["no_pads", "window_pads"], ["pads"]),
              helper.make_node("Pad", ["c", "pads"], ["padded"], name="window_pad"),
-             helper.make_node("Relu", ["padded"], ["body"])]
-    model = _model(nodes, {"window_pads": _shape([0, 0, 0, 0, 0, 0, 1, 1])})
+             helper.make_node("Slice", ["padded", "zero", "two", "last"], ["front"]),
+             helper.make_node("Slice", ["padded", "two", "end", "last"], ["back"]),
+             helper.make_node("Concat", ["back", "front"], ["rolled"], axis=3),
+             helper.make_node("Relu", ["rolled"], ["body"])]
+    model = _model(nodes, {"window_pads": _shape([0, 0, 0, 0, 0, 0, 1, 1]), "zero": _shape([0]),
+                           "two": _shape([2]), "end": _shape([99]), "last": _shape([3])})
     assert build_gradient_model(model, layer="c").batch_built_in is None
     _assert_batches_like_single_runs(model)

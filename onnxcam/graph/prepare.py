@@ -100,6 +100,7 @@ def prepare(model: onnx.ModelProto, dynamic_batch: bool = True) -> Prepared:
     model = infer_shapes(model)
     if followed is not None:
         _complete_shapes(model, followed.axes, per_image)
+        _settle_lost_dims(model, weights, per_image)
     _attach_weights(model, weights)
     if followed is None:
         return Prepared(model)
@@ -244,39 +245,75 @@ def _measured_shapes(single: onnx.ModelProto, weights: dict[str, bytes], inferre
     once on a random image of its static size. Sizes computed from ``Shape`` through ``Div`` or
     ``Mod`` (HF's embeddings, Swin's window padding) are beyond ONNX's data propagation, and the
     gradient rules need them. Empty when nothing is missing, or when the model cannot run alone."""
+    lost = [name for node in single.graph.node for name in node.output
+            if name and types.get(name) and not all(isinstance(d, int) for d in inferred.get(name, [None]))]
+    return _run_shapes(single, weights, lost, types, batch=1)
+
+
+def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[str], types: dict[str, int],
+                batch: int) -> dict[str, list]:
+    """The shapes of tensors ``names`` in one run of ``batch`` random images of the model's static
+    input size, on the CPU without graph optimisations; empty where the model cannot run so."""
     import onnxruntime as ort
 
     from onnxcam.runtime.providers import CPU_PROVIDER, SILENT
 
-    graph = single.graph
-    lost = [name for node in graph.node for name in node.output
-            if name and types.get(name) and not all(isinstance(d, int) for d in inferred.get(name, [None]))]
     feeds = {}
-    for value in graph.input:
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim]
-        if not lost or not all(dims) or value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+    for value in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim][1:]
+        if not names or not all(dims) or value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             return {}
-        feeds[value.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
-    runnable = _copy(single)
+        feeds[value.name] = np.random.default_rng(0).standard_normal((batch, *dims)).astype(np.float32)
+    runnable = _copy(model)
     _attach_weights(runnable, weights)
     known_outputs = {o.name for o in runnable.graph.output}
     runnable.graph.output.extend(helper.make_tensor_value_info(name, types[name], None)
-                                 for name in lost if name not in known_outputs)
+                                 for name in names if name not in known_outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = SILENT
     try:
         session = ort.InferenceSession(runnable.SerializeToString(), options, providers=[CPU_PROVIDER])
-        names = [o.name for o in session.get_outputs()]
-        values = session.run(names, feeds)
+        outputs = [o.name for o in session.get_outputs()]
+        values = session.run(outputs, feeds)
     except Exception:  # noqa: BLE001 - the inferred shapes stand, and the rules say what they lack
         return {}
-    return {name: list(value.shape) for name, value in zip(names, values) if name in set(lost)}
+    wanted = set(names)
+    return {name: list(value.shape) for name, value in zip(outputs, values) if name in wanted}
+
+
+def _settle_lost_dims(model: onnx.ModelProto, weights: dict[str, bytes], per_image: dict[str, list]) -> None:
+    """Dims still unknown where the batch's place was lost track of (past pads computed at run
+    time: HF Swin), told apart by one run of two images: a dim the same as at a batch of 1 is
+    fixed, one of 1 that becomes 2 is N, and one that grows otherwise (windows) stays symbolic."""
+    values, types = {}, {}
+    for value in model.graph.value_info:
+        known, dims = per_image.get(value.name), value.type.tensor_type.shape.dim
+        if known and all(isinstance(d, int) for d in known) and (
+                len(dims) != len(known) or any(not d.HasField("dim_value") and d.dim_param != BATCH_DIM for d in dims)):
+            values[value.name], types[value.name] = value, value.type.tensor_type.elem_type
+    for name, shape in _run_shapes(model, weights, list(values), types, batch=2).items():
+        tensor_type, known = values[name].type.tensor_type, per_image[name]
+        if len(shape) != len(known):
+            continue
+        if len(tensor_type.shape.dim) != len(known):
+            tensor_type.shape.Clear()
+            tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension() for _ in known)
+        for dim, at_one, at_two in zip(tensor_type.shape.dim, known, shape):
+            if dim.HasField("dim_value"):
+                continue
+            if at_one == at_two:
+                dim.Clear()
+                dim.dim_value = at_one
+            elif (at_one, at_two) == (1, 2):
+                dim.Clear()
+                dim.dim_param = BATCH_DIM
 
 
 def _complete_shapes(model: onnx.ModelProto, axes: dict, per_image: dict[str, list]) -> None:
     """Fill the dims that symbolic inference lost from the per-image shapes: every dim of a
-    tensor but the one that holds the batch (``batch_axis.Batch``) is the same at any batch."""
+    tensor but the one that holds the batch (``batch_axis.Batch``) is the same at any batch, and
+    that one is N where it holds the batch alone."""
     for value in model.graph.value_info:
         place, known = axes.get(value.name), per_image.get(value.name)
         tensor_type = value.type.tensor_type
@@ -288,9 +325,14 @@ def _complete_shapes(model: onnx.ModelProto, axes: dict, per_image: dict[str, li
         if len(dims) != len(known):
             continue
         for axis, (dim, size) in enumerate(zip(dims, known)):
-            if axis != place.axis and not dim.HasField("dim_value"):
+            if dim.HasField("dim_value"):
+                continue
+            if axis != place.axis:
                 dim.Clear()
                 dim.dim_value = size
+            elif size == 1 and place.outer == 1:  # the batch alone: the input's N, not unk__7
+                dim.Clear()
+                dim.dim_param = BATCH_DIM
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

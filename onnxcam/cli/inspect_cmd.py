@@ -16,6 +16,7 @@ from onnxcam.graph.locate import candidate_layers, find_logits
 from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer
 from onnxcam.imaging import detect_layout
+from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.runtime.cache import load_gradient_model
 
 METADATA_KEYS = ("onnxcam.mean", "onnxcam.std", "onnxcam.preprocess", "onnxcam.labels")
@@ -75,7 +76,7 @@ def _report(path: Path, use_cache: bool) -> dict:
     except (OnnxCamError, IndexError) as exc:
         report["layout"] = None
         report["notes"].append(str(exc) if isinstance(exc, OnnxCamError) else "the model has no inputs")
-    report["preprocessing"] = _preprocessing_text(report["metadata"])
+    report["preprocessing"] = _preprocessing_text(report["metadata"], input_scaling(proto))
 
     rows, automatic = [], None
     if logits is not None:
@@ -121,8 +122,12 @@ def _report(path: Path, use_cache: bool) -> dict:
     return report
 
 
-def _preprocessing_text(metadata: dict) -> str:
+def _preprocessing_text(metadata: dict, scaling) -> str:
     found = {k: v for k, v in metadata.items() if k != "onnxcam.labels"}
+    if not found and scaling is not None:
+        return (f"none in the metadata; the model scales its 0-255 input itself (x {scaling.factor:.6g} at "
+                f"node {scaling.node}): the 'raw' preset is used (RGB 0-255); pass --preprocess or "
+                "--mean/--std if the model expects otherwise")
     if not found:
         return ("none in the metadata: the 'imagenet' preset is used (RGB/255, ImageNet mean/std); "
                 "pass --preprocess or --mean/--std if the model expects otherwise")

@@ -72,6 +72,7 @@ from onnxcam.explain.result import Explanation
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
+from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
@@ -476,6 +477,9 @@ class Explainer:
             self._preset_name, source = "imagenet", "model metadata onnxcam.mean/std"
             mean = meta_mean if mean is None else mean
             std = meta_std if std is None else std
+        elif (scaling := input_scaling(gm.model)) is not None:
+            self._preset_name = "raw"
+            source = f"the model scales its 0-255 input itself (x {scaling.factor:.6g} at node {scaling.node!r})"
         else:
             self._preset_name, source = "imagenet", "default preset (no preprocessing in the metadata)"
         if user_values:

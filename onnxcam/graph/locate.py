@@ -146,17 +146,33 @@ def known_shape(tensor: gs.Tensor, per_image: dict | None = None):
 def candidate_layers(graph: gs.Graph, score: gs.Tensor, per_image: dict | None = None) -> list[Candidate]:
     """Rank-4 activations (channels first or last, ``layer_layout``) with spatial size >= 2, and
     ViT token tensors on a grid of at least 2 x 2, that every input-to-score path passes through,
-    in graph order. ``per_image``: shapes at a batch of 1 (``prepare.Prepared``)."""
-    ancestors = _ancestors(score)
+    past the first weights (``MIXING_OPS``), in graph order. ``per_image``: shapes at a batch of 1 (``prepare.Prepared``)."""
+    ancestors, features = _ancestors(score), _features(graph)
     size = image_size(graph)
     found = []
     for node in graph.nodes:
         for out in node.outputs:
             shape = known_shape(out, per_image)
             layout = layer_layout(shape, size)
-            if out.name in ancestors and _spatial(shape, layout) and dominates(graph, out, score):
+            if (out.name in ancestors and out.name in features and _spatial(shape, layout)
+                    and dominates(graph, out, score)):
                 found.append(Candidate(out.name, node.name, node.op, tuple(shape), layout))
     return found
+
+
+#: Ops with learned weights that mix values: before the first of them a tensor is still the image
+#: (tf2onnx's input Transpose, Keras' Rescaling and Normalization), and no layer to explain.
+MIXING_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger",
+              "QLinearMatMul", "Einsum"}
+
+
+def _features(graph: gs.Graph) -> set[str]:
+    """Tensors computed through at least one mixing op (``MIXING_OPS``)."""
+    features: set[str] = set()
+    for node in graph.nodes:  # topologically sorted
+        if node.op in MIXING_OPS or any(t.name in features for t in node.inputs):
+            features.update(t.name for t in node.outputs)
+    return features
 
 
 def _ancestors(tensor: gs.Tensor) -> set[str]:

@@ -419,3 +419,19 @@ def test_writer_threads_follow_the_cpus(monkeypatch):
     for cpus, threads in ((1, 2), (2, 2), (6, 3), (16, 8), (64, 8)):
         monkeypatch.setattr(explain_cmd.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
         assert explain_cmd.writer_threads() == threads
+
+
+def test_inspect_a_dynamic_size_model_asks_for_size_and_takes_it(tmp_path):
+    model = build_cnn("linear")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    path = save_model(model, tmp_path / "dynamic.onnx")
+    plain = run(["inspect", path])
+    assert plain.exit_code == 0 and "unknown while the input size is dynamic" in plain.stdout
+    assert "pass --size H,W" in plain.stdout
+    sized = run(["inspect", path, "--size", "40,24", "--json"])
+    document = json.loads(sized.stdout)
+    assert document["layout"]["size"] == [40, 24] and document["explainable"] is True
+    assert document["automatic_layer"] == "a2" and document["candidates"][-1]["shape"][2:] == [40, 24]
+    assert_one_line_error(run(["inspect", save_model(build_cnn(), tmp_path / "static.onnx"), "--size", "40,24"]),
+                          "fixed at 32x32")

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 import onnx_graphsurgeon as gs
 
-from onnxcam.cli.common import echo_json, shape_text, table, value_info_rows
+from onnxcam.cli.common import comma_numbers, echo_json, shape_text, table, value_info_rows
 from onnxcam.errors import OnnxCamError
+from onnxcam.explain.explainer import with_input_size
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph.locate import candidate_layers, find_logits
@@ -26,8 +27,11 @@ METADATA_KEYS = ("onnxcam.mean", "onnxcam.std", "onnxcam.preprocess", "onnxcam.l
                context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@click.option("--size", callback=comma_numbers(int, 2, "numbers"), metavar="H,W",
+              help="Input size to assume for a model whose input size is dynamic (layer shapes, "
+                   "and so the candidate layers, depend on it).")
 @click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
-def inspect(model: Path, as_json: bool, no_cache: bool) -> None:
+def inspect(model: Path, as_json: bool, size: tuple[int, int] | None, no_cache: bool) -> None:
     """Show MODEL's inputs and outputs, the logits onnxcam differentiates, the preprocessing
     found in its metadata, and the candidate target layers (* = the automatic choice).
 
@@ -36,15 +40,15 @@ def inspect(model: Path, as_json: bool, no_cache: bool) -> None:
     every input, so Smooth Grad-CAM++ with its default 'moments' averaging equals Grad-CAM++
     there: pick an earlier layer, or --averaging maps, for the noise to matter.
     """
-    report = _report(model, use_cache=not no_cache)
+    report = _report(model, use_cache=not no_cache, size=size)
     if as_json:
         echo_json(report)
     else:
         click.echo(_text(report))
 
 
-def _report(path: Path, use_cache: bool) -> dict:
-    proto = load_model(path)
+def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) -> dict:
+    proto = load_model(path) if size is None else with_input_size(path, size)
     report: dict = {
         "model": os.fspath(path), "size_bytes": path.stat().st_size,
         "ir_version": proto.ir_version, "opset": model_opset(proto),
@@ -97,7 +101,7 @@ def _report(path: Path, use_cache: bool) -> dict:
             "only the class token reaches the score, so every patch's gradient there is 0 and so would be the map.")
 
     try:
-        gm, _ = load_gradient_model(path, use_cache=use_cache)
+        gm, _ = load_gradient_model(path if size is None else proto, use_cache=use_cache)
         report["explainable"] = True
         report["automatic_path_linear"] = gm.path_is_linear
         report["batch_built_in"] = gm.batch_built_in
@@ -164,6 +168,9 @@ def _text(report: dict) -> str:
                  ("linear" if r["path_linear"] else "non-linear") + ("" if r["supported"] else ", unsupported op")]
                 for r in report["candidates"]]
         lines.append(table(rows, ["", "tensor", "op", "shape", "layout", "path to logits"]))
+    elif report["layout"] and None in report["layout"]["size"]:
+        lines.append("Candidate target layers: unknown while the input size is dynamic (layer shapes depend "
+                     "on it): pass --size H,W")
     else:
         lines.append("Candidate target layers: none (no 4-D activation with spatial size >= 2 that every "
                      "path to the logits passes through)")

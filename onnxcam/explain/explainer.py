@@ -160,7 +160,7 @@ class Explainer:
         self._unreported_setup: dict[str, float] = {}
         self._default_key = (layer, score)
         if size is not None:  # a dynamic input size becomes static before the rewrite
-            self.model_source = _with_input_size(model, _check_size(size))
+            self.model_source = with_input_size(model, _check_size(size))
         try:
             gm = self._gradient_model(layer, score)
         except LayerError:
@@ -726,7 +726,7 @@ def _require_static_size(model) -> None:
                           "size=(H, W) (--size H,W)")
 
 
-def _with_input_size(model, size: tuple[int, int]) -> onnx.ModelProto:
+def with_input_size(model, size: tuple[int, int]) -> onnx.ModelProto:
     """A copy of the model whose input has spatial size ``size`` = (H, W) where it was symbolic
     (the gradient rules need static spatial sizes); OptionError when it is fixed to another size."""
     from onnxcam.graph.prepare import load_model

@@ -230,6 +230,7 @@ def test_explain_writes_overlay_map_and_record(work):
     assert np.load(out / f"{stem}.npy").shape == (32, 32)
     summary = result.stdout
     assert "a.png:" in summary and "p=" in summary and ("CPU" in summary or "CUDA" in summary)
+    assert re.search(r"a\.png: class \d+, p=", summary)  # no labels: not "class 3 (class 3)"
     assert re.search(r"2 images, 6 files in .*, [\d.]+ s \([\d.]+ images/s; model setup [\d.]+ s\)",
                      summary)
     # the same seed gives the same map again, bit for bit; another batch size sums the moments

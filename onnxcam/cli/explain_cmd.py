@@ -270,7 +270,9 @@ def _summary(path: Path, explanation, overlay: Path) -> str:
     if explanation.neuron is not None:
         what = f"neuron {', '.join(str(n) for n in explanation.neuron)} of {explanation.score_tensor}"
     else:
-        what = f"{explanation.label} (class {explanation.class_index}), p={explanation.probability:.3f}"
+        named = explanation.label and explanation.label != f"class {explanation.class_index}"
+        what = (f"{explanation.label} (class {explanation.class_index})" if named else f"class {explanation.class_index}")
+        what = f"{what}, p={explanation.probability:.3f}"
     flat = " [flat map: no positive evidence]" if explanation.flat else ""
     return f"{display_path(path)}: {what}{flat} -> {overlay}"
 

@@ -149,7 +149,7 @@ def _text(report: dict) -> str:
     if logits:
         kind = "pre-softmax input of the output's squashing" if logits["pre_softmax"] else "the output itself"
         lines.append(f"Logits: {logits['tensor']} {shape_text(logits['shape'])} ({kind}), "
-                     f"{report['classes'] or '?'} classes")
+                     f"{report['classes'] or '?'} class{'' if report['classes'] == 1 else 'es'}")
     labels = report.get("labels") or {}
     lines.append(f"Labels: {labels.get('source')}"
                  + (f" ({', '.join(labels['first'])}, ...)" if labels.get("first") else ""))

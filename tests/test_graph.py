@@ -13,7 +13,7 @@ from onnxcam.errors import LayerError, ModelError, OnnxCamError, UnsupportedOper
 from onnxcam.graph.locate import find_logits, layer_layout, token_grid
 from onnxcam.graph.prepare import OPSET_FLOOR, load_model, model_opset, prepare_model
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, build_gradient_model
-from tests.gradcheck import check_gradient, onnxcam_gradient, together_and_alone
+from tests.gradcheck import check_gradient, together_and_alone
 
 RNG = np.random.default_rng(5)
 

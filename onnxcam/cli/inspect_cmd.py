@@ -85,7 +85,7 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) ->
     rows, automatic = [], None
     if logits is not None:
         tensors = graph.tensors()
-        candidates = candidate_layers(graph, logits, preparation.per_image)
+        candidates = candidate_layers(graph, logits)
         automatic = automatic_layer(graph, candidates, logits)
         for candidate in candidates:
             nodes = path_nodes(graph, tensors[candidate.tensor], logits)

@@ -133,26 +133,16 @@ def dominates(graph: gs.Graph, tensor: gs.Tensor, target: gs.Tensor) -> bool:
     return target.name not in reached
 
 
-def known_shape(tensor: gs.Tensor, per_image: dict | None = None):
-    """``tensor``'s shape, with the dims after the batch taken from the per-image shapes where
-    symbolic inference lost them (the token count of a dynamic-batch attention export)."""
-    shape = tensor.shape
-    known = (per_image or {}).get(tensor.name)
-    if shape is None or all(isinstance(d, int) for d in shape[1:]) or not known or len(known) != len(shape):
-        return shape
-    return [shape[0], *known[1:]]
-
-
-def candidate_layers(graph: gs.Graph, score: gs.Tensor, per_image: dict | None = None) -> list[Candidate]:
+def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
     """Rank-4 activations (channels first or last, ``layer_layout``) with spatial size >= 2, and
     ViT token tensors on a grid of at least 2 x 2, that every input-to-score path passes through,
-    past the first weights (``MIXING_OPS``), in graph order. ``per_image``: shapes at a batch of 1 (``prepare.Prepared``)."""
+    past the first weights (``MIXING_OPS``), in graph order."""
     ancestors, features = _ancestors(score), _features(graph)
     size = image_size(graph)
     found = []
     for node in graph.nodes:
         for out in node.outputs:
-            shape = known_shape(out, per_image)
+            shape = out.shape
             layout = layer_layout(shape, size)
             if (out.name in ancestors and out.name in features and _spatial(shape, layout)
                     and dominates(graph, out, score)):

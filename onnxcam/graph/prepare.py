@@ -79,7 +79,6 @@ class Prepared:
     model: onnx.ModelProto
     batch_axes: dict = field(default_factory=dict)
     batch_guesses: tuple = ()
-    per_image: dict = field(default_factory=dict)  # tensor shapes at a batch of 1, before the batch was freed
 
 
 def prepare_model(model: onnx.ModelProto, dynamic_batch: bool = True) -> onnx.ModelProto:
@@ -104,7 +103,7 @@ def prepare(model: onnx.ModelProto, dynamic_batch: bool = True) -> Prepared:
     _attach_weights(model, weights)
     if followed is None:
         return Prepared(model)
-    return Prepared(model, followed.axes, tuple(followed.guesses), per_image)
+    return Prepared(model, followed.axes, tuple(followed.guesses))
 
 
 #: Integer arithmetic that exporters leave on constants (torch's MultiheadAttention computes a

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
-from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, image_size, known_shape, layer_layout,
+from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, image_size, layer_layout,
                                   resolve_tensor, token_grid)
 from onnxcam.graph.batch_axis import Batch, Lost, Unknown, batch_is_consistent
 from onnxcam.graph.prepare import BATCH_DIM, Prepared, load_model, prepare
@@ -73,7 +73,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     found = find_logits(graph)
     built_in = _batch_built_in(found, preparation)
     logits = _expose_logits(graph, found)
-    candidates = tuple(candidate_layers(graph, logits, preparation.per_image))
+    candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
     source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape, logits)
     seed = gs.Variable(SEED, dtype=dtype, shape=_batched(target.shape))
@@ -85,7 +85,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         raise UnsupportedOperatorError(f"{exc}{_later_layers_hint(graph, source, target, candidates)}") from None
 
     size = image_size(graph)
-    shape = known_shape(source, preparation.per_image)
+    shape = source.shape
     layout = layer_layout(shape, size)
     grid = token_grid(shape, size)
     activation_shape = _nchw(shape, layout, grid)

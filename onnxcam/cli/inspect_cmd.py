@@ -13,7 +13,7 @@ from onnxcam.errors import OnnxCamError
 from onnxcam.explain.explainer import with_input_size
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
-from onnxcam.graph.locate import candidate_layers, find_logits
+from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits
 from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer
 from onnxcam.imaging import detect_layout
@@ -65,7 +65,8 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) ->
     graph.toposort()
     logits = find_logits(graph) if graph.outputs else None
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
-                         "pre_softmax": logits.name != graph.outputs[0].name} if logits is not None else None)
+                         "pre_softmax": logits.name != graph.outputs[0].name,
+                         "squashed": _squashed(graph)} if logits is not None else None)
     classes = logits.shape[-1] if logits is not None and logits.shape else None
     classes = classes if isinstance(classes, int) else None
     report["classes"] = classes
@@ -126,6 +127,16 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) ->
     return report
 
 
+def _squashed(graph: gs.Graph) -> bool:
+    """Whether a Softmax, LogSoftmax or Sigmoid lies between the logits and the output."""
+    tensor, logits = graph.outputs[0], find_logits(graph)
+    seen = []
+    while tensor is not logits and len(tensor.inputs) == 1:
+        seen.append(tensor.inputs[0].op)
+        tensor = tensor.inputs[0].inputs[0]
+    return any(op in SQUASHING for op in seen)
+
+
 def _preprocessing_text(metadata: dict, scaling) -> str:
     found = {k: v for k, v in metadata.items() if k != "onnxcam.labels"}
     if not found and scaling is not None:
@@ -147,7 +158,8 @@ def _text(report: dict) -> str:
     lines += [f"  {r['name']}  {shape_text(r['shape'])}  {r['dtype']}" for r in report["outputs"]]
     logits = report["logits"]
     if logits:
-        kind = "pre-softmax input of the output's squashing" if logits["pre_softmax"] else "the output itself"
+        kind = ("pre-softmax input of the output's squashing" if logits["squashed"] else
+                "the output before its quantization" if logits["pre_softmax"] else "the output itself")
         lines.append(f"Logits: {logits['tensor']} {shape_text(logits['shape'])} ({kind}), "
                      f"{report['classes'] or '?'} class{'' if report['classes'] == 1 else 'es'}")
     labels = report.get("labels") or {}

@@ -41,9 +41,15 @@ def path_nodes(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> list[gs
     return on_path[::-1]
 
 
+#: Ops whose integer outputs stand for values (a QDQ model's quantized activations).
+QUANTIZING = {"QuantizeLinear"}
+
+
 def carries_values(tensor: gs.Tensor) -> bool:
     """False for integer and boolean tensors (shapes, indices, masks): no gradient flows
-    through them."""
+    through them. A quantized activation is the exception: it stands for its values."""
+    if tensor.inputs and tensor.inputs[0].op in QUANTIZING:
+        return True
     try:
         dtype = np.dtype(tensor.dtype)
     except TypeError:

@@ -681,6 +681,53 @@ def _global_max_pool(em, node, dy):
 
 
 # ---------------------------------------------------------------------------------------------
+# Quantization (QDQ models): the straight-through estimator of quantization-aware training
+# ---------------------------------------------------------------------------------------------
+
+def _along_quantization_axis(em, node, t, rank):
+    """A scale or zero point as a float tensor that broadcasts against the data: per tensor as it
+    is, per axis reshaped to lie along ``axis``; blocked quantization is not supported."""
+    if node.attrs.get("block_size", 0):
+        _unsupported(node, "blocked quantization (block_size) is not supported")
+    t = em.op("Cast", t, to=int(onnx.helper.np_dtype_to_tensor_dtype(em.dtype)))
+    shape = static_shape(node.inputs[1])
+    if len(shape) == 0 or shape == [1]:
+        return t
+    axis = _axis(node.attrs.get("axis", 1), rank)
+    return em.op("Reshape", t, em.ints([-1 if i == axis else 1 for i in range(rank)]))
+
+
+@rule("DequantizeLinear")
+def _dequantize_linear(em, node, dy):
+    """``x = (q - zero_point) * scale``: the integer tensor ``q`` stands for its values, so it
+    gets the gradient ``dy * scale`` (in float)."""
+    rank = len(static_shape(_x(node)))
+    return [em.op("Mul", dy[0], _along_quantization_axis(em, node, node.inputs[1], rank))] + \
+        [None] * (len(node.inputs) - 1)
+
+
+@rule("QuantizeLinear")
+def _quantize_linear(em, node, dy):
+    """``q = saturate(round(x / scale) + zero_point)`` is flat almost everywhere, so its true
+    gradient is 0; as in quantization-aware training, the gradient goes straight through,
+    ``dy / scale``, wherever ``round(x / scale) + zero_point`` lies within the integer type's
+    range, and is 0 where it saturates. With the DequantizeLinear after it, the pair passes
+    ``dy`` where the value is in range."""
+    x, y = _x(node), _y(node)
+    rank = len(static_shape(x))
+    dtype = y.dtype if y.dtype is not None else (node.inputs[2].dtype if _present(node, 2) else np.uint8)
+    info = np.iinfo(np.dtype(dtype))
+    scale = _along_quantization_axis(em, node, node.inputs[1], rank)
+    level = em.op("Round", em.op("Div", x, scale))
+    if _present(node, 2):
+        zero = _along_quantization_axis(em, node, node.inputs[2], rank)
+        level = em.op("Add", level, zero)
+    inside = em.op("And", em.op("GreaterOrEqual", level, em.const(float(info.min))),
+                   em.op("LessOrEqual", level, em.const(float(info.max))))
+    return [em.mask(inside, em.op("Div", dy[0], scale))] + [None] * (len(node.inputs) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ ELEMENTWISE = {
     "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Mish", "ThresholdedRelu", "Shrink",
     "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus", "Softsign", "Erf", "Exp", "Log",
     "Sqrt", "Reciprocal", "Abs", "Neg", "Ceil", "Floor", "Round", "Sign", "Sin", "Cos", "Clip",
-    "Cast", "CastLike", "Identity", "Dropout", "IsNaN", "IsInf",
+    "Cast", "CastLike", "Identity", "Dropout", "IsNaN", "IsInf", "QuantizeLinear", "DequantizeLinear",
 }
 #: Ops on rows of dim 0 (N, C, spatial...): any batch in dim 0 stays.
 PER_ROW = {

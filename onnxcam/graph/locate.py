@@ -7,6 +7,7 @@ import difflib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError
@@ -30,18 +31,29 @@ class Candidate:
 
 
 def find_logits(graph: gs.Graph) -> gs.Tensor:
-    """The pre-softmax score tensor behind the model's first output."""
+    """The pre-softmax score tensor behind the model's first output, before any quantization of
+    it (a QDQ model's QuantizeLinear -> DequantizeLinear on its logits would clip the score to its
+    calibrated range, and the gradient of a clipped score is 0)."""
     if not graph.outputs:
         raise LayerError("the model has no outputs: nothing to explain")
-    tensor = graph.outputs[0]
+    tensor = _before_quantization(graph.outputs[0])
     while len(tensor.inputs) == 1:
         producer = tensor.inputs[0]
         if producer.op in SQUASHING:
-            return producer.inputs[0]
+            return _before_quantization(producer.inputs[0])
         if producer.op not in PASS_THROUGH:
             break
-        tensor = producer.inputs[0]
-    return graph.outputs[0]
+        tensor = _before_quantization(producer.inputs[0])
+    return _before_quantization(graph.outputs[0])
+
+
+def _before_quantization(tensor: gs.Tensor) -> gs.Tensor:
+    """The float tensor that a QuantizeLinear -> DequantizeLinear pair ending in ``tensor``
+    quantizes, else ``tensor``."""
+    while (len(tensor.inputs) == 1 and tensor.inputs[0].op == "DequantizeLinear"
+           and len(tensor.inputs[0].inputs[0].inputs) == 1 and tensor.inputs[0].inputs[0].inputs[0].op == "QuantizeLinear"):
+        tensor = tensor.inputs[0].inputs[0].inputs[0].inputs[0]
+    return tensor
 
 
 def _spatial(shape, layout: str) -> bool:
@@ -144,7 +156,7 @@ def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
         for out in node.outputs:
             shape = out.shape
             layout = layer_layout(shape, size)
-            if (out.name in ancestors and out.name in features and _spatial(shape, layout)
+            if (out.name in ancestors and out.name in features and _is_float(out) and _spatial(shape, layout)
                     and dominates(graph, out, score)):
                 found.append(Candidate(out.name, node.name, node.op, tuple(shape), layout))
     return found
@@ -154,6 +166,14 @@ def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
 #: (tf2onnx's input Transpose, Keras' Rescaling and Normalization), and no layer to explain.
 MIXING_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger",
               "QLinearMatMul", "Einsum"}
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    """Float or unknown: a QDQ model's quantized (integer) activations are no layers."""
+    try:
+        return tensor.dtype is None or np.issubdtype(np.dtype(tensor.dtype), np.floating)
+    except TypeError:
+        return True  # bfloat16 and other non-NumPy floats
 
 
 def _features(graph: gs.Graph) -> set[str]:

@@ -69,6 +69,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
                          "single-input image models; re-export it with the inputs other than the image "
                          "fixed as constants")
     dtype = graph.inputs[0].dtype or np.float32
+    _refuse_integer_arithmetic(graph)
 
     found = find_logits(graph)
     built_in = _batch_built_in(found, preparation)
@@ -104,6 +105,25 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         activation_shape=tuple(activation_shape or ()), seed_shape=tuple(seed.shape or ()),
         num_classes=_num_classes(logits), candidates=candidates, path_is_linear=linear,
         batch_built_in=built_in, layer_layout=layout)
+
+
+#: Integer ops of onnxruntime's operator-format and dynamic quantization, which compute on the
+#: quantized values themselves (QDQ models keep float ops between QuantizeLinear and
+#: DequantizeLinear, and are differentiated straight through the quantization).
+INTEGER_ARITHMETIC = {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QAttention",
+                      "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+def _refuse_integer_arithmetic(graph: gs.Graph) -> None:
+    for node in graph.nodes:
+        if node.op in INTEGER_ARITHMETIC or node.op.startswith("QLinear"):
+            kind = "dynamically" if node.op in ("DynamicQuantizeLinear", "ConvInteger", "MatMulInteger") else \
+                "in the operator format"
+            raise ModelError(
+                f"the model is quantized {kind} ({node.op} at node '{node.name}'), which computes on "
+                "integers and has no gradient: quantize it in the QDQ format (onnxruntime's "
+                "quantize_static with quant_format=QuantFormat.QDQ, its default), which onnxcam "
+                "differentiates straight through the quantization, or explain the float model")
 
 
 def _batch_built_in(logits: gs.Tensor, preparation: Prepared) -> str | None:

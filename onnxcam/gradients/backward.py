@@ -83,6 +83,26 @@ def path_is_linear(nodes: list[gs.Node], source: gs.Tensor) -> bool:
     return True
 
 
+def float_dtype(tensor: gs.Tensor, default) -> np.dtype:
+    """``tensor``'s dtype when it is a known float, else ``default``."""
+    if tensor.dtype is None:
+        return np.dtype(default)
+    try:
+        dtype = np.dtype(tensor.dtype)
+    except TypeError:
+        return np.dtype(default)
+    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(default)
+
+
+def _node_dtype(node: gs.Node, default) -> np.dtype:
+    """The float dtype a node computes in: its first float output's, else its first float
+    input's (QuantizeLinear's outputs are integers)."""
+    for tensor in [*node.outputs, *node.inputs]:
+        if tensor.dtype is not None and float_dtype(tensor, np.int8) != np.int8:
+            return np.dtype(tensor.dtype)
+    return np.dtype(default)
+
+
 def unsupported_nodes(nodes: list[gs.Node]) -> list[gs.Node]:
     return [node for node in nodes if node.op not in RULES]
 
@@ -107,6 +127,7 @@ def backward(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor, seed: gs.Ten
         dys = [em.sum_all(grads[t.name]) if t.name in grads else None for t in node.outputs]
         if all(dy is None for dy in dys):
             continue
+        em.dtype = _node_dtype(node, dtype)  # a rule's constants match its node (Cast changes it)
         dxs = RULES[node.op](em, node, dys)
         for tensor, dx in zip(node.inputs, dxs):
             if dx is not None and tensor.name in wanted:

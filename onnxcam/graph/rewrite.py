@@ -21,7 +21,7 @@ from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, imag
                                   resolve_tensor, token_grid)
 from onnxcam.graph.batch_axis import Batch, Lost, Unknown, batch_is_consistent
 from onnxcam.graph.prepare import BATCH_DIM, Prepared, load_model, prepare
-from onnxcam.gradients.backward import backward, path_is_linear, path_nodes, unsupported_nodes
+from onnxcam.gradients.backward import backward, float_dtype, path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.gradients.emitter import constant_value
 
 SEED = "onnxcam_seed"
@@ -77,11 +77,12 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
     source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape, logits)
-    seed = gs.Variable(SEED, dtype=dtype, shape=_batched(target.shape))
+    layer_dtype, score_dtype = float_dtype(source, dtype), float_dtype(target, dtype)  # float16 inside float32 I/O
+    seed = gs.Variable(SEED, dtype=score_dtype, shape=_batched(target.shape))
     graph.inputs.append(seed)
     linear = path_is_linear(path_nodes(graph, source, target), source)
     try:
-        gradient = backward(graph, source, target, seed, dtype=dtype)
+        gradient = backward(graph, source, target, seed, dtype=score_dtype)
     except UnsupportedOperatorError as exc:
         raise UnsupportedOperatorError(f"{exc}{_later_layers_hint(graph, source, target, candidates)}") from None
 
@@ -90,8 +91,8 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     layout = layer_layout(shape, size)
     grid = token_grid(shape, size)
     activation_shape = _nchw(shape, layout, grid)
-    graph.outputs.append(_nchw_view(graph, source, ACTIVATION, dtype, activation_shape, layout, grid))
-    graph.outputs.append(_nchw_view(graph, gradient, GRADIENT, dtype, activation_shape, layout, grid))
+    graph.outputs.append(_nchw_view(graph, source, ACTIVATION, layer_dtype, activation_shape, layout, grid))
+    graph.outputs.append(_nchw_view(graph, gradient, GRADIENT, layer_dtype, activation_shape, layout, grid))
     graph.outputs.append(logits)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 

@@ -68,8 +68,12 @@ class GradientSession:
         self._noise_key: object = None
         self._host_bank: np.ndarray | None = None
         self._host_bank_key: object = None
-        graph_input = next(i for i in gradient_model.model.graph.input if i.name == gradient_model.input_name)
-        self.input_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type))
+        graph = gradient_model.model.graph
+        dtypes = {value.name: np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+                  for value in [*graph.input, *graph.output]}
+        self.input_dtype = dtypes[gradient_model.input_name]
+        # a float16 model with float32 inputs and outputs has float16 layers and maybe scores
+        self.seed_dtype, self.layer_dtype = dtypes.get(SEED, self.input_dtype), dtypes.get(ACTIVATION, self.input_dtype)
 
     # -- public runs -------------------------------------------------------------------------
     def run(self, inputs: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,7 +82,7 @@ class GradientSession:
         session = self._session(FULL)
         activation, gradient, logits = self._run(FULL, session, [ACTIVATION, GRADIENT, LOGITS],
                                                  {gm.input_name: self._as_input(inputs),
-                                                  SEED: self._as_input(seed)})
+                                                  SEED: self._as_input(seed, self.seed_dtype)})
         return activation, gradient, logits
 
     def forward(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,8 +96,8 @@ class GradientSession:
         """The gradient for given activations and seed rows, from the head alone (needs ``has_split``)."""
         session = self._session(HEAD)
         (gradient,) = self._run(HEAD, session, [GRADIENT],
-                                {self.gradient_model.layer: self._as_input(activation),
-                                 SEED: self._as_input(seed)})
+                                {self.gradient_model.layer: self._as_input(activation, self.layer_dtype),
+                                 SEED: self._as_input(seed, self.seed_dtype)})
         return gradient
 
     def run_picking(self, inputs: np.ndarray, targets: np.ndarray, picks: np.ndarray,
@@ -189,8 +193,8 @@ class GradientSession:
             self._session(kind)
 
     # -- internals ---------------------------------------------------------------------------
-    def _as_input(self, values: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(values, dtype=self.input_dtype)
+    def _as_input(self, values: np.ndarray, dtype=None) -> np.ndarray:
+        return np.ascontiguousarray(values, dtype=dtype or self.input_dtype)
 
     def _run(self, kind: str, session, names: list[str], feeds: dict) -> list[np.ndarray]:
         self.run_calls += 1

@@ -49,20 +49,54 @@ def keras_like(first_op: str = "Mul", factor: float = 1 / 255, per_channel=None)
 
 
 @pytest.mark.parametrize("first_op, factor, per_channel, expected", [
-    ("Mul", 1 / 255, None, 1 / 255),               # Rescaling(1/255)
-    ("Mul", 1 / 127.5, None, 1 / 127.5),           # Rescaling(1/127.5, offset=-1)
-    ("Div", 1 / 255, None, 1 / 255),               # x / 255
-    ("Mul", 1 / 255, [1 / 255] * 3, 1 / 255),      # the same factor per channel
-    ("Mul", 0.5, None, None),                      # not a 0-255 scaling
-    ("Mul", 1 / 255, [1 / 255, 1 / 250, 1 / 240], None),  # a per-channel normalisation
+    ("Mul", 1 / 255, None, ("raw", 1 / 255)),               # Rescaling(1/255)
+    ("Mul", 1 / 127.5, None, ("raw", 1 / 127.5)),           # Rescaling(1/127.5, offset=-1)
+    ("Div", 1 / 255, None, ("raw", 1 / 255)),               # x / 255
+    ("Mul", 1 / 255, [1 / 255] * 3, ("raw", 1 / 255)),      # the same factor per channel
+    ("Mul", 0.5, None, None),                               # not a normalisation
 ])
 def test_the_models_own_scaling_of_its_pixels_is_found(first_op, factor, per_channel, expected):
     found = input_scaling(keras_like(first_op, factor, per_channel))
     if expected is None:
         assert found is None
     else:
-        assert found is not None and found.node == "rescaling/mul"
-        assert found.factor == pytest.approx(expected, rel=1e-6)
+        assert found is not None and found.node == "rescaling/mul" and found.preset == expected[0]
+        assert found.scale == pytest.approx([expected[1]] * len(found.scale), rel=1e-6)
+
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.mark.parametrize("steps, expected", [
+    ([("Div", 255.0), ("Sub", MEAN), ("Div", STD)], ("raw", 1 / (255 * STD))),  # torchvision's, built in
+    ([("Sub", MEAN), ("Div", STD)], ("unit", 1 / STD)),                          # for a 0-1 image
+    ([("Mul", 1 / 255), ("Sub", MEAN), ("Mul", 1 / STD)], ("raw", 1 / (255 * STD))),
+    ([("Sub", [123.68, 116.78, 103.94])], None),                                 # a mean alone: no range
+    ([("Div", 255.0), ("Sub", MEAN), ("Div", STD), ("Mul", 100.0)], None),      # far from normalised
+])
+def test_a_normalisation_built_into_the_model_is_read_through(steps, expected):
+    """(x / 255 - mean) / std written into an export with its per-channel constants (1, 3, 1, 1):
+    the composed scale tells a 0-255 input from a 0-1 one."""
+    model = keras_like()
+    graph = model.graph
+    first = graph.node[0]
+    first.op_type, first.input[1] = "Identity", ""
+    del first.input[1:]
+    previous, nodes = "input", []
+    for i, (op, value) in enumerate(steps):
+        name = f"norm{i}"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32).reshape(1, 1, 1, -1), name))
+        nodes.append(helper.make_node(op, [previous, name], [f"{name}_out"], name=name))
+        previous = f"{name}_out"
+    first.input[0] = previous
+    for offset, node in enumerate(nodes):
+        graph.node.insert(offset, node)
+    found = input_scaling(model)
+    if expected is None:
+        assert found is None
+    else:
+        assert found is not None and found.preset == expected[0] and found.node == f"norm{len(steps) - 1}"
+        assert found.scale == pytest.approx(list(np.broadcast_to(expected[1], 3)), rel=1e-5)
 
 
 def test_a_keras_model_is_fed_raw_pixels_and_explained_past_its_image(tmp_path):
@@ -78,8 +112,8 @@ def test_a_keras_model_is_fed_raw_pixels_and_explained_past_its_image(tmp_path):
     explainer = Explainer(path)
     (result,) = explainer.explain([image], method="gradcam")
     info = explainer.preprocessing_info()
-    assert info["preset"] == "raw" and "scales its 0-255 input itself" in info["source"]
+    assert info["preset"] == "raw" and "normalises its input itself" in info["source"]
     assert result.raw_map.shape == (8, 8)
     inspected = run(["inspect", path])
-    assert "the model scales its 0-255 input itself (x 0.00392157 at node rescaling/mul)" in inspected.stdout
+    assert "normalises its input itself (x 0.00392157 up to node 'rescaling/mul'): it expects 0-255" in inspected.stdout
     assert "the 'raw' preset is used" in inspected.stdout

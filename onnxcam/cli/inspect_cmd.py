@@ -16,7 +16,7 @@ from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_n
 from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits
 from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer
-from onnxcam.imaging import detect_layout
+from onnxcam.imaging import PRESETS, detect_layout
 from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.runtime.cache import load_gradient_model
 
@@ -140,9 +140,9 @@ def _squashed(graph: gs.Graph) -> bool:
 def _preprocessing_text(metadata: dict, scaling) -> str:
     found = {k: v for k, v in metadata.items() if k != "onnxcam.labels"}
     if not found and scaling is not None:
-        return (f"none in the metadata; the model scales its 0-255 input itself (x {scaling.factor:.6g} at "
-                f"node {scaling.node}): the 'raw' preset is used (RGB 0-255); pass --preprocess or "
-                "--mean/--std if the model expects otherwise")
+        return (f"none in the metadata; {scaling.describe()}, so the '{scaling.preset}' preset is used "
+                f"({PRESETS[scaling.preset].description}); pass --preprocess or --mean/--std if the model "
+                "expects otherwise")
     if not found:
         return ("none in the metadata: the 'imagenet' preset is used (RGB/255, ImageNet mean/std); "
                 "pass --preprocess or --mean/--std if the model expects otherwise")

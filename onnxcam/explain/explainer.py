@@ -478,8 +478,7 @@ class Explainer:
             mean = meta_mean if mean is None else mean
             std = meta_std if std is None else std
         elif (scaling := input_scaling(gm.model)) is not None:
-            self._preset_name = "raw"
-            source = f"the model scales its 0-255 input itself (x {scaling.factor:.6g} at node {scaling.node!r})"
+            self._preset_name, source = scaling.preset, scaling.describe()
         else:
             self._preset_name, source = "imagenet", "default preset (no preprocessing in the metadata)"
         if user_values:

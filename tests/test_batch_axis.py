@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcam.graph import batch_axis, rewrite
+from onnxcam.graph import batch_axis, prepare, rewrite
 from onnxcam.graph.rewrite import GRADIENT, LOGITS, SEED, build_gradient_model
 from tests.gradcheck import check_gradient, together_and_alone
 
@@ -204,7 +204,8 @@ def test_an_op_it_does_not_know_is_decided_by_a_run_of_two_images(before_windows
         _assert_batches_like_single_runs(model, layer="body")
 
 
-def test_pads_computed_at_run_time_are_decided_by_a_run_of_two_images():
+@pytest.mark.parametrize("per_run", [prepare.EXPOSED_PER_RUN, 2])
+def test_pads_computed_at_run_time_are_decided_by_a_run_of_two_images(per_run, monkeypatch):
     """Hugging Face's Swin pads each map to a whole number of windows with pads computed from its
     Shape, then rolls it (a Concat of two Slices): the pads' values are unknown until the model
     runs, so a run decides (it batches; they were once taken for a pad of the batch's dim), and
@@ -221,5 +222,6 @@ def test_pads_computed_at_run_time_are_decided_by_a_run_of_two_images():
              helper.make_node("Relu", ["rolled"], ["body"])]
     model = _model(nodes, {"window_pads": _shape([0, 0, 0, 0, 0, 0, 1, 1]), "zero": _shape([0]),
                            "two": _shape([2]), "end": _shape([99]), "last": _shape([3])})
+    monkeypatch.setattr(prepare, "EXPOSED_PER_RUN", per_run)  # the sizes are measured a few tensors a run
     assert build_gradient_model(model, layer="c").batch_built_in is None
     _assert_batches_like_single_runs(model)

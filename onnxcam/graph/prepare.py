@@ -249,10 +249,16 @@ def _measured_shapes(single: onnx.ModelProto, weights: dict[str, bytes], inferre
     return _run_shapes(single, weights, lost, types, batch=1)
 
 
+#: Tensors exposed per measuring run: their values all come back at once, and a ViT's attention
+#: maps at a high resolution take tens of MB each.
+EXPOSED_PER_RUN = 128
+
+
 def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[str], types: dict[str, int],
                 batch: int) -> dict[str, list]:
-    """The shapes of tensors ``names`` in one run of ``batch`` random images of the model's static
-    input size, on the CPU without graph optimisations; empty where the model cannot run so."""
+    """The shapes of tensors ``names`` in runs of ``batch`` random images of the model's static
+    input size, on the CPU without graph optimisations, ``EXPOSED_PER_RUN`` tensors a run; empty
+    where the model cannot run so."""
     import onnxruntime as ort
 
     from onnxcam.runtime.providers import CPU_PROVIDER, SILENT
@@ -265,20 +271,24 @@ def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[s
         feeds[value.name] = np.random.default_rng(0).standard_normal((batch, *dims)).astype(np.float32)
     runnable = _copy(model)
     _attach_weights(runnable, weights)
-    known_outputs = {o.name for o in runnable.graph.output}
-    runnable.graph.output.extend(helper.make_tensor_value_info(name, types[name], None)
-                                 for name in names if name not in known_outputs)
+    outputs = runnable.graph.output
+    listed = len(outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = SILENT
-    try:
-        session = ort.InferenceSession(runnable.SerializeToString(), options, providers=[CPU_PROVIDER])
-        outputs = [o.name for o in session.get_outputs()]
-        values = session.run(outputs, feeds)
-    except Exception:  # noqa: BLE001 - the inferred shapes stand, and the rules say what they lack
-        return {}
-    wanted = set(names)
-    return {name: list(value.shape) for name, value in zip(outputs, values) if name in wanted}
+    shapes: dict[str, list] = {}
+    for start in range(0, len(names), EXPOSED_PER_RUN):
+        chunk = names[start:start + EXPOSED_PER_RUN]
+        del outputs[listed:]
+        outputs.extend(helper.make_tensor_value_info(name, types[name], None) for name in chunk
+                       if name not in {o.name for o in outputs[:listed]})
+        try:
+            session = ort.InferenceSession(runnable.SerializeToString(), options, providers=[CPU_PROVIDER])
+            values = session.run(chunk, feeds)
+        except Exception:  # noqa: BLE001 - the inferred shapes stand, and the rules say what they lack
+            return {}
+        shapes.update((name, list(value.shape)) for name, value in zip(chunk, values))
+    return shapes
 
 
 def _settle_lost_dims(model: onnx.ModelProto, weights: dict[str, bytes], per_image: dict[str, list]) -> None:

@@ -134,30 +134,57 @@ def layer_layout(shape, size: tuple) -> str:
     return "NHWC" if mismatch(shape[1], shape[2]) < mismatch(shape[2], shape[3]) else "NCHW"
 
 
-def dominates(graph: gs.Graph, tensor: gs.Tensor, target: gs.Tensor) -> bool:
-    """True when every path of values from the graph inputs to ``target`` passes through
-    ``tensor``. Shapes are not values: HF's embeddings read the input's Shape for a Reshape after
-    every block, which is no way around them (``backward.path_nodes`` skips it too)."""
-    reached = {t.name for t in graph.inputs if t.name != tensor.name}
+def dominators(graph: gs.Graph, target: gs.Tensor) -> set[str]:
+    """The tensors that every path of values from the graph inputs to ``target`` passes through.
+
+    One pass in topological order over the tensors as vertices: a tensor's immediate dominator
+    is the nearest common dominator of the inputs of the node that makes it (Cooper, Harvey and
+    Kennedy's intersection, which needs no iteration on an acyclic graph). Shapes are not values:
+    HF's embeddings read the input's Shape for a Reshape after every block, which is no way
+    around them (``backward.path_nodes`` skips it too)."""
+    root = "\0the inputs"  # no tensor's name: an omitted optional input is named ""
+    parent: dict[str, str] = {root: root}
+    depth: dict[str, int] = {root: 0}
+    for tensor in graph.inputs:
+        parent[tensor.name], depth[tensor.name] = root, 1
+
+    def common(a: str, b: str) -> str:
+        while a != b:
+            if depth[a] < depth[b]:
+                a, b = b, a
+            a = parent[a]
+        return a
+
     for node in graph.nodes:  # topologically sorted
-        if node.op not in SHAPE_ONLY and any(t.name in reached for t in node.inputs):
-            reached.update(t.name for t in node.outputs if t.name != tensor.name and carries_values(t))
-    return target.name not in reached
+        reached = [t.name for t in node.inputs if t.name in parent]
+        if node.op in SHAPE_ONLY or not reached:
+            continue
+        above = reached[0]
+        for name in reached[1:]:
+            above = common(above, name)
+        for out in node.outputs:
+            if carries_values(out) and out.name not in parent:
+                parent[out.name], depth[out.name] = above, depth[above] + 1
+    found, name = set(), target.name
+    while name in parent and name != root:
+        found.add(name)
+        name = parent[name]
+    return found
 
 
 def candidate_layers(graph: gs.Graph, score: gs.Tensor) -> list[Candidate]:
     """Rank-4 activations (channels first or last, ``layer_layout``) with spatial size >= 2, and
     ViT token tensors on a grid of at least 2 x 2, that every input-to-score path passes through,
     past the first weights (``MIXING_OPS``), in graph order."""
-    ancestors, features = _ancestors(score), _features(graph)
+    ancestors, features, dominating = _ancestors(score), _features(graph), dominators(graph, score)
     size = image_size(graph)
     found = []
     for node in graph.nodes:
         for out in node.outputs:
             shape = out.shape
             layout = layer_layout(shape, size)
-            if (out.name in ancestors and out.name in features and _is_float(out) and _spatial(shape, layout)
-                    and dominates(graph, out, score)):
+            if (out.name in dominating and out.name in ancestors and out.name in features
+                    and _is_float(out) and _spatial(shape, layout)):
                 found.append(Candidate(out.name, node.name, node.op, tuple(shape), layout))
     return found
 

@@ -204,8 +204,8 @@ def test_an_op_it_does_not_know_is_decided_by_a_run_of_two_images(before_windows
         _assert_batches_like_single_runs(model, layer="body")
 
 
-@pytest.mark.parametrize("per_run", [prepare.EXPOSED_PER_RUN, 2])
-def test_pads_computed_at_run_time_are_decided_by_a_run_of_two_images(per_run, monkeypatch):
+@pytest.mark.parametrize("first_run, budget", [(prepare.FIRST_RUN, prepare.MEASURE_BYTES), (2, 1)])
+def test_pads_computed_at_run_time_are_decided_by_a_run_of_two_images(first_run, budget, monkeypatch):
     """Hugging Face's Swin pads each map to a whole number of windows with pads computed from its
     Shape, then rolls it (a Concat of two Slices): the pads' values are unknown until the model
     runs, so a run decides (it batches; they were once taken for a pad of the batch's dim), and
@@ -222,6 +222,48 @@ def test_pads_computed_at_run_time_are_decided_by_a_run_of_two_images(per_run, m
              helper.make_node("Relu", ["rolled"], ["body"])]
     model = _model(nodes, {"window_pads": _shape([0, 0, 0, 0, 0, 0, 1, 1]), "zero": _shape([0]),
                            "two": _shape([2]), "end": _shape([99]), "last": _shape([3])})
-    monkeypatch.setattr(prepare, "EXPOSED_PER_RUN", per_run)  # the sizes are measured a few tensors a run
+    monkeypatch.setattr(prepare, "FIRST_RUN", first_run)  # the sizes are measured a few tensors a run
+    monkeypatch.setattr(prepare, "MEASURE_BYTES", budget)
     assert build_gradient_model(model, layer="c").batch_built_in is None
     _assert_batches_like_single_runs(model)
+
+
+def chunk_model() -> onnx.ModelProto:
+    """torch's chunk under the classic exporter with a dynamic batch: Slices of the channels
+    whose bounds come from Shape (ShuffleNet's channel split, MaxViT's qkv)."""
+    nodes = [helper.make_node("Shape", ["c"], ["c_shape"]),
+             helper.make_node("Gather", ["c_shape", "one"], ["channels"]),
+             helper.make_node("Div", ["channels", "two"], ["half"]),
+             helper.make_node("Slice", ["c", "zero", "half", "one"], ["first"], name="chunk_first"),
+             helper.make_node("Slice", ["c", "half", "end", "one"], ["second"], name="chunk_second"),
+             helper.make_node("Concat", ["second", "first"], ["body"], axis=1)]
+    return _model(nodes, {"zero": _shape([0]), "one": _shape([1]), "two": _shape([2]), "end": _shape([99])})
+
+
+def normalised_windows_model() -> onnx.ModelProto:
+    """dynamo's F.normalize on windows (Swin V2's cosine attention): the norm is expanded to the
+    windows' shape, a constant with the batch of 1 folded into its 4 windows."""
+    nodes = [helper.make_node("Reshape", ["c", "windows"], ["w"]),                   # [4, 8, 2, 2]
+             helper.make_node("ReduceL2", ["w"], ["norm"], axes=[1], keepdims=1),
+             helper.make_node("Expand", ["norm", "windows"], ["spread"], name="expand_norm"),
+             helper.make_node("Div", ["w", "spread"], ["unit"]),
+             helper.make_node("Reshape", ["unit", "map"], ["body"])]
+    return _model(nodes, {"windows": _shape([4, 8, 2, 2]),
+                          "map": _shape([1, 8, 4, 4])})
+
+
+def einsum_model() -> onnx.ModelProto:
+    """dynamo's attention written as Einsum (MaxViT): tokens against tokens, then back."""
+    nodes = [helper.make_node("Reshape", ["c", "tokens_shape"], ["t"]),              # [1, 8, 16]
+             helper.make_node("Einsum", ["t", "t"], ["scores"], equation="bcl,bdl->bcd"),
+             helper.make_node("Softmax", ["scores"], ["weights"], axis=-1),
+             helper.make_node("Einsum", ["weights", "t"], ["mixed"], equation="b c d, b d l -> b c l"),
+             helper.make_node("Reshape", ["mixed", "map"], ["body"])]
+    return _model(nodes, {"tokens_shape": _shape([1, 8, 16]), "map": _shape([1, 8, 4, 4])})
+
+
+@pytest.mark.parametrize("build", [chunk_model, normalised_windows_model, einsum_model])
+def test_chunks_folded_expands_and_einsums_keep_the_batch(build):
+    """Each once made onnxcam run the model one row at a time (the batch lost at a Slice with
+    computed bounds, at an Expand to a constant with the batch folded in, at an Einsum)."""
+    _assert_batches_like_single_runs(build())

@@ -134,6 +134,21 @@ case("MatMul-self", make_model(nodes, [2, 3, 4]), normal([2, 3, 4]))
 nodes = [helper.make_node("MatMul", ["A", "x"], ["y"])]
 case("MatMul-right-operand", make_model(nodes, [2, 3, 4], [_const("A", weights(5, 3))]), normal([2, 3, 4]))
 
+case("Einsum-matmul", one_op("Einsum", [3, 6], ["B"], [_const("B", weights(6, 4))], equation="ij,jk->ik"),
+     normal([3, 6]))
+nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+         helper.make_node("Einsum", ["x", "x"], ["y"], equation="b i d, b j d -> b i j")]
+case("Einsum-attention-self", make_model(nodes, [2, 3, 4]), normal([2, 3, 4]))
+case("Einsum-transpose-sum", one_op("Einsum", [2, 3, 4], equation="abc->ca"), normal([2, 3, 4]))
+case("Einsum-three", one_op("Einsum", [2, 3], ["B", "C"], [_const("C", weights(4, 5)), _const("B", weights(3, 4))],
+                            equation="ij,jk,kl->il"), normal([2, 3]))
+
+for op in ("ReduceL2", "ReduceSumSquare"):
+    case(f"{op}-axis1-keepdims", one_op(op, [2, 3, 4], axes=[1], keepdims=1, opset=17), normal([2, 3, 4]))
+    case(f"{op}-axes-input", one_op(op, [2, 3, 4], ["a"], [_const("a", [-1, 0], np.int64)], keepdims=0, opset=18),
+         normal([2, 3, 4]))
+    case(f"{op}-all", one_op(op, [2, 3], keepdims=1, opset=17), normal([2, 3]))
+
 # -- convolution -----------------------------------------------------------------------------
 conv_cases = [
     ("plain", [2, 3, 7, 7], [4, 3, 3, 3], {}),

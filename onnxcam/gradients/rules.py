@@ -412,6 +412,37 @@ def _gemm(em, node, dy):
     return [da, db, dc][:len(node.inputs)]
 
 
+@rule("Einsum")
+def _einsum(em, node, dy):
+    """An operand's gradient is the einsum of the output's gradient with the other operands, back
+    to the operand's letters (``ij,jk->ik``: ``ik,jk->ij`` for the first); a letter only that
+    operand has was summed over, so the gradient is spread back along it. Needs an explicit
+    output, no ellipsis and no letter twice in a term."""
+    equation = node.attrs["equation"]
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        _unsupported(node, f"equation '{equation}' needs an explicit output and no ellipsis")
+    terms, output = equation.split("->")
+    terms = terms.split(",")
+    grads = []
+    for i, (term, operand) in enumerate(zip(terms, node.inputs)):
+        if not em.wants(operand):
+            grads.append(None)
+            continue
+        others = [t for j, t in enumerate(terms) if j != i]
+        if len(set(term)) != len(term):
+            _unsupported(node, f"operand {i} ('{term}') of '{equation}' repeats a letter (a diagonal)")
+        seen = set(output).union(*others)
+        kept = "".join(letter for letter in term if letter in seen)
+        back = ",".join([output, *others]) + "->" + kept
+        grad = em.op("Einsum", dy[0], *(t for j, t in enumerate(node.inputs) if j != i), equation=back)
+        if kept != term:  # summed letters of its own: spread the gradient back along them
+            summed = [k for k, letter in enumerate(term) if letter not in seen]
+            grad = em.op("Expand", em.op("Unsqueeze", grad, em.ints(summed)), em.shape(operand))
+        grads.append(grad)
+    return grads
+
+
 def _swap_last_two(em, t, rank):
     perm = list(range(rank))
     perm[-1], perm[-2] = perm[-2], perm[-1]
@@ -653,6 +684,22 @@ def _reduce_sum_mean(em, node, dy):
     if node.op == "ReduceMean":  # scale the reduced dy, before it is expanded
         kept = em.op("Mul", kept, _size_ratio(em, _y(node), x))
     return [em.op("Expand", kept, em.shape(x))] + [None] * (len(node.inputs) - 1)
+
+
+@rule("ReduceL2", "ReduceSumSquare")
+def _reduce_l2(em, node, dy):
+    """``sqrt(sum x^2)``: ``dy * x / y`` (0 where the norm is 0, as torch's ``norm`` gives; the
+    Max keeps 0 / 0 out); ``sum x^2``: ``2 * dy * x``. F.normalize exports as ReduceL2."""
+    x = _x(node)
+    axes = _reduce_axes(node, len(static_shape(x)))
+    if axes is None:  # no reduction: |x| and x^2
+        y_kept, dy_kept = _y(node), dy[0]
+    else:
+        y_kept, dy_kept = _keepdims_gradient(em, node, _y(node), axes), _keepdims_gradient(em, node, dy[0], axes)
+    if node.op == "ReduceSumSquare":
+        return [em.op("Mul", em.op("Mul", dy_kept, em.const(2.0)), x)] + [None] * (len(node.inputs) - 1)
+    norm = em.op("Max", y_kept, em.const(np.finfo(em.dtype).tiny))
+    return [em.op("Mul", em.op("Div", dy_kept, norm), x)] + [None] * (len(node.inputs) - 1)
 
 
 def _max_gradient(em, x, y_kept, dy_kept, axes):

@@ -160,6 +160,8 @@ class _Walk:
             return lost if axis >= _axis(attrs.get("axis", -1), rank) or index != 0 else batch
         if op in ("MatMul", "Gemm"):
             return _matmul(op, index, batch, rank, out_rank, attrs, lost)
+        if op == "Einsum":
+            return _einsum(attrs.get("equation", ""), batched, lost)
         if op in ("Squeeze", "Unsqueeze"):
             return self.squeeze(node, batch, attrs, in_shape, out_rank, lost)
         if op in ("Reshape", "Flatten"):
@@ -287,7 +289,7 @@ class _Walk:
         return Batch(0)
 
     def set_shape(self, node, shape: np.ndarray) -> None:
-        name = f"{node.output[0]}__onnxcam_batch_shape"  # one per Reshape: others may share the shape
+        name = f"{node.output[0]}__onnxcam_batch_shape"  # one per node: others may share the shape
         self.graph.initializer.append(numpy_helper.from_array(shape.astype(np.int64), name))
         node.input[1] = name
 
@@ -320,10 +322,15 @@ class _Walk:
         return Batch(0)
 
     def slice(self, node, batch, in_shape, lost):
+        """A Slice keeps the batch where it takes all of the batch's dim. Bounds computed at run
+        time (torch's chunk with a dynamic batch) are fine on another axis; on the batch's, or
+        along axes not known, a run decides."""
         starts, ends = self.value(node.input[1]), self.value(node.input[2])
         sliced = self.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         if starts is None or ends is None:
-            return lost
+            if sliced is None or batch.axis in [_axis(a, len(in_shape)) for a in sliced]:
+                return None
+            return batch
         sliced = range(len(starts)) if sliced is None else [_axis(a, len(in_shape)) for a in sliced]
         for a, start, end in zip(sliced, starts, ends):
             if a == batch.axis and not (start == 0 and end >= in_shape[a]):
@@ -338,7 +345,17 @@ class _Walk:
                 return None
             out = batch.moved(batch.axis + out_rank - len(in_shape))
             where = out.axis - (out_rank - len(shape))
-            return out if where < 0 or shape[where] == 1 else lost
+            if where < 0 or shape[where] == 1:
+                return out
+            if shape[where] != in_shape[batch.axis]:
+                return lost
+            # the input already has that dim (dynamo's F.normalize expands the norm to the
+            # windows' shape, batch of 1 and all): a 1 leaves it to the input, whatever the batch
+            fixed = np.array(shape, dtype=np.int64)
+            fixed[where] = 1
+            self.set_shape(node, fixed)
+            self.guesses.append(node.name or node.output[0])
+            return out
         if op == "Tile":
             repeats = self.value(node.input[1])
             return None if repeats is None else batch if repeats[batch.axis] == 1 else lost
@@ -390,6 +407,26 @@ def _matmul(op, index, batch, rank, out_rank, attrs, lost):
     if rank >= 2 and batch.axis == rank - 2:  # B (..., K, N): K is summed over
         return lost
     return batch.moved(batch.axis + out_rank - rank)
+
+
+def _einsum(equation, batched, lost):
+    """The batch follows its letter in the equation (dynamo writes MaxViT's attention as
+    ``bhid,bhjd->bhij``): to that letter's place in the output, lost where it is summed over;
+    unknown with an ellipsis, an implicit output, operands that disagree, or the letter shared
+    with an operand without the batch."""
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    terms, output = equation.split("->")
+    terms = terms.split(",")
+    places = {(terms[i][b.axis], b.outer) for i, b in batched if i < len(terms) and b.axis < len(terms[i])}
+    if len(places) != 1:
+        return None
+    letter, outer = places.pop()
+    with_batch = {i for i, _ in batched}
+    if any(letter in term for i, term in enumerate(terms) if i not in with_batch):
+        return None
+    return Batch(output.index(letter), outer) if letter in output else lost
 
 
 def batch_is_consistent(model: onnx.ModelProto, input_name: str, image_shape: tuple) -> bool:

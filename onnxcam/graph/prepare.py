@@ -249,16 +249,18 @@ def _measured_shapes(single: onnx.ModelProto, weights: dict[str, bytes], inferre
     return _run_shapes(single, weights, lost, types, batch=1)
 
 
-#: Tensors exposed per measuring run: their values all come back at once, and a ViT's attention
-#: maps at a high resolution take tens of MB each.
-EXPOSED_PER_RUN = 128
+#: Bytes of exposed tensors per measuring run: their values all come back at once, and a ViT's
+#: attention maps at a high resolution take tens of MB each. Each run makes a session, so the
+#: runs take as many tensors as fit (the first ``FIRST_RUN`` tell their typical size).
+MEASURE_BYTES = 512 * 2**20
+FIRST_RUN = 256
 
 
 def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[str], types: dict[str, int],
                 batch: int) -> dict[str, list]:
     """The shapes of tensors ``names`` in runs of ``batch`` random images of the model's static
-    input size, on the CPU without graph optimisations, ``EXPOSED_PER_RUN`` tensors a run; empty
-    where the model cannot run so."""
+    input size, on the CPU without graph optimisations, about ``MEASURE_BYTES`` of tensors a run;
+    empty where the model cannot run so."""
     import onnxruntime as ort
 
     from onnxcam.runtime.providers import CPU_PROVIDER, SILENT
@@ -277,8 +279,9 @@ def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[s
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = SILENT
     shapes: dict[str, list] = {}
-    for start in range(0, len(names), EXPOSED_PER_RUN):
-        chunk = names[start:start + EXPOSED_PER_RUN]
+    start, count = 0, FIRST_RUN
+    while start < len(names):
+        chunk, start = names[start:start + count], start + count
         del outputs[listed:]
         outputs.extend(helper.make_tensor_value_info(name, types[name], None) for name in chunk
                        if name not in {o.name for o in outputs[:listed]})
@@ -288,6 +291,8 @@ def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[s
         except Exception:  # noqa: BLE001 - the inferred shapes stand, and the rules say what they lack
             return {}
         shapes.update((name, list(value.shape)) for name, value in zip(chunk, values))
+        typical = max(sum(value.nbytes for value in values) / len(values), 1.0)
+        count = max(16, int(MEASURE_BYTES / typical))
     return shapes
 
 

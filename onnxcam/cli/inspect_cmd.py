@@ -66,7 +66,7 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) ->
     logits = find_logits(graph) if graph.outputs else None
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
                          "pre_softmax": logits.name != graph.outputs[0].name,
-                         "squashed": _squashed(graph)} if logits is not None else None)
+                         "squashed": _squashed(graph, logits)} if logits is not None else None)
     classes = logits.shape[-1] if logits is not None and logits.shape else None
     classes = classes if isinstance(classes, int) else None
     report["classes"] = classes
@@ -127,9 +127,9 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) ->
     return report
 
 
-def _squashed(graph: gs.Graph) -> bool:
+def _squashed(graph: gs.Graph, logits: gs.Tensor) -> bool:
     """Whether a Softmax, LogSoftmax or Sigmoid lies between the logits and the output."""
-    tensor, logits = graph.outputs[0], find_logits(graph)
+    tensor = graph.outputs[0]
     seen = []
     while tensor is not logits and len(tensor.inputs) == 1:
         seen.append(tensor.inputs[0].op)

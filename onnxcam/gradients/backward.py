@@ -83,24 +83,20 @@ def path_is_linear(nodes: list[gs.Node], source: gs.Tensor) -> bool:
     return True
 
 
-def float_dtype(tensor: gs.Tensor, default) -> np.dtype:
-    """``tensor``'s dtype when it is a known float, else ``default``."""
-    if tensor.dtype is None:
-        return np.dtype(default)
+def float_dtype(tensor: gs.Tensor, default=None):
+    """``tensor``'s dtype when it is known and a float, else ``default``."""
     try:
-        dtype = np.dtype(tensor.dtype)
+        dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else None
     except TypeError:
-        return np.dtype(default)
-    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(default)
+        dtype = None
+    return dtype if dtype is not None and np.issubdtype(dtype, np.floating) else default
 
 
 def _node_dtype(node: gs.Node, default) -> np.dtype:
     """The float dtype a node computes in: its first float output's, else its first float
     input's (QuantizeLinear's outputs are integers)."""
-    for tensor in [*node.outputs, *node.inputs]:
-        if tensor.dtype is not None and float_dtype(tensor, np.int8) != np.int8:
-            return np.dtype(tensor.dtype)
-    return np.dtype(default)
+    found = (float_dtype(tensor) for tensor in [*node.outputs, *node.inputs])
+    return next((dtype for dtype in found if dtype is not None), np.dtype(default))
 
 
 def unsupported_nodes(nodes: list[gs.Node]) -> list[gs.Node]:

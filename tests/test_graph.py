@@ -66,6 +66,18 @@ def test_candidates_and_automatic_layer():
     assert gm.path_is_linear  # GAP -> Flatten -> Gemm
 
 
+def test_an_omitted_optional_input_is_no_way_around_a_layer():
+    """A Clip with its min left out (an input named "") after the layers: the layers before it
+    still lie on every path to the logits."""
+    model = small_cnn()
+    clip = helper.make_node("Clip", ["r2", "", "six"], ["clipped"], name="clip")
+    model.graph.initializer.append(numpy_helper.from_array(np.array(6.0, np.float32), "six"))
+    gap = next(node for node in model.graph.node if node.name == "gap")
+    gap.input[0] = "clipped"
+    model.graph.node.insert(list(model.graph.node).index(gap), clip)
+    assert [c.tensor for c in build_gradient_model(model).candidates] == ["c1", "r1", "c2", "r2", "clipped"]
+
+
 def test_layer_by_node_name_and_tensor_name():
     assert build_gradient_model(small_cnn(), layer="conv2").layer == "c2"
     assert build_gradient_model(small_cnn(), layer="r1").layer == "r1"

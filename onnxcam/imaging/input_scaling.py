@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from onnxcam.gradients.backward import SHAPE_ONLY
+from onnxcam.graph.batch_axis import constant_value
 
 #: Ops that move or relabel the input without changing its values (tf2onnx's NHWC -> NCHW).
 _RELABEL = {"Transpose", "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze"}
@@ -42,14 +44,13 @@ def input_scaling(model: onnx.ModelProto) -> InputScaling | None:
     brings 0-255 or 0-1 pixels to a normalised range; else None."""
     graph = model.graph
     constants = {init.name: init for init in graph.initializer}
-    constants.update({node.output[0]: node.attribute[0].t for node in graph.node
-                      if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
+    constant_nodes = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
     inputs = [value.name for value in graph.input if value.name not in constants]
     if not inputs:
         return None
     tensor, scale, offset, last = inputs[0], np.ones(1), np.zeros(1), None
     while True:
-        readers = [node for node in graph.node if tensor in node.input and node.op_type not in ("Shape", "Size")]
+        readers = [node for node in graph.node if tensor in node.input and node.op_type not in SHAPE_ONLY]
         if len(readers) != 1:
             break
         node = readers[0]
@@ -57,11 +58,14 @@ def input_scaling(model: onnx.ModelProto) -> InputScaling | None:
             tensor = node.output[0]
             continue
         others = [name for name in node.input if name != tensor]
-        if node.op_type not in ("Mul", "Div", "Add", "Sub") or len(others) != 1 or others[0] not in constants:
+        if node.op_type not in ("Mul", "Div", "Add", "Sub") or len(others) != 1:
             break
         if node.op_type in ("Div", "Sub") and node.input[0] != tensor:
             break  # c / x or c - x: not a scaling of the input
-        value = np.asarray(numpy_helper.to_array(constants[others[0]]), dtype=np.float64).ravel()
+        value = constant_value(others[0], constants, constant_nodes)
+        if value is None:
+            break
+        value = np.asarray(value, dtype=np.float64).ravel()
         if value.size == 0 or (value.size > 1 and scale.size > 1 and value.size != scale.size):
             break
         if node.op_type in ("Mul", "Div"):

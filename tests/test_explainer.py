@@ -158,7 +158,7 @@ def test_gradcam_equals_zhou_cam_on_a_gap_linear_head(linear_model):
     weights = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W3")).astype(np.float64)
     inputs = random_inputs(3, seed=5)
     (activation,) = reference_tensors(model, inputs, ["a2"])
-    explainer = Explainer(linear_model, layer="a2")
+    explainer = Explainer(linear_model, device="cpu", layer="a2")
     assert explainer.path_is_linear
     results = explainer.explain(inputs, method="gradcam", targets=[0, 4, 9])
     assert [r.class_index for r in results] == [0, 4, 9]
@@ -176,7 +176,7 @@ def test_feature_maps_restrict_the_sum(linear_model):
     inputs = random_inputs(2, seed=6)
     (activation,) = reference_tensors(model, inputs, ["a2"])
     chosen = [1, 5, 9]
-    explainer = Explainer(linear_model)
+    explainer = Explainer(linear_model, device="cpu")
     full = explainer.explain(inputs, method="gradcam", targets=3)
     subset = explainer.explain(inputs, method="gradcam", targets=3, feature_maps=chosen)
     for r, whole, act in zip(subset, full, activation.astype(np.float64)):
@@ -207,14 +207,14 @@ def test_same_seed_gives_bit_identical_maps_for_any_batch_size(mlp_head_model):
     inputs = random_inputs(3, seed=8)
     maps = []
     for batch in (1, 4, 7, 32):
-        explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch, noise_in_graph=False)
+        explainer = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=batch, noise_in_graph=False)
         maps.append([r.raw_map for r in explainer.explain(inputs, samples=5, seed=11)])
     for other in maps[1:]:
         for a, b in zip(maps[0], other):
             assert np.array_equal(a, b)
-    again = Explainer(mlp_head_model, layer="a1", noise_in_graph=False).explain(inputs, samples=5, seed=11)
+    again = Explainer(mlp_head_model, device="cpu", layer="a1", noise_in_graph=False).explain(inputs, samples=5, seed=11)
     assert all(np.array_equal(a, r.raw_map) for a, r in zip(maps[0], again))
-    other_seed = Explainer(mlp_head_model, layer="a1", noise_in_graph=False).explain(inputs, samples=5, seed=12)
+    other_seed = Explainer(mlp_head_model, device="cpu", layer="a1", noise_in_graph=False).explain(inputs, samples=5, seed=12)
     assert not np.array_equal(maps[0][0], other_seed[0].raw_map)
 
 
@@ -223,16 +223,16 @@ def test_same_seed_gives_the_same_maps_with_the_moments_summed_in_the_graph(mlp_
     seed and batch size give the same map bit for bit; other batch sizes sum the moments in
     other groups (float32 in the graph), which moves the map by rounding only."""
     inputs = random_inputs(3, seed=8)
-    reference = Explainer(mlp_head_model, layer="a1", batch_size=1, noise_in_graph=False).explain(
+    reference = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=1, noise_in_graph=False).explain(
         inputs, samples=5, seed=11)
     for batch in (1, 4, 7, 32):
-        first = Explainer(mlp_head_model, layer="a1", batch_size=batch).explain(inputs, samples=5, seed=11)
-        second = Explainer(mlp_head_model, layer="a1", batch_size=batch).explain(inputs, samples=5, seed=11)
+        first = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=batch).explain(inputs, samples=5, seed=11)
+        second = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=batch).explain(inputs, samples=5, seed=11)
         for a, b, r in zip(first, second, reference):
             assert np.array_equal(a.raw_map, b.raw_map)
             np.testing.assert_allclose(a.raw_map, r.raw_map, rtol=1e-5, atol=1e-6 * np.abs(r.raw_map).max())
-    assert Explainer(mlp_head_model, layer="a1").session.calls == {}
-    explainer = Explainer(mlp_head_model, layer="a1")
+    assert Explainer(mlp_head_model, device="cpu", layer="a1").session.calls == {}
+    explainer = Explainer(mlp_head_model, device="cpu", layer="a1")
     explainer.explain(inputs, samples=5, seed=11)
     assert set(explainer.session.calls) == {"noisy_input"}  # the CPU's front: the host bank's rows
 
@@ -264,8 +264,8 @@ def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, aver
     from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT
 
     inputs = random_inputs(3, seed=21)
-    numpy_noise = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=False)
-    in_graph = Explainer(mlp_head_model, layer="a1", batch_size=4, noise_in_graph=True)
+    numpy_noise = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=4, noise_in_graph=False)
+    in_graph = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=4, noise_in_graph=True)
     made = []
     real_stack = passes_module.standard_normal_stack
     monkeypatch.setattr(passes_module, "standard_normal_stack",
@@ -317,8 +317,8 @@ def test_clean_rows_in_the_noisy_runs_give_the_separate_passes_maps(mlp_head_mod
     from onnxcam.runtime.session import FULL, NOISY_INPUT
 
     inputs = random_inputs(2, seed=41)
-    separate = Explainer(mlp_head_model, layer="a1", batch_size=8, noise_in_graph=False)
-    together = Explainer(mlp_head_model, layer="a1", batch_size=8, noise_in_graph=True)
+    separate = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=8, noise_in_graph=False)
+    together = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=8, noise_in_graph=True)
     for samples in (3, 20):
         expected = separate.compare(inputs, methods=("gradcam", "smoothgradcampp"), targets=targets,
                                     samples=samples, seed=9)
@@ -371,8 +371,8 @@ def test_clean_pass_in_the_noisy_model_gives_the_whole_models_maps(mlp_head_mode
     inputs = random_inputs(3, seed=43) * 0.1  # plus one strong channel each: classes 8, 7, 5
     for row, (channel, value) in enumerate([(0, -5.0), (2, -20.0), (2, 20.0)]):
         inputs[row, channel] += value
-    separate = Explainer(mlp_head_model, layer="a1", batch_size=2, noise_in_graph=False)
-    together = Explainer(mlp_head_model, layer="a1", batch_size=2, noise_in_graph=True)
+    separate = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=2, noise_in_graph=False)
+    together = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=2, noise_in_graph=True)
     methods = ("gradcam", "gradcampp")
     expected = separate.compare(inputs, methods=methods, targets=targets)
     got = together.compare(inputs, methods=methods, targets=targets)
@@ -400,7 +400,7 @@ def test_clean_and_noisy_rows_take_ceil_rows_over_batch_runs(mlp_head_model, cou
     n + 1 rows. With the noise and the moment sums in the graph (the default) each run holds
     one image's rows: ceil((n + 1) / batch) runs per image; with NumPy's noise the rows of all
     images share the runs: ceil(images * (n + 1) / batch)."""
-    explainer = Explainer(mlp_head_model, layer="a1", batch_size=batch, noise_in_graph=noise_in_graph)
+    explainer = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=batch, noise_in_graph=noise_in_graph)
     inputs = random_inputs(count, seed=12)
     session = explainer.session
     before = session.run_calls
@@ -450,7 +450,7 @@ def test_predicted_class_picked_in_the_graph_gives_the_given_class_maps(mlp_head
 
 
 def test_linear_path_skips_the_noisy_passes_exactly(linear_model):
-    explainer = Explainer(linear_model, batch_size=4)
+    explainer = Explainer(linear_model, device="cpu", batch_size=4)
     inputs = random_inputs(3, seed=13)
     before = explainer.session.run_calls
     smooth = explainer.explain(inputs, samples=25, targets=[2, 2, 2])
@@ -492,7 +492,7 @@ def test_linear_path_shortcut_matches_running_the_noisy_passes(linear_model):
 
 
 def test_top_k_gives_k_results_per_image_best_first(mlp_head_model):
-    explainer = Explainer(mlp_head_model, layer="a2")
+    explainer = Explainer(mlp_head_model, device="cpu", layer="a2")
     inputs = random_inputs(2, seed=15)
     results = explainer.explain(inputs, method="gradcampp", top_k=3)
     assert len(results) == 6
@@ -574,7 +574,7 @@ def test_neuron_level_cam_on_an_intermediate_tensor(linear_model):
 
 
 def test_images_paths_pil_and_nhwc_arrays(linear_model, tmp_path):
-    explainer = Explainer(linear_model, preprocess="unit")
+    explainer = Explainer(linear_model, device="cpu", preprocess="unit")
     path = random_png(tmp_path / "a.png", size=(48, 40))
     with Image.open(path) as opened:
         picture = opened.convert("RGB")
@@ -606,7 +606,7 @@ def test_groups_of_files_are_decoded_ahead_and_a_bad_file_stops_where_it_is_met(
     import onnxcam.explain.explainer as explainer_module
 
     paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(5)]
-    explainer = Explainer(linear_model, preprocess="unit", batch_size=2)
+    explainer = Explainer(linear_model, device="cpu", preprocess="unit", batch_size=2)
     whole = explainer.explain(paths, method="gradcam")
     monkeypatch.setattr(explainer_module, "GROUP_MEMORY", 1)  # one batch per group
     grouped = explainer.explain(paths, method="gradcam")
@@ -698,9 +698,9 @@ def with_batch_built_in(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_a_model_with_a_batch_of_one_built_in_runs_one_row_at_a_time(tmp_path):
     paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(3)]
-    plain = Explainer(save_model(build_cnn("mlp"), tmp_path / "plain.onnx"), preprocess="unit")
+    plain = Explainer(save_model(build_cnn("mlp"), tmp_path / "plain.onnx"), device="cpu", preprocess="unit")
     fixed_path = save_model(with_batch_built_in(build_cnn("mlp")), tmp_path / "fixed.onnx")
-    fixed = Explainer(fixed_path, preprocess="unit")
+    fixed = Explainer(fixed_path, device="cpu", preprocess="unit")
     assert fixed.gradient_model.batch_built_in == "batch_mean" and fixed.batch_size == 1
     assert plain.gradient_model.batch_built_in is None and plain.batch_size > 1
     for method in ("gradcam", "smoothgradcampp"):
@@ -710,7 +710,7 @@ def test_a_model_with_a_batch_of_one_built_in_runs_one_row_at_a_time(tmp_path):
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-4, atol=1e-6 * np.abs(b.raw_map).max())
     with pytest.raises(OptionError, match=r"batch size 4: the model runs one image at a time .*'batch_mean'"):
-        Explainer(fixed_path, preprocess="unit", batch_size=4).explain(paths, method="gradcam")
+        Explainer(fixed_path, device="cpu", preprocess="unit", batch_size=4).explain(paths, method="gradcam")
 
 
 def test_dynamic_input_size_is_fixed_by_size(tmp_path):

@@ -454,7 +454,7 @@ def test_a_layer_that_feeds_a_pad_before_a_conv_loads(tmp_path):
     onnx.save(model, path)
 
     x = random_inputs(2, seed=3)
-    result = Explainer(path, layer="layer").explain(x, method="gradcam", targets=1)
+    result = Explainer(path, layer="layer", device="cpu").explain(x, method="gradcam", targets=1)
     gm = build_gradient_model(model, layer="layer")
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -74,3 +74,30 @@ def test_cuda_numpy_noise_matches_noise_in_the_graph(model_path):
 
 def test_cuda_automatic_batch_is_larger(model_path):
     assert Explainer(model_path, device="cuda").batch_size > Explainer(model_path, device="cpu").batch_size
+
+
+def test_cuda_without_tf32_matches_the_cpu_to_float32_rounding(model_path, monkeypatch):
+    """With ONNXCAM_TF32=0 CUDA multiplies in full float32, so its maps, classes and
+    probabilities agree with the CPU's to float32 rounding, not TF32's 1e-3: the CUDA path's
+    fronts, class picking and moment sums are pinned far tighter than the 1% above."""
+    monkeypatch.setenv("ONNXCAM_TF32", "0")
+    inputs = random_inputs(3, seed=35)
+    methods = ("gradcam", "gradcampp", "smoothgradcampp")
+    cpu = Explainer(model_path, layer="a1", device="cpu", batch_size=4)
+    gpu = Explainer(model_path, layer="a1", device="cuda", batch_size=4)
+    expected = cpu.compare(inputs, methods, samples=6, seed=5)
+    got = gpu.compare(inputs, methods, samples=6, seed=5)
+    for session in gpu.session._sessions.values():  # what ONNX Runtime says it was given
+        assert session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
+    for name in methods:
+        for a, b in zip(expected[name], got[name]):
+            assert b.class_index == a.class_index
+            assert b.probability == pytest.approx(a.probability, rel=1e-5)
+            peak = float(np.abs(a.raw_map).max())
+            np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-4, atol=1e-5 * peak)
+    top_cpu = cpu.explain(inputs, method="gradcam", top_k=3)
+    top_gpu = gpu.explain(inputs, method="gradcam", top_k=3)
+    assert [r.class_index for r in top_gpu] == [r.class_index for r in top_cpu]
+    for a, b in zip(top_cpu, top_gpu):
+        assert b.probability == pytest.approx(a.probability, rel=1e-5)
+

@@ -386,25 +386,33 @@ def test_cuda_sessions_ask_for_determinism_unless_told_not_to(monkeypatch):
         cuda_deterministic()
 
 
-def test_cudnn_algorithm_search_is_chosen_by_the_environment(monkeypatch):
+def test_cudnn_algorithm_search_and_tf32_are_chosen_by_the_environment(monkeypatch):
     """CUDA sessions get cudnn_conv_algo_search from ONNXCAM_CUDNN_SEARCH (default EXHAUSTIVE,
-    ONNX Runtime's own); a wrong value is a one-line OptionError naming the variable."""
+    ONNX Runtime's own) and use_tf32 from ONNXCAM_TF32 (default on, ONNX Runtime's own); a wrong
+    value is a one-line OptionError naming the variable."""
     from onnxcam.runtime import providers
 
     captured = {}
     monkeypatch.setattr(providers.ort, "InferenceSession",
                         lambda model, sess_options, providers: captured.setdefault("providers", providers))
     monkeypatch.delenv("ONNXCAM_CUDNN_SEARCH", raising=False)
-    assert providers.cuda_provider_options() == {"cudnn_conv_algo_search": "EXHAUSTIVE"}
+    monkeypatch.delenv("ONNXCAM_TF32", raising=False)
+    assert providers.cuda_provider_options() == {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "1"}
     monkeypatch.setenv("ONNXCAM_CUDNN_SEARCH", "heuristic")
+    monkeypatch.setenv("ONNXCAM_TF32", "0")
     providers._create(b"", [providers.CUDA_PROVIDER, providers.CPU_PROVIDER], 1, "the model")
-    assert captured["providers"] == [(providers.CUDA_PROVIDER, {"cudnn_conv_algo_search": "HEURISTIC"}),
+    assert captured["providers"] == [(providers.CUDA_PROVIDER, {"cudnn_conv_algo_search": "HEURISTIC",
+                                                                "use_tf32": "0"}),
                                      providers.CPU_PROVIDER]
     captured.clear()
     providers._create(b"", [providers.CPU_PROVIDER], 1, "the model")  # the CPU gets no CUDA options
     assert captured["providers"] == [providers.CPU_PROVIDER]
     monkeypatch.setenv("ONNXCAM_CUDNN_SEARCH", "fastest")
     with pytest.raises(OptionError, match="ONNXCAM_CUDNN_SEARCH='fastest' must be one of EXHAUSTIVE"):
+        providers.cuda_provider_options()
+    monkeypatch.setenv("ONNXCAM_CUDNN_SEARCH", "default")
+    monkeypatch.setenv("ONNXCAM_TF32", "off")
+    with pytest.raises(OptionError, match="ONNXCAM_TF32='off' must be 1 or 0"):
         providers.cuda_provider_options()
 
 

@@ -98,21 +98,34 @@ def session_options(threads: int | None = None, cuda: bool = False) -> ort.Sessi
     return options
 
 
+def _environment_switch(name: str) -> bool:
+    """A switch that is on unless the environment variable ``name`` says 0 (or false, no)."""
+    value = os.environ.get(name, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", ""):
+        raise OptionError(f"{name}={value!r} must be 1 or 0")
+    return value not in ("0", "false", "no")
+
+
 def cuda_deterministic() -> bool:
     """Whether CUDA sessions ask for deterministic kernels: yes, unless ``ONNXCAM_DETERMINISTIC=0``
     (for measuring what determinism costs: on an H200 the noisy model ran as fast with it as
     without, and plain ``run()`` sessions too, scripts/DEVICE_H200.md)."""
-    value = os.environ.get("ONNXCAM_DETERMINISTIC", "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "no", "yes", ""):
-        raise OptionError(f"ONNXCAM_DETERMINISTIC={value!r} must be 1 or 0")
-    return value not in ("0", "false", "no")
+    return _environment_switch("ONNXCAM_DETERMINISTIC")
+
+
+def cuda_tf32() -> bool:
+    """Whether CUDA may multiply in TF32 (10-bit mantissas) on Ampere and newer GPUs: yes, as in
+    ONNX Runtime and PyTorch's convolutions, unless ``ONNXCAM_TF32=0``. With it, maps and
+    probabilities differ from the CPU's by about 1e-3 of their size; without it, full float32."""
+    return _environment_switch("ONNXCAM_TF32")
 
 
 CUDNN_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 
 def cuda_provider_options() -> dict[str, str]:
-    """Options for the CUDA execution provider: how cuDNN picks each convolution's algorithm.
+    """Options for the CUDA execution provider: TF32 or not (``cuda_tf32``), and how cuDNN picks
+    each convolution's algorithm.
     ONNX Runtime's default, EXHAUSTIVE, times every algorithm when a session first meets a shape
     and keeps the fastest, so two processes could pick different algorithms (and round
     differently); HEURISTIC asks cuDNN's heuristics, the same pick every time.
@@ -122,7 +135,7 @@ def cuda_provider_options() -> dict[str, str]:
     value = given.strip().upper() or "EXHAUSTIVE"
     if value not in CUDNN_SEARCHES:
         raise OptionError(f"ONNXCAM_CUDNN_SEARCH={given!r} must be one of {', '.join(CUDNN_SEARCHES)}")
-    return {"cudnn_conv_algo_search": value}
+    return {"cudnn_conv_algo_search": value, "use_tf32": "1" if cuda_tf32() else "0"}
 
 
 def cuda_listed() -> bool:

@@ -9,7 +9,16 @@ import numpy as np
 
 from .workspace import WORKSPACE
 
-SPATIAL = (-2, -1)
+
+def spatial_sum(values: np.ndarray) -> np.ndarray:
+    """sum_ij values_kij per image and channel: einsum's loop is 2-3x faster than ``sum`` over
+    the two small trailing axes (2048x7x7: 16 against 51 us on the CPU machine)."""
+    return np.einsum("nkhw->nk", values)
+
+
+def spatial_dot(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """sum_ij left_kij * right_kij per image and channel, with no product array in between."""
+    return np.einsum("nkhw,nkhw->nk", left, right)
 
 
 def relu(values: np.ndarray) -> np.ndarray:
@@ -28,31 +37,30 @@ def plusplus_weights(activation: np.ndarray, d1: np.ndarray, d2: np.ndarray, d3:
     # the two (N, K, h, w) temporaries come from the workspace and go back to it: fresh
     # arrays of this size cost more to fault in than to compute (onnxcam.cams.workspace)
     third = WORKSPACE.take(d2.shape)
-    if denominator == "sum":
-        np.multiply(activation.sum(axis=SPATIAL, keepdims=True), d3, out=third)
+    if denominator == "sum":  # einsum's broadcast product: half of np.multiply's time here
+        np.einsum("nk,nkhw->nkhw", spatial_sum(activation), d3, out=third)
     else:
-        third[...] = np.multiply(activation, d3, out=third).sum(axis=SPATIAL, keepdims=True)
-    denominator_values = np.multiply(d2, 2.0, out=WORKSPACE.take(d2.shape))
-    denominator_values += third
+        third[...] = spatial_dot(activation, d3)[..., None, None]
+    denominator_values = np.add(third, d2, out=third)
+    denominator_values += d2  # 2*D2 + third, in place
     top = d2 if numerator == "D2" else d1
-    alpha = third  # its values are in the denominator now
+    alpha = WORKSPACE.take(d2.shape)
     alpha.fill(0.0)  # 0 where the denominator is 0
     np.divide(top, denominator_values, out=alpha, where=denominator_values != 0)
-    alpha *= np.maximum(d1, 0.0, out=denominator_values)  # ReLU(D1), reusing the buffer
-    weights = alpha.sum(axis=SPATIAL)
+    weights = spatial_dot(alpha, np.maximum(d1, 0.0, out=denominator_values))  # ReLU(D1), reusing the buffer
     WORKSPACE.give(alpha, denominator_values)
     return weights
 
 
 def gradcam_weights(d1: np.ndarray) -> np.ndarray:
     """Grad-CAM weights: the spatial mean of the gradient."""
-    return d1.mean(axis=SPATIAL)
+    return spatial_sum(d1) / (d1.shape[-2] * d1.shape[-1])
 
 
 def xgradcam_weights(activation: np.ndarray, d1: np.ndarray) -> np.ndarray:
     """XGrad-CAM weights sum_ij (A_kij / sum_ab A_kab) g_kij; 0 for a channel whose sum is 0."""
-    activation_sum = activation.sum(axis=SPATIAL)
-    weighted = (activation * d1).sum(axis=SPATIAL)
+    activation_sum = spatial_sum(activation)
+    weighted = spatial_dot(activation, d1)
     return np.divide(weighted, activation_sum, out=np.zeros(weighted.shape),
                      where=activation_sum != 0)
 

@@ -143,6 +143,7 @@ class MomentAccumulator:
         # of one image are contiguous; add.reduce along the first axis is the same left fold
         # as adding them one by one, from the running sum on.
         rows_list = rows.tolist()
+        started = set(np.flatnonzero(self._count).tolist())  # images whose sums hold samples
         start = 0
         while start < len(rows_list):
             row = rows_list[start]
@@ -150,7 +151,9 @@ class MomentAccumulator:
             while stop < len(rows_list) and rows_list[stop] == row:
                 stop += 1
             block = powers[:, start:stop]
-            block[:, 0] += self._sums[:, row]
+            if row in started:  # else its sums start here (the buffer holds old values)
+                block[:, 0] += self._sums[:, row]
+            started.add(row)
             np.add.reduce(block, axis=1, out=self._sums[:, row])
             if sample_maps is not None:
                 for i in range(start, stop):
@@ -173,22 +176,24 @@ class MomentAccumulator:
         if any(s.ndim != 3 or s.shape != sums[0].shape for s in sums):
             raise ValueError(f"sums must all have shape (K,h,w), got {[s.shape for s in sums]}")
         self._allocate(sums[0].shape)
-        for k, values in enumerate(sums):  # float32 widened inside the add: no float64 copies
-            np.add(self._sums[k, row], values, out=self._sums[k, row], casting="safe")
+        for k, values in enumerate(sums):  # float32 widened on the way in: no float64 copies
+            if self._count[row]:
+                np.add(self._sums[k, row], values, out=self._sums[k, row], casting="safe")
+            else:  # the image's first sums: copied, as 0 + sums would be, without the add
+                np.copyto(self._sums[k, row], values, casting="safe")
         self._count[row] += int(count)
 
     def result(self) -> GradientMoments:
         """The means so far (new arrays); every image must have at least one sample."""
         self._check_open()
-        return self._means(self._sums / self._per_image()[None, :, None, None, None])
+        return self._means(self._sums * self._reciprocal_counts())
 
     def finish(self) -> GradientMoments:
         """The means, divided in place in the sums' buffer (the same values as ``result()``,
         with no new arrays): the accumulator then takes no more samples. Call ``release()`` once
         the moments are no longer read."""
         self._check_open()
-        per_image = self._per_image()
-        np.divide(self._sums, per_image[None, :, None, None, None], out=self._sums)
+        np.multiply(self._sums, self._reciprocal_counts(), out=self._sums)
         self._state = "finished"
         return self._means(self._sums)
 
@@ -205,6 +210,11 @@ class MomentAccumulator:
             raise ValueError(f"no samples were added for image(s) {missing.tolist()}")
         return self._count.astype(np.float64)
 
+    def _reciprocal_counts(self) -> np.ndarray:
+        """1 / samples per image, shaped to scale the (3, N, K, h, w) sums: a product is a
+        third of a division's time (3x2048x7x7: 55 against 150 us on the CPU machine)."""
+        return (1.0 / self._per_image())[None, :, None, None, None]
+
     def _means(self, means: np.ndarray) -> GradientMoments:
         d1, d2, d3 = means
         mean_map = self._map_sum / self._per_image()[:, None, None] if self.keep_maps else None
@@ -220,8 +230,9 @@ class MomentAccumulator:
         self._check_open()
         if self._sums is None:
             check_feature_maps_in_range(self.settings.feature_maps, sample_shape[0])
+            # not zeroed: an image's first samples are written, not added (add, add_sums),
+            # and an image with none is refused before its sums are read (_per_image)
             self._sums = WORKSPACE.take((3, self.n_images) + tuple(sample_shape))
-            self._sums.fill(0.0)
             if self.keep_maps:
                 self._map_sum = np.zeros((self.n_images,) + tuple(sample_shape[1:]))
         elif self._sums.shape[2:] != tuple(sample_shape):

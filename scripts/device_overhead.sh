@@ -4,7 +4,8 @@
 # and MobileNetV2 in the background). Logs go to $OUT: the test suite but the zoo (most of it runs on CUDA there,
 # the default device), the host work of one explanation with and without
 # the calculator's workspace (scripts/bench_host_work.py), the copies, floors, CUDA graphs and the
-# explanation's profile (scripts/profile_cuda_overhead.py), then scripts/bench_device.py on
+# explanation's profile (scripts/profile_cuda_overhead.py), what a change of batch size costs
+# (scripts/profile_run_sizes.py), then scripts/bench_device.py on
 # three models (its table in $OUT/DEVICE.md, written model by model).
 set -u
 source scripts/device_install.sh
@@ -24,6 +25,9 @@ timeout 60 python3 scripts/bench_host_work.py --channels 2048 2>&1 | tee "$OUT/h
 stage "overheads"
 timeout 150 python3 scripts/profile_cuda_overhead.py --models efficientnet_lite0 mobilenet_v2 resnet50 \
     2>&1 | tee "$OUT/overhead.log"
+
+stage "run sizes: what a change of batch size costs, and padding a pass's runs"
+timeout 120 python3 scripts/profile_run_sizes.py --models efficientnet_lite0 resnet50 2>&1 | tee "$OUT/run_sizes.log"
 
 stage bench
 timeout "${BENCH_TIMEOUT:-150}" python3 scripts/bench_device.py --device cuda --repeats "${BENCH_REPEATS:-3}" \

@@ -361,6 +361,45 @@ def test_the_input_front_and_the_bank_front_give_the_same_sums(mlp_head_model, s
     assert session.calls[NOISY_INPUT] == session.calls[NOISY] == 2 * math.ceil((samples + 1) / 3)
 
 
+@pytest.mark.parametrize("front", ["input", "bank"])
+@pytest.mark.parametrize("averaging", ["moments", "maps"])
+def test_runs_padded_to_one_size_give_the_same_maps(mlp_head_model, front, averaging, monkeypatch):
+    """On CUDA (``GradientSession.pads_runs``) a pass's shorter runs are padded with weight-0 rows
+    to its longest run's size, so the session does not change shape within a pass. Forced here on
+    the CPU: the runs of each pass (told apart by what they fetch) have one size, and the maps,
+    classes and scores are those of the unpadded runs."""
+    from collections import defaultdict
+
+    from onnxcam.graph import noisy
+    from onnxcam.runtime.session import NOISY
+
+    if front == "bank":
+        monkeypatch.setattr(Explainer, "_fused_kind", staticmethod(lambda session: NOISY))
+    inputs = random_inputs(3, seed=45)
+    methods = ("gradcam", "smoothgradcampp")
+    # moments: each image's 10 rows in runs of 3, 3, 4; maps: the 3 clean rows in runs of 1, 2,
+    # then 15 noisy units in runs of 1, 2, 2, 2, 2, 2, 2, 2
+    samples, batch = (9, 4) if averaging == "moments" else (5, 2)
+    results, sizes = [], []
+    for equal_runs in (False, True):
+        explainer = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=batch, noise_in_graph=True)
+        explainer.session.equal_runs = equal_runs
+        real_run = explainer.session._run_noisy
+        run_sizes = defaultdict(set)
+        monkeypatch.setattr(explainer.session, "_run_noisy", lambda feeds, outputs, front: (
+            run_sizes[tuple(outputs)].add(len(feeds[noisy.WEIGHTS])) or real_run(feeds, outputs, front)))
+        results.append(explainer.compare(inputs, methods, samples=samples, seed=4,
+                                         method_options={"smoothgradcampp": {"averaging": averaging}}))
+        sizes.append(run_sizes)
+    assert any(len(found) > 1 for found in sizes[0].values())
+    assert all(len(found) == 1 for found in sizes[1].values()) and sizes[1].keys() == sizes[0].keys()
+    assert not Explainer(mlp_head_model, device="cpu").session.pads_runs  # the CPU has no shape cost
+    for name in methods:
+        for a, b in zip(*(result[name] for result in results)):
+            assert (b.class_index, b.score, b.probability) == pytest.approx((a.class_index, a.score, a.probability))
+            np.testing.assert_allclose(b.raw_map, a.raw_map, rtol=1e-6, atol=1e-7 * np.abs(a.raw_map).max())
+
+
 @pytest.mark.parametrize("targets", [None, [3, 3, 8]])
 def test_clean_pass_in_the_noisy_model_gives_the_whole_models_maps(mlp_head_model, targets):
     """With the noise in the graph (the CUDA path) the clean pass is a run of the noisy model

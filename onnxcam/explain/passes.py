@@ -145,16 +145,23 @@ def clean_pass_in_graph(session: GradientSession, inputs: np.ndarray, chunk_clas
     targets = np.array([c[0] for c in chunk_classes] if chunk_classes is not None else [-1] * count)
     outputs = (ACTIVATION, LOGITS, noisy.CLASSES) + ((GRADIENT,) if need_gradient else ())
     parts = []
-    for start, stop in chunk_bounds(count, batch):
+    bounds = chunk_bounds(count, batch)
+    for start, stop in bounds:
         rows = np.arange(start, stop)
         zeros = np.zeros(len(rows))
         parts.append(session.run_noisy(noisy.row_feeds(rows, zeros, zeros, zeros, targets=targets[rows],
-                                                        picks=np.arange(len(rows))), outputs))
+                                                        picks=np.arange(len(rows))), outputs,
+                                       pad_to=longest_run(bounds)))
     activation, logits, classes = (joined(parts, i) for i in range(3))
     gradient = joined(parts, 3) if need_gradient else None
     chosen = [int(c) for c in classes]
     return CleanPass(np.arange(count), chosen, tg.one_hot(chosen, session.gradient_model.num_classes),
                      activation, gradient, logits)
+
+
+def longest_run(bounds: list[tuple[int, int]]) -> int:
+    """The rows of the longest of a pass's runs (``chunk_bounds``: the others have one less)."""
+    return max((stop - start for start, stop in bounds), default=0)
 
 
 def joined(parts: list[list[np.ndarray]], index: int) -> np.ndarray:
@@ -196,7 +203,8 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
     for image in range(len(inputs)):
         sigma = noise_sigma(inputs[image], noise_level)
         target = chunk_classes[image][0] if chunk_classes is not None else -1
-        for start, stop in chunk_bounds(samples + 1, batch):
+        bounds = chunk_bounds(samples + 1, batch)
+        for start, stop in bounds:
             clean_row = start == 0
             weights = (np.arange(start, stop) > 0).astype(np.float64)  # 0 for the clean row
             scales = weights * sigma
@@ -217,7 +225,7 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
                     ids = ids - first
                 feeds = noisy.row_feeds(np.full(stop - start, image), ids, scales, weights, targets=targets)
             fetched = session.run_noisy(feeds, first_outputs if clean_row else noisy.SUMS,
-                                        front="input" if input_front else "bank")
+                                        front="input" if input_front else "bank", pad_to=longest_run(bounds))
             if clean_row:
                 activation.append(fetched[3])
                 logits.append(fetched[4])
@@ -291,13 +299,14 @@ def noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: C
     outputs = (GRADIENT, ACTIVATION) if keep_maps else (GRADIENT,)
     classes = noisy.targets_in_graph(session.gradient_model)
     total = len(inputs) * samples
-    for start, stop in chunk_bounds(total, batch):
+    bounds = chunk_bounds(total, batch)
+    for start, stop in bounds:
         units = np.arange(start, stop)
         rows, sample = units // samples, units % samples
         feeds = noisy.row_feeds(rows, sample, sigma[rows], np.ones(len(rows)),
                                 targets=np.asarray(clean.pair_class)[rows] if classes else None,
                                 seed=None if classes else clean.seeds[rows])
-        fetched = session.run_noisy(feeds, outputs)
+        fetched = session.run_noisy(feeds, outputs, pad_to=longest_run(bounds))
         feed(accumulators, rows, fetched[0], fetched[1] if keep_maps else None)
 
 

@@ -50,6 +50,8 @@ FIRST_ACTIVATION = "onnxcam_first_activation"
 FIRST_GRADIENT = "onnxcam_first_gradient"
 FIRST_LOGITS = "onnxcam_first_logits"
 CLASSES = "onnxcam_classes"
+#: The outputs with one entry per row of a run (the others are per run: sums, first row's values).
+ROW_OUTPUTS = (ACTIVATION, GRADIENT, LOGITS, CLASSES)
 
 _PREFIX = "onnxcam_noisy/"
 
@@ -246,3 +248,14 @@ def row_feeds(rows, samples, scales, weights, targets=None, picks=None, seed=Non
         feeds[PICKS] = np.ascontiguousarray(np.zeros(len(feeds[WEIGHTS])) if picks is None else picks,
                                             dtype=np.int64)
     return feeds
+
+
+def padded_row_feeds(feeds: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """``feeds`` of a run grown to ``size`` rows by copies of its last row with weight 0: the
+    moment sums and the first row's outputs are unchanged, and the per-row outputs
+    (``ROW_OUTPUTS``) of the real rows come first."""
+    rows = len(feeds[WEIGHTS])
+    padded = {name: np.concatenate([values, np.repeat(values[-1:], size - rows, axis=0)])
+              for name, values in feeds.items()}
+    padded[WEIGHTS][rows:] = 0
+    return padded

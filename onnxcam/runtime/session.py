@@ -60,6 +60,7 @@ class GradientSession:
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = SILENT
         self.calls: Counter[str] = Counter()
+        self.equal_runs: bool | None = None  # pad a pass's runs to one size: None means on CUDA
         self._sessions: dict[str, object] = {}
         self._parts: dict[str, onnx.ModelProto] | None = None
         self._split_possible: bool | None = None
@@ -159,10 +160,30 @@ class GradientSession:
         return self._host_bank
 
     def run_noisy(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = (GRADIENT,),
-                  front: str = "bank") -> list[np.ndarray]:
+                  front: str = "bank", pad_to: int | None = None) -> list[np.ndarray]:
         """``outputs`` of the noisy model for one batch (``noisy.row_feeds``), fetched to the
         host: after ``bind_noise`` for the bank front; for the input front (``front="input"``)
-        ``feeds`` hold the noisy batch itself."""
+        ``feeds`` hold the noisy batch itself. With ``pad_to`` and ``pads_runs`` a shorter run
+        is padded to that many rows of weight 0 (``noisy.padded_row_feeds``)."""
+        rows = len(feeds[noisy.WEIGHTS])
+        padded = pad_to is not None and pad_to > rows and self.pads_runs
+        if padded:
+            feeds = noisy.padded_row_feeds(feeds, pad_to)
+        fetched = self._run_noisy(feeds, outputs, front)
+        if padded:
+            fetched = [values[:rows] if name in noisy.ROW_OUTPUTS else values
+                       for name, values in zip(outputs, fetched)]
+        return fetched
+
+    @property
+    def pads_runs(self) -> bool:
+        """Whether the runs of one pass are padded to one size (``equal_runs``; None: on CUDA).
+        On an H200, configurations that alternated a session's batch size ran 75-325x slower
+        than the same calls repeated (cuDNN's algorithm search seemingly redone at every change
+        of shape, scripts/DEVICE_H200.md): n = 50 samples, 26 and 25 rows, would alternate."""
+        return self.equal_runs if self.equal_runs is not None else self.planned_device == "cuda"
+
+    def _run_noisy(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...], front: str) -> list[np.ndarray]:
         kind = NOISY_INPUT if front == "input" else NOISY
         binding, bound_values = self._binding(kind)
         if kind == NOISY:

@@ -101,3 +101,37 @@ def test_cuda_without_tf32_matches_the_cpu_to_float32_rounding(model_path, monke
     for a, b in zip(top_cpu, top_gpu):
         assert b.probability == pytest.approx(a.probability, rel=1e-5)
 
+
+def test_cuda_smooth_maps_do_not_depend_on_how_a_folder_is_grouped(model_path, tmp_path, monkeypatch):
+    """Smooth Grad-CAM++ on CUDA runs one image's rows at a time, so an image's map is the same,
+    bit for bit, whatever the images around it: a folder explained whole or a group at a time.
+    (Grad-CAM's clean runs hold several images: with TF32 an image's map moved by 1.4e-4 of its
+    peak with the size of the run it fell in, on an H200; scripts/DEVICE_H200.md.)"""
+    import onnxcam.explain.explainer as explainer_module
+    from tests.test_explainer import random_png
+
+    paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(5)]
+    explainer = Explainer(model_path, layer="a1", device="cuda", preprocess="unit", batch_size=2)
+    whole = explainer.explain(paths, samples=5, seed=1)
+    monkeypatch.setattr(explainer_module, "GROUP_MEMORY", 1)  # one batch of images per group
+    grouped = explainer.explain(paths, samples=5, seed=1)
+    for a, b in zip(whole, grouped):
+        np.testing.assert_array_equal(a.raw_map, b.raw_map)
+
+
+def test_cuda_pads_a_passs_runs_to_one_size(model_path, monkeypatch):
+    """On CUDA the runs of a pass are padded to one size (a change of shape seemed to cost a
+    new cuDNN algorithm search, scripts/profile_run_sizes.py): 41 rows in a batch of 32 run as
+    21 and 21, not 21 and 20, and the maps still match the CPU's."""
+    from onnxcam.graph import noisy
+
+    inputs = random_inputs(2, seed=36)
+    gpu = Explainer(model_path, layer="a1", device="cuda", batch_size=32)
+    assert gpu.session.pads_runs
+    real_run = gpu.session._run_noisy
+    sizes = []
+    monkeypatch.setattr(gpu.session, "_run_noisy", lambda feeds, outputs, front: (
+        sizes.append(len(feeds[noisy.WEIGHTS])) or real_run(feeds, outputs, front)))
+    got = gpu.explain(inputs, samples=40, seed=6)
+    assert sizes == [21] * 4
+    close_maps(got, Explainer(model_path, layer="a1", device="cpu").explain(inputs, samples=40, seed=6))

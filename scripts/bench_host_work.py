@@ -12,6 +12,13 @@ activations arrive as fresh float32 arrays too. Blocks of 20 calls alternate the
 in ms and minor page faults per call. Not a test::
 
     python scripts/bench_host_work.py --channels 2048 --size 7
+
+With ``--model`` and ``--layer`` it then times the whole host path of one GPU-style explanation
+(Smooth Grad-CAM++, n = 25, one run of 26 rows through the bank front, as on CUDA) with the
+model's runs replayed as fresh arrays: ``Explainer.explain`` without the model. To compare two
+commits, run it from each (``PYTHONPATH=<worktree>``); on the CPU machine, ResNet-50's last
+block's input took 1.52-1.62 ms at ``8dcb277``, 1.55-1.65 at ``0533ee6`` and 1.26-1.30 at
+``69c1428``.
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=7)
     parser.add_argument("--images", type=int, default=25, help="images of the Grad-CAM / Grad-CAM++ part")
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--model", type=Path, default=None, help="also time an explanation's whole host path")
+    parser.add_argument("--layer", default=None, help="the layer for --model (default: automatic)")
     args = parser.parse_args(argv)
     shape = (1, args.channels, args.size, args.size)
     method = SmoothGradCAMPlusPlus()
@@ -117,6 +126,35 @@ def main(argv=None) -> None:
         report(f"{type(cam).__name__} of {args.images} images:", medians, faults,
                "all at once", "a few images at a time")
     methods_module.CHUNK_MEMORY = chunk_memory
+    if args.model:
+        explanation_host_path(args.model, args.layer, args.rounds)
+
+
+def explanation_host_path(model: Path, layer: str | None, rounds: int) -> None:
+    """Median ms of ``explain`` of one image with every noisy run replayed from the first
+    explanation's outputs, as fresh arrays (what a device run hands back)."""
+    from onnxcam import Explainer
+    from onnxcam.runtime.session import NOISY
+
+    Explainer._fused_kind = staticmethod(lambda session: NOISY)  # the CUDA path's bank front
+    explainer = Explainer(model, layer=layer, device="cpu", batch_size=26)
+    inputs = np.random.default_rng(0).standard_normal((1, *explainer.gradient_model.input_shape[1:]),
+                                                      dtype=np.float32)
+    session, recorded = explainer.session, {}
+    real_run = session.run_noisy
+
+    def replayed(feeds, outputs=(), front="bank", **options):
+        key = (tuple(outputs), front)
+        if key not in recorded:
+            recorded[key] = real_run(feeds, outputs, front=front, **options)
+        return [np.array(values) for values in recorded[key]]
+
+    session.run_noisy = replayed
+    medians, faults = timed_blocks({"explain, runs replayed": (lambda: explainer.explain(inputs, samples=25),
+                                                               lambda: None)}, rounds)
+    print(f"Host path of one explanation, {model.name} at {explainer.layer}:")
+    print(f"  {medians['explain, runs replayed'] * 1e3:7.3f} ms  "
+          f"{faults['explain, runs replayed']:8.1f} page faults")
 
 
 if __name__ == "__main__":

@@ -146,12 +146,12 @@ def clean_pass_in_graph(session: GradientSession, inputs: np.ndarray, chunk_clas
     outputs = (ACTIVATION, LOGITS, noisy.CLASSES) + ((GRADIENT,) if need_gradient else ())
     parts = []
     bounds = chunk_bounds(count, batch)
+    run_rows = longest_run(bounds)
     for start, stop in bounds:
         rows = np.arange(start, stop)
         zeros = np.zeros(len(rows))
         parts.append(session.run_noisy(noisy.row_feeds(rows, zeros, zeros, zeros, targets=targets[rows],
-                                                        picks=np.arange(len(rows))), outputs,
-                                       pad_to=longest_run(bounds)))
+                                                        picks=np.arange(len(rows))), outputs, pad_to=run_rows))
     activation, logits, classes = (joined(parts, i) for i in range(3))
     gradient = joined(parts, 3) if need_gradient else None
     chosen = [int(c) for c in classes]
@@ -200,10 +200,11 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
     first_outputs = (*noisy.SUMS, noisy.FIRST_ACTIVATION, noisy.FIRST_LOGITS, noisy.CLASSES)
     first_outputs += (noisy.FIRST_GRADIENT,) if need_gradient else ()
     activation, gradient, logits, classes = [], [], [], []
+    bounds = chunk_bounds(samples + 1, batch)  # every image's rows: the clean one, then n noisy
+    run_rows = longest_run(bounds)
     for image in range(len(inputs)):
         sigma = noise_sigma(inputs[image], noise_level)
         target = chunk_classes[image][0] if chunk_classes is not None else -1
-        bounds = chunk_bounds(samples + 1, batch)
         for start, stop in bounds:
             clean_row = start == 0
             weights = (np.arange(start, stop) > 0).astype(np.float64)  # 0 for the clean row
@@ -225,7 +226,7 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
                     ids = ids - first
                 feeds = noisy.row_feeds(np.full(stop - start, image), ids, scales, weights, targets=targets)
             fetched = session.run_noisy(feeds, first_outputs if clean_row else noisy.SUMS,
-                                        front="input" if input_front else "bank", pad_to=longest_run(bounds))
+                                        front="input" if input_front else "bank", pad_to=run_rows)
             if clean_row:
                 activation.append(fetched[3])
                 logits.append(fetched[4])
@@ -300,13 +301,14 @@ def noisy_passes_in_graph(session: GradientSession, inputs: np.ndarray, clean: C
     classes = noisy.targets_in_graph(session.gradient_model)
     total = len(inputs) * samples
     bounds = chunk_bounds(total, batch)
+    run_rows = longest_run(bounds)
     for start, stop in bounds:
         units = np.arange(start, stop)
         rows, sample = units // samples, units % samples
         feeds = noisy.row_feeds(rows, sample, sigma[rows], np.ones(len(rows)),
                                 targets=np.asarray(clean.pair_class)[rows] if classes else None,
                                 seed=None if classes else clean.seeds[rows])
-        fetched = session.run_noisy(feeds, outputs, pad_to=longest_run(bounds))
+        fetched = session.run_noisy(feeds, outputs, pad_to=run_rows)
         feed(accumulators, rows, fetched[0], fetched[1] if keep_maps else None)
 
 

@@ -43,11 +43,15 @@ from bench import SAMPLES, SIZE, SPECS  # noqa: E402
 DEVICE = "cuda"  # --device cpu tries the script's logic here (no graphs there: plain sessions)
 
 
-def median_ms(function, repeats: int, warm: int = 2) -> float:
+def median_ms(function, repeats: int, warm: int = 2, before=None) -> float:
+    """Median ms of ``function`` over ``repeats`` calls after ``warm`` untimed ones; ``before()``,
+    if given, runs untimed ahead of each timed call."""
     for _ in range(warm):
         function()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         started = time.perf_counter()
         function()
         times.append(time.perf_counter() - started)

@@ -26,9 +26,7 @@ Here, ``--device cpu`` tries the logic (the CPU has no such search).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,20 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import SIZE, SPECS  # noqa: E402
 from bench_device import plain_session  # noqa: E402
-
-
-def median_ms(call, repeats: int, before=None) -> float:
-    """Median ms of ``call`` over ``repeats`` calls after one untimed call; ``before()`` runs
-    untimed ahead of each."""
-    call()
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+from profile_cuda_overhead import median_ms  # noqa: E402
 
 
 def plain_switches(spec, device: str, repeats: int, log) -> None:
@@ -59,8 +44,8 @@ def plain_switches(spec, device: str, repeats: int, log) -> None:
     for search in ("EXHAUSTIVE", "HEURISTIC"):
         session = _plain(spec, device, search)
         name = session.get_inputs()[0].name
-        same = median_ms(lambda: session.run(None, {name: x}), repeats)
-        switched = median_ms(lambda: session.run(None, {name: x}), repeats,
+        same = median_ms(lambda: session.run(None, {name: x}), repeats, warm=1)
+        switched = median_ms(lambda: session.run(None, {name: x}), repeats, warm=1,
                              before=lambda: session.run(None, {name: x[:24]}))
         log(f"  plain run() of 25, {search.lower()} search: repeated {same:8.2f} ms, "
             f"after a run of 24 {switched:8.2f} ms ({switched / same:.1f}x)")
@@ -84,9 +69,9 @@ def onnxcam_runs(spec, device: str, repeats: int, log) -> None:
     for samples, equal_runs in ((25, None), (50, False), (50, True)):
         explainer = Explainer(spec.path, layer=spec.honest_layer, device=device)
         explainer.session.equal_runs = equal_runs
-        took = median_ms(lambda: explainer.explain(x1, samples=samples), repeats)
+        took = median_ms(lambda: explainer.explain(x1, samples=samples), repeats, warm=1)
         runs = explainer.session.run_calls / (repeats + 1)
-        label = {None: "as cut", False: "as cut", True: "padded to one size"}[equal_runs]
+        label = "padded to one size" if equal_runs else "as cut"
         log(f"  Smooth n = {samples:2d}, runs {label:18s}: {took:8.2f} ms "
             f"(batch {explainer.batch_size}, {runs:.0f} runs per explanation)")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import numpy as np
 import onnx
@@ -278,6 +280,80 @@ def test_model_with_external_data_is_not_cached(tmp_path, isolated_cache):
     gm, cached = load_gradient_model(folder / "m.onnx")
     assert not cached and gm.layer == "a2"
     assert not list(isolated_cache.rglob("*.onnx"))
+
+
+def _entries(folder) -> list[str]:
+    return sorted(path.stem for path in folder.rglob("*.json"))
+
+
+def _age(folder, stem: str, seconds: float) -> None:
+    """Make entry ``stem`` look last used ``seconds`` ago."""
+    for path in folder.rglob(f"{stem}.*"):
+        stamp = time.time() - seconds
+        os.utime(path, (stamp, stamp))
+
+
+def test_cache_keeps_to_its_size_dropping_the_least_recently_used(model_path, isolated_cache, monkeypatch):
+    load_gradient_model(model_path, layer="a1")
+    entry = sum(path.stat().st_size for path in isolated_cache.rglob("*") if path.is_file())
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", f"{2.5 * entry / 1024:.3f}K")  # room for two entries
+    first = _entries(isolated_cache)
+    load_gradient_model(model_path, layer="a2")
+    both = _entries(isolated_cache)
+    assert len(both) == 2
+    _age(isolated_cache, first[0], 200)  # a1 is the older one...
+    _age(isolated_cache, next(stem for stem in both if stem not in first), 100)
+    _, cached = load_gradient_model(model_path, layer="a1")  # ...until this hit uses it
+    assert cached
+    load_gradient_model(model_path, layer="c1")  # a third entry: a2, least recently used, goes
+    kept = _entries(isolated_cache)
+    assert len(kept) == 2 and first[0] in kept
+    assert not [path for path in isolated_cache.rglob("*.onnx") if path.stem not in kept]
+    assert sum(path.stat().st_size for path in isolated_cache.rglob("*") if path.is_file()) <= 2.5 * entry
+    _, cached = load_gradient_model(model_path, layer="a2")
+    assert not cached
+
+
+def test_cache_skips_an_entry_larger_than_its_size_and_can_be_off(model_path, isolated_cache, monkeypatch):
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", "1K")
+    gm, cached = load_gradient_model(model_path)
+    assert not cached and gm.layer == "a2" and not list(isolated_cache.rglob("*.onnx"))
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", "1G")
+    load_gradient_model(model_path)
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", "0")  # off: neither read nor written
+    _, cached = load_gradient_model(model_path)
+    assert not cached
+    load_gradient_model(model_path, layer="a1")
+    assert len(_entries(isolated_cache)) == 1
+
+
+def test_cache_deletes_old_leftovers_of_interrupted_writes(model_path, isolated_cache, monkeypatch):
+    load_gradient_model(model_path, layer="a1")
+    folder = next(isolated_cache.rglob("*.json")).parent
+    old_orphan, young_orphan = folder / ("0" * 64 + ".onnx"), folder / ("1" * 64 + ".onnx")
+    old_temporary = folder / ".abc.1234abcd.tmp.onnx"
+    for path in (old_orphan, young_orphan, old_temporary):
+        path.write_bytes(b"x" * 100)
+    for path in (old_orphan, old_temporary):
+        os.utime(path, (time.time() - 2 * cache_module.LEFTOVER_AGE_S,) * 2)
+    load_gradient_model(model_path, layer="a2")  # a write prunes
+    assert not old_orphan.exists() and not old_temporary.exists()
+    assert young_orphan.exists()  # it may be another process's write in progress
+    assert len(_entries(isolated_cache)) == 2
+
+
+@pytest.mark.parametrize("value, size", [("500M", 500 * 2**20), ("2g", 2 * 2**30), ("1.5GiB", 3 * 2**29),
+                                         ("64 KB", 64 * 2**10), ("0", 0), ("", 2 * 2**30)])
+def test_cache_size_from_environment(monkeypatch, value, size):
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", value)
+    assert cache_module.cache_budget() == size
+
+
+@pytest.mark.parametrize("value", ["2048", "lots", "-1G", "2X"])
+def test_wrong_cache_size_names_the_variable(monkeypatch, model_path, value):
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", value)
+    with pytest.raises(OptionError, match=r"ONNXCAM_CACHE_SIZE=.*500M or 2G"):
+        load_gradient_model(model_path)
 
 
 def test_cache_key_includes_versions(monkeypatch):

@@ -10,6 +10,12 @@ the cache never makes a run fail.
 Location: ``$ONNXCAM_CACHE_DIR``, else ``~/.cache/onnxcam`` (``$XDG_CACHE_HOME/onnxcam`` when
 set). Delete the folder to empty it. Models with external data files are not cached (their
 weights are not in the hashed file).
+
+Size: ``$ONNXCAM_CACHE_SIZE`` (default 2G; ``0`` turns the cache off). Each entry is a whole copy
+of a model, so a new onnxcam version, layer or model adds one; after each write the least
+recently used entries (a hit counts as a use) are deleted until the folder fits. An entry
+larger than the whole budget is not written. Leftovers of interrupted writes older than an
+hour are deleted too.
 """
 
 from __future__ import annotations
@@ -19,17 +25,27 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 from pathlib import Path
 
 import onnx
 
 from onnxcam.atomic import atomic_write_bytes
+from onnxcam.errors import OptionError
 from onnxcam.graph.locate import Candidate
 from onnxcam.graph.rewrite import GradientModel, build_gradient_model
 
 log = logging.getLogger("onnxcam.cache")
 
 FORMAT = 2  # bump when the entry layout changes
+
+#: The cache's size when ``ONNXCAM_CACHE_SIZE`` is not set.
+DEFAULT_SIZE = "2G"
+#: Files of an interrupted write (an .onnx without its .json, an atomic write's temporary file)
+#: are deleted once older than this: younger ones may belong to a write in progress elsewhere.
+LEFTOVER_AGE_S = 3600
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def cache_dir() -> Path:
@@ -40,6 +56,17 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "onnxcam"
+
+
+def cache_budget() -> int:
+    """The cache's size limit in bytes, from ``ONNXCAM_CACHE_SIZE`` ("500M", "2G", "1.5T"; binary
+    units; "0": no cache)."""
+    given = os.environ.get("ONNXCAM_CACHE_SIZE", "").strip() or DEFAULT_SIZE
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*(?:([KMGT])(?:I?B)?)?", given.upper())
+    if match is None or (match.group(2) is None and float(match.group(1)) != 0):
+        raise OptionError(f"ONNXCAM_CACHE_SIZE={given!r} must be a size such as 500M or 2G "
+                          "(K, M, G, T: binary units), or 0 to turn the model cache off")
+    return int(float(match.group(1)) * _UNITS[match.group(2)]) if match.group(2) else 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,14 +100,14 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     Returns (gradient model, whether it came from the cache). Every error about the model itself
     comes from ``build_gradient_model`` (ModelError, LayerError...), cache or not.
     """
-    key = _key_for(model, layer, score) if use_cache else None
+    key = _key_for(model, layer, score) if use_cache and cache_budget() > 0 else None
     if key is not None:
         cached = _read(key)
         if cached is not None:
             return cached, True
     built = build_gradient_model(model, layer=layer, score=score)
     if key is not None:
-        _write(key, built)
+        _write(key, built, cache_budget())
     return built, False
 
 
@@ -134,6 +161,7 @@ def _read(key: str) -> GradientModel | None:
         data = model_path.read_bytes()
         if hashlib.sha256(data).hexdigest() != info["onnx_sha256"]:
             raise ValueError("checksum mismatch")
+        _mark_used(info_path)
         return GradientModel(
             model=onnx.load_from_string(data),
             layer=info["layer"], score=info["score"], input_name=info["input_name"],
@@ -150,10 +178,14 @@ def _read(key: str) -> GradientModel | None:
         return None
 
 
-def _write(key: str, gm: GradientModel) -> None:
+def _write(key: str, gm: GradientModel, budget: int) -> None:
     model_path, info_path = _paths(key)
     try:
         data = gm.model.SerializeToString()
+        if len(data) > budget:
+            log.info("not caching the rewritten model (%d MiB): larger than ONNXCAM_CACHE_SIZE",
+                     len(data) >> 20)
+            return
         info = {
             "format": FORMAT, "onnx_sha256": hashlib.sha256(data).hexdigest(),
             "layer": gm.layer, "score": gm.score, "input_name": gm.input_name,
@@ -169,3 +201,58 @@ def _write(key: str, gm: GradientModel) -> None:
         atomic_write_bytes(info_path, json.dumps(info, indent=1).encode("utf-8"))
     except Exception as exc:  # noqa: BLE001 - a cache we cannot write is simply not used
         log.info("could not write cache entry %s (%s)", key[:12], exc)
+        return
+    prune(budget, keep=key)
+
+
+def _mark_used(info_path: Path) -> None:
+    """A hit makes the entry the most recently used (its JSON's modification time)."""
+    try:
+        os.utime(info_path)
+    except OSError:
+        pass  # a read-only cache still serves; its order just stays as it was
+
+
+def prune(budget: int, keep: str | None = None) -> int:
+    """Delete the least recently used entries until the cache holds at most ``budget`` bytes
+    (never ``keep``), and leftovers of interrupted writes older than ``LEFTOVER_AGE_S``.
+    Returns the bytes left. Files that vanish meanwhile (another process pruning) are skipped."""
+    entries: list[tuple[int, int, Path, Path]] = []  # (last use in ns, bytes, json, onnx)
+    total = 0
+    now = time.time()
+    for path in sorted(cache_dir().glob("*/*")):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        complete = path.suffix == ".json" or (path.suffix == ".onnx" and path.with_suffix(".json").exists())
+        if path.name.startswith(".") or not complete:
+            if now - stat.st_mtime > LEFTOVER_AGE_S:
+                _remove(path)
+            else:
+                total += stat.st_size
+            continue
+        total += stat.st_size
+        if path.suffix == ".json":
+            model_path = path.with_suffix(".onnx")
+            entries.append((stat.st_mtime_ns, stat.st_size, path, model_path))
+    for _, _, info_path, model_path in sorted(entries, key=lambda entry: entry[0]):
+        if total <= budget:
+            break
+        if info_path.stem == keep:
+            continue
+        try:
+            freed = info_path.stat().st_size + model_path.stat().st_size
+        except OSError:
+            freed = 0
+        _remove(info_path)  # the JSON first: without it the entry is incomplete, never half-read
+        _remove(model_path)
+        total -= freed
+    return total
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

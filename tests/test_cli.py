@@ -115,6 +115,51 @@ def test_bad_images_are_one_line_errors(work):
         assert digest(work) == before
 
 
+def test_skip_unreadable_explains_the_rest_and_exits_1(work):
+    folder = work / "mixed"
+    folder.mkdir()
+    for seed, name in enumerate(["a.png", "c.png", "e.png"]):
+        random_png(folder / name, seed=seed)
+    (folder / "b.png").write_text("not an image at all")
+    (folder / "d.png").write_bytes((folder / "a.png").read_bytes()[:200])
+    stopped = run(["explain", work / "cnn.onnx", folder, "--method", "gradcam", "--out", work / "stop",
+                   "--batch-size", "2"])
+    assert_one_line_error(stopped, "b.png", "not an image")
+    result = run(["explain", work / "cnn.onnx", folder, "--method", "gradcam", "--out", work / "out",
+                  "--batch-size", "2", "--skip-unreadable", "--json"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    document = json.loads(result.stdout)
+    assert [Path(image["image"]).name for image in document["images"]] == ["a.png", "c.png", "e.png"]
+    assert [(Path(entry["image"]).name, "truncated" in entry["error"] or "not an image" in entry["error"])
+            for entry in document["skipped"]] == [("b.png", True), ("d.png", True)]
+    assert sorted(path.name for path in (work / "out").glob("*.npy")) == [
+        f"{stem}_gradcam_c{image['results'][0]['class_index']}.npy"
+        for stem, image in zip("ace", document["images"])]
+    alone = run(["explain", work / "cnn.onnx", folder / "a.png", folder / "c.png", folder / "e.png",
+                 "--method", "gradcam", "--out", work / "alone", "--batch-size", "2"])
+    assert alone.exit_code == 0, alone.output
+    for name in ("a", "c", "e"):  # the same maps as without the unreadable files
+        mine, theirs = (np.load(next((work / out).glob(f"{name}_gradcam_*.npy"))) for out in ("out", "alone"))
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    text = run(["explain", work / "cnn.onnx", folder, "--method", "gradcam", "--out", work / "out2",
+                "--skip-unreadable"])
+    assert text.exit_code == 1 and "Traceback" not in text.output
+    assert "Skipped: " in text.stderr and "b.png" in text.stderr and "d.png" in text.stderr
+    assert "Skipped 2 unreadable images of 5" in text.stderr
+    assert "3 images" in text.stdout
+
+
+def test_skip_unreadable_with_nothing_readable_is_an_error(work):
+    folder = work / "broken"
+    folder.mkdir()
+    (folder / "x.png").write_text("no")
+    (folder / "y.png").write_bytes(b"\x89PNG\r\n")
+    result = run(["explain", work / "cnn.onnx", folder, "--out", work / "out", "--skip-unreadable"])
+    assert_one_line_error(result, "none of the 2 images could be read", "x.png")
+    assert not (work / "out").exists()
+
+
 def test_decompression_bomb_is_refused(work, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a.png has 1,920 pixels: over twice the limit
     before = digest(work)

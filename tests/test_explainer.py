@@ -864,6 +864,26 @@ def test_explanation_is_importable_from_the_package():
     assert onnxcam.Explanation is Explanation
 
 
+@pytest.mark.parametrize("method", ["smoothgradcampp", "gradcam"])
+def test_iter_explain_skips_unreadable_files_keeping_each_images_target(tmp_path, method):
+    model = save_model(build_cnn("mlp", seed=4), tmp_path / "cnn.onnx")
+    paths = [random_png(tmp_path / f"{name}.png", seed=seed) for seed, name in enumerate("abcde")]
+    paths[1].write_text("not an image")
+    paths[3].write_bytes(paths[0].read_bytes()[:100])
+    explainer = Explainer(model, batch_size=2, device="cpu")
+    skipped = []
+    got = list(explainer.iter_explain(paths, methods=(method,), targets=[1, 2, 3, 4, 5], samples=3,
+                                      on_unreadable=lambda index, error: skipped.append((index, str(error)))))
+    assert [index for index, _ in got] == [0, 2, 4]
+    assert [per_method[method][0].class_index for _, per_method in got] == [1, 3, 5]
+    assert [(index, paths[index].name in why) for index, why in skipped] == [(1, True), (3, True)]
+    alone = explainer.explain([paths[0], paths[2], paths[4]], method=method, targets=[1, 3, 5], samples=3)
+    for (_, per_method), expected in zip(got, alone):
+        np.testing.assert_allclose(per_method[method][0].raw_map, expected.raw_map, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ImageError, match="b.png"):  # without on_unreadable the first bad file stops it
+        list(explainer.iter_explain(paths, methods=(method,), samples=3))
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end on the bundled EfficientNet-Lite0 (a few seconds)
 

@@ -15,7 +15,7 @@ import click
 from onnxcam.cams import METHODS
 from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, preprocess_option,
                                 stderr_is_tty)
-from onnxcam.errors import OptionError
+from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
 from onnxcam.explain.result import check_not_protected
 from onnxcam.imaging import COLORMAPS, compare_grid, find_images
@@ -87,9 +87,13 @@ def writer_threads() -> int:
               help="Also write <stem>_compare.png: the image, Grad-CAM, Grad-CAM++ and Smooth Grad-CAM++.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of a summary.")
 @click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
-def explain(model, images, method, layer, classes, top_k, feature_maps, score, neuron, samples,
+@click.option("--skip-unreadable", is_flag=True,
+              help="Skip image files that cannot be read, instead of stopping at the first: they are "
+                   "listed at the end and the exit status is 1.")
+@click.pass_context
+def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, score, neuron, samples,
             noise_level, seed, numerator, averaging, denominator, out, device, batch_size, preprocess,
-            mean, std, size, labels, alpha, colormap, compare, as_json, no_cache):
+            mean, std, size, labels, alpha, colormap, compare, as_json, no_cache, skip_unreadable):
     """Explain IMAGE files (or every image in a folder DIR) with a gradient CAM.
 
     For every image and class it writes into --out, atomically:
@@ -138,10 +142,18 @@ def explain(model, images, method, layer, classes, top_k, feature_maps, score, n
     method_options = _options_per_method(methods, variants)
     targets = [list(classes)] * len(paths) if classes else None
 
+    unreadable: list[tuple[int, str]] = []  # (image index, why), with --skip-unreadable
+
+    def skip(index: int, error: Exception) -> None:
+        unreadable.append((index, str(error)))
+        if show_bar:
+            progress.update(1)
+
     stream = explainer.iter_explain(
         paths, methods=methods, targets=targets, top_k=top_k or 1, samples=samples,
         noise_level=noise_level, seed=seed, feature_maps=list(feature_maps) if feature_maps else None,
-        neuron=list(neuron) if neuron else None, method_options=method_options)
+        neuron=list(neuron) if neuron else None, method_options=method_options,
+        on_unreadable=skip if skip_unreadable else None)
 
     def write(index: int, per_method: dict) -> tuple[dict, list[str], int, str | None, bool]:
         """Write one image's files; (its record, its summary lines, files written, device, skipped)."""
@@ -198,6 +210,8 @@ def explain(model, images, method, layer, classes, top_k, feature_maps, score, n
             for future in pending:  # after an error: write nothing more
                 future.cancel()
     written, device_used, skipped = totals["written"], totals["device"], totals["skipped"]
+    if unreadable and not records:
+        raise ImageError(f"none of the {len(paths)} images could be read; the first: {unreadable[0][1]}")
 
     elapsed = time.perf_counter() - started
     notes = _notes(skipped, explainer.gradient_model.batch_built_in)
@@ -206,19 +220,26 @@ def explain(model, images, method, layer, classes, top_k, feature_maps, score, n
             "model": str(model), "layer": explainer.layer, "score_tensor": explainer.score,
             "method": main_method, "methods": methods, "device": device_used,
             "out": str(out), "images": records, "notes": notes,
+            "skipped": [{"image": str(paths[index]), "error": why} for index, why in unreadable],
             "timings": {"total_s": round(elapsed, 4), "setup_s": round(totals["setup_s"], 4),
-                        "images_per_s": round(len(paths) / elapsed, 2)},
+                        "images_per_s": round(len(records) / elapsed, 2)},
         })
-        return
+        ctx.exit(1 if unreadable else 0)
     for line in summaries:
         click.echo(line)
-    count = len(paths)
+    count = len(records)
     click.echo(f"{METHOD_TITLES[main_method]} at layer {explainer.layer}: {count} image"
                f"{'s' if count != 1 else ''}, {written} files in {out}/, {describe(device_used or 'cpu')}, "
                f"{elapsed:.2f} s" + (f" ({count / elapsed:.1f} images/s; model setup {totals['setup_s']:.2f} s)"
                                      if count > 1 else ""))
     for note in notes:
         click.echo(f"Note: {note}", err=True)
+    if unreadable:
+        for _, why in unreadable:
+            click.echo(f"Skipped: {why}", err=True)
+        click.echo(f"Skipped {len(unreadable)} unreadable image{'s' if len(unreadable) != 1 else ''} "
+                   f"of {len(paths)} (--skip-unreadable): no files were written for them", err=True)
+        ctx.exit(1)
 
 
 def _canonical(method: str) -> str:

@@ -52,7 +52,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,12 +269,17 @@ class Explainer:
                      seed: int | None = 0, feature_maps: Sequence[int] | None = None, neuron=None, *,
                      layer: str | None = None, score: str | None = None,
                      method_options: dict[str, dict[str, Any]] | None = None,
+                     on_unreadable: Callable[[int, ImageError], None] | None = None,
                      ) -> Iterator[tuple[int, dict[str, list[Explanation]]]]:
         """Like ``compare`` but yields (image index, {method: [Explanation...]}) image by image,
         as soon as each group of images is done (for progress bars and streaming writes).
 
         Everything that can be checked before running (options, targets, array shapes) is checked
         first; image files are read group by group, so a bad file stops the run where it is met.
+        With ``on_unreadable``, an image file that cannot be read or preprocessed is skipped
+        instead: ``on_unreadable(index, error)`` is called, in this thread, before its group's
+        images are yielded, and nothing is yielded for it (a folder run need not stop at the
+        one corrupt file among thousands).
         """
         gm = self._gradient_model(*self._key(layer, score))
         session = self._session(gm)
@@ -325,14 +330,22 @@ class Explainer:
         session.warm_up(plan)
         setup = time.perf_counter() - setup_start + self._unreported_setup.pop(gm.layer, 0.0)
 
-        groups = self._loaded_groups(items, group, preprocessor)
+        groups = self._loaded_groups(items, group, preprocessor, skip_unreadable=on_unreadable is not None)
         if len(items) > group:  # decode the next group's images while this one runs
             groups = prefetched(groups)
-        for start, chunk, (inputs, pictures, sizes, arrays), preprocess_s in groups:
-            timings: dict[str, float] = {"setup_s": setup} if start == 0 else {"setup_s": 0.0}
+        for start, chunk, (inputs, pictures, sizes, arrays, unreadable), preprocess_s in groups:
+            chunk_classes = class_lists[start:start + group] if class_lists is not None else None
+            if unreadable:
+                for position, error in unreadable:
+                    on_unreadable(chunk[position].index, error)  # type: ignore[misc]
+                kept = [position for position in range(len(chunk)) if position not in dict(unreadable)]
+                chunk = [chunk[position] for position in kept]
+                chunk_classes = [chunk_classes[position] for position in kept] if chunk_classes is not None else None
+                if not chunk:
+                    continue
+            timings: dict[str, float] = {"setup_s": setup}
             setup = 0.0
             t1 = time.perf_counter()
-            chunk_classes = class_lists[start:start + group] if class_lists is not None else None
             if fused or picked:  # the clean rows ride in the noisy runs: all the time is "noisy passes"
                 accumulators = {name: cam.new_accumulator(len(inputs)) for name, cam in noisy_cams.items()}
                 t2 = t1
@@ -409,7 +422,7 @@ class Explainer:
     def preprocess(self, images) -> np.ndarray:
         """The batch the model is fed for ``images`` (paths, PIL images or an array)."""
         items = self._items(images)
-        inputs, _, _, _ = self._load(items, self._preprocessor_for(items))
+        inputs, _, _, _, _ = self._load(items, self._preprocessor_for(items))
         return inputs
 
     def preprocessing_info(self, preprocessor: Preprocessor | None = None) -> dict[str, Any]:
@@ -587,33 +600,44 @@ class Explainer:
             raise ImageError("the image array contains NaN or infinite values")
         return [_Item(i, array=array[i]) for i in range(len(array))]
 
-    def _loaded_groups(self, items: list[_Item], group: int, preprocessor: Preprocessor | None):
+    def _loaded_groups(self, items: list[_Item], group: int, preprocessor: Preprocessor | None,
+                       skip_unreadable: bool = False):
         """(start, items, loaded batch, seconds spent loading) for each group of ``group`` items."""
         for start in range(0, len(items), group):
             chunk = items[start:start + group]
             began = time.perf_counter()
-            loaded = self._load(chunk, preprocessor)
+            loaded = self._load(chunk, preprocessor, skip_unreadable)
             yield start, chunk, loaded, time.perf_counter() - began
 
-    def _load(self, items: list[_Item], preprocessor: Preprocessor | None):
-        """Preprocessed batch, PIL images (for overlays), map sizes (H, W), array inputs (H,W,C).
-        Image files are read on the decoding threads (PIL images given, which may share a lazily
-        loaded object, are not); the first bad file in order raises."""
+    def _load(self, items: list[_Item], preprocessor: Preprocessor | None, skip_unreadable: bool = False):
+        """Preprocessed batch, PIL images (for overlays), map sizes (H, W), array inputs (H,W,C),
+        and the [(position, ImageError)] of the files skipped as unreadable. Image files are read
+        on the decoding threads (PIL images given, which may share a lazily loaded object, are
+        not); without ``skip_unreadable`` the first bad file in order raises. The batch holds the
+        readable items only (None when there is none)."""
         read = functools.partial(self._read, preprocessor=preprocessor)
         files = [position for position, item in enumerate(items) if item.path is not None]
         reading = ({position: _decoders().submit(read, items[position]) for position in files}
                    if len(files) > 1 else {})
+        loaded, unreadable = [], []
         try:
-            loaded = [reading[position].result() if position in reading else read(item)
-                      for position, item in enumerate(items)]
+            for position, item in enumerate(items):
+                try:
+                    loaded.append(reading[position].result() if position in reading else read(item))
+                except ImageError as error:
+                    if not (skip_unreadable and item.path is not None):
+                        raise
+                    unreadable.append((position, error))
         finally:
             for future in reading.values():  # after an error: read no more
                 future.cancel()
+        if not loaded:
+            return None, [], [], [], unreadable
         rows, pictures, sizes, arrays = (list(column) for column in zip(*loaded))
         shapes = {row.shape for row in rows}
         if len(shapes) > 1:
             raise ImageError(f"image arrays of different shapes {sorted(shapes)} in one call: give one shape")
-        return np.stack(rows).astype(self.session_dtype, copy=False), pictures, sizes, arrays
+        return np.stack(rows).astype(self.session_dtype, copy=False), pictures, sizes, arrays, unreadable
 
     def _read(self, item: _Item, preprocessor: Preprocessor | None) -> tuple:
         """(model input row, PIL image or None, map size (H, W), array input (H,W,C) or None)."""

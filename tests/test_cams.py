@@ -535,6 +535,45 @@ def test_plusplus_weights_do_not_read_values_left_in_the_workspace():
     np.testing.assert_array_equal(formulas.plusplus_weights(A, g, g ** 2, g ** 3), first)
 
 
+@pytest.mark.parametrize("numerator", ["D2", "D1"])
+def test_single_sample_plusplus_weights_match_the_general_form(numerator):
+    """One sample per image: sum_{g>0} g / (2 + S g) (D1: 1 / (2 + S g)) against alpha * ReLU(g)
+    from g, g^2 and g^3, on activations of both signs, with zero gradients, a location where
+    2 + S g = 0 exactly (it counts 0 in both) and a NaN gradient (it stays NaN)."""
+    from onnxcam.cams import formulas
+
+    rng = np.random.default_rng(11)
+    A = rng.normal(0.3, 1.0, size=(4, 6, 5, 5))
+    g = rng.normal(size=A.shape) * (rng.random(A.shape) > 0.3)
+    A[1, 2] = 0.0
+    A[1, 2, 0, 0] = -4.0  # S = -4, so at g = 0.5: 2 + S g = 0
+    g[1, 2, 3, 3] = 0.5
+    g[2, 4, 1, 1] = np.nan
+    g = g.astype(np.float32).astype(np.float64)  # values a float32 model gives
+    general = formulas.plusplus_weights(A, g, g * g, g * g * g, numerator=numerator)
+    single = formulas.plusplus_weights_single(A, g, numerator=numerator)
+    np.testing.assert_allclose(single, general, rtol=1e-12, atol=0)
+    assert np.isnan(single[2, 4]) and np.isfinite(np.delete(single.reshape(-1), 2 * 6 + 4)).all()
+    assert single[1, 2] == pytest.approx(general[1, 2], rel=1e-12) and np.isfinite(single[1, 2])
+    np.testing.assert_array_equal(formulas.plusplus_weights_single(A, g.astype(np.float32), numerator=numerator),
+                                  single)  # float32 gradients are read into float64 exactly
+
+
+def test_gradcampp_of_one_sample_uses_its_simpler_form_with_the_same_maps():
+    """GradCAMPlusPlus on single-sample moments (the clean pass) gives the maps of the same
+    moments made as averages (d1, d2, d3 arrays), for both numerators of Smooth Grad-CAM++."""
+    rng = np.random.default_rng(12)
+    A = np.abs(rng.normal(size=(3, 8, 4, 4)))
+    g = rng.normal(size=A.shape).astype(np.float32)
+    single = GradientMoments.from_gradients(g)
+    g64 = g.astype(np.float64)
+    averaged = GradientMoments(d1=g64, d2=g64 ** 2, d3=g64 ** 3, count=np.ones(3, dtype=np.int64))
+    for method in (GradCAMPlusPlus(), SmoothGradCAMPlusPlus(numerator="D1")):
+        fast, slow = method.compute(A, single), method.compute(A, averaged)
+        np.testing.assert_allclose(fast.weights, slow.weights, rtol=1e-12)
+        np.testing.assert_allclose(fast.maps, slow.maps, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name,options", ALL_CONFIGS + [("smoothgradcampp", {"averaging": "maps"})])
 def test_compute_in_chunks_of_images_gives_the_same_maps_bit_for_bit(monkeypatch, name, options):
     """compute() works a few images at a time (CHUNK_MEMORY): the same maps and weights as one

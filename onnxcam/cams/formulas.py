@@ -52,6 +52,32 @@ def plusplus_weights(activation: np.ndarray, d1: np.ndarray, d2: np.ndarray, d3:
     return weights
 
 
+def plusplus_weights_single(activation: np.ndarray, gradient: np.ndarray, numerator: str = "D2") -> np.ndarray:
+    """``plusplus_weights`` for one sample per image (D1 = g, D2 = g^2, D3 = g^3) with the "sum"
+    denominator, in a third of the passes and with no g^2 or g^3 arrays.
+
+    There alpha = g^2 / (g^2 (2 + S g)) with S = sum_ab A_kab, and ReLU(g) leaves the locations
+    where g > 0 only, so w_k = sum_{g > 0} g / (2 + S g) (D1: sum_{g > 0} 1 / (2 + S g)): the
+    same values to float64 rounding. A location where 2 + S g = 0 gives 0, as in the general
+    form. ``gradient`` may be float32 (it is read once, into float64)."""
+    positive = WORKSPACE.take(gradient.shape)
+    np.maximum(gradient, 0.0, out=positive)  # float64 from here
+    denominators = WORKSPACE.take(gradient.shape)
+    np.einsum("nk,nkhw->nkhw", spatial_sum(activation), positive, out=denominators)
+    denominators += 2.0  # 2 + S g, never 0 where g <= 0
+    top = positive if numerator == "D2" else np.sign(positive, out=positive)  # D1: 1 where g > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weights = spatial_sum(np.divide(top, denominators, out=denominators))
+    WORKSPACE.give(positive, denominators)
+    broken = np.flatnonzero(~np.isfinite(weights).all(axis=1))
+    if broken.size:  # 2 + S g = 0 somewhere (S < 0; those locations count 0), or a NaN (kept)
+        g = np.maximum(np.asarray(gradient[broken], dtype=np.float64), 0.0)
+        denominators = np.einsum("nk,nkhw->nkhw", spatial_sum(activation[broken]), g) + 2.0
+        top = g if numerator == "D2" else np.sign(g)
+        weights[broken] = spatial_sum(np.divide(top, denominators, out=np.zeros_like(g), where=denominators != 0))
+    return weights
+
+
 def gradcam_weights(d1: np.ndarray) -> np.ndarray:
     """Grad-CAM weights: the spatial mean of the gradient."""
     return spatial_sum(d1) / (d1.shape[-2] * d1.shape[-1])

@@ -114,6 +114,10 @@ class GradCAMPlusPlus(CamMethod):
     numerator: str = "D2"  # fixed here; an option of Smooth Grad-CAM++
 
     def _maps_and_weights(self, activation, moments):
+        gradient = moments.single_sample
+        if gradient is not None and self.denominator == "sum":  # one sample: no g^2, g^3 arrays
+            weights = formulas.plusplus_weights_single(activation, gradient, self.numerator)
+            return formulas.weighted_map(weights, activation, self.feature_maps), weights
         return formulas.plusplus_map(activation, moments.d1, moments.d2, moments.d3,
                                      self.numerator, self.denominator, self.feature_maps)
 

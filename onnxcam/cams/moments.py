@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .formulas import plusplus_map
+from .formulas import plusplus_map, plusplus_weights_single, weighted_map
 from .options import PlusPlusSettings, check_feature_maps_in_range
 from .workspace import WORKSPACE
 
@@ -52,6 +52,12 @@ class GradientMoments:
     def shape(self) -> tuple[int, ...]:
         return self.d1.shape
 
+    @property
+    def single_sample(self) -> np.ndarray | None:
+        """The gradients themselves when these are the moments of one sample per image (then a
+        method may use a simpler form), else None."""
+        return None
+
     def rows(self, start: int, stop: int) -> "GradientMoments":
         """The moments of images ``start:stop`` (views)."""
         mean_map = None if self.mean_map is None else self.mean_map[start:stop]
@@ -82,6 +88,10 @@ class _SingleSample(GradientMoments):
     @property
     def shape(self) -> tuple[int, ...]:
         return self.gradients.shape
+
+    @property
+    def single_sample(self) -> np.ndarray:
+        return self.gradients
 
     def rows(self, start: int, stop: int) -> GradientMoments:
         return _SingleSample(self.gradients[start:stop])
@@ -255,6 +265,10 @@ class MomentAccumulator:
         return powers
 
     def _sample_maps(self, activations, g, g2, g3) -> np.ndarray:
-        maps, _ = plusplus_map(activations, g, g2, g3, self.settings.numerator,
-                               self.settings.denominator, self.settings.feature_maps)
+        settings = self.settings
+        if settings.denominator == "sum":  # each sample's own map: the single-sample form
+            weights = plusplus_weights_single(activations, g, settings.numerator)
+            return weighted_map(weights, activations, settings.feature_maps)
+        maps, _ = plusplus_map(activations, g, g2, g3, settings.numerator, settings.denominator,
+                               settings.feature_maps)
         return maps

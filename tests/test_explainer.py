@@ -884,6 +884,18 @@ def test_iter_explain_skips_unreadable_files_keeping_each_images_target(tmp_path
         list(explainer.iter_explain(paths, methods=(method,), samples=3))
 
 
+def test_top_classes_best_first_with_ties_to_the_lower_index():
+    from onnxcam.explain.targets import top_classes
+
+    logits = np.array([[0.1, 3.0, 3.0, -1.0], [2.0, 2.0, 2.0, 2.0], [np.nan, 1.0, 5.0, 5.0],
+                       [-np.inf, -np.inf, -7.0, -np.inf]], dtype=np.float32)
+    assert top_classes(logits, 1) == [[1], [0], [2], [2]]
+    assert top_classes(logits, 3) == [[1, 2, 0], [0, 1, 2], [2, 3, 1], [2, 0, 1]]
+    rng = np.random.default_rng(3)
+    many = rng.integers(0, 4, (50, 10)).astype(np.float32)  # many ties
+    assert top_classes(many, 1) == [row[:1] for row in top_classes(many, 2)]
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end on the bundled EfficientNet-Lite0 (a few seconds)
 

@@ -80,7 +80,8 @@ def clean_pass(gm: GradientModel, session: GradientSession, inputs: np.ndarray,
         pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
         pair_class = [c for cs in lists for c in cs]
         seeds = tg.one_hot(pair_class, classes)
-        pair_activation = activation[pair_image]
+        one_each = len(pair_image) == count and bool((pair_image == np.arange(count)).all())
+        pair_activation = activation if one_each else activation[pair_image]  # no copy for top-1
         gradient = None
         if need_gradient:
             (gradient,) = chunked(lambda s: (session.head(pair_activation[s], seeds[s]),),

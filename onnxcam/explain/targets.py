@@ -79,6 +79,8 @@ def class_targets(targets: object, n_images: int, num_classes: int | None) -> li
 def top_classes(logits: np.ndarray, k: int) -> list[list[int]]:
     """The k highest-scoring classes of each row, best first (ties: the lower index first)."""
     logits = np.asarray(logits)
+    if k == 1 and not np.isnan(logits).any():  # argmax: the first of ties too, without a sort
+        return [[int(best)] for best in np.argmax(logits, axis=1)]
     order = np.argsort(-logits.astype(np.float64), axis=1, kind="stable")[:, :k]
     return [row.tolist() for row in order]
 

@@ -330,16 +330,23 @@ def test_cache_skips_an_entry_larger_than_its_size_and_can_be_off(model_path, is
 def test_cache_deletes_old_leftovers_of_interrupted_writes(model_path, isolated_cache, monkeypatch):
     load_gradient_model(model_path, layer="a1")
     folder = next(isolated_cache.rglob("*.json")).parent
-    old_orphan, young_orphan = folder / ("0" * 64 + ".onnx"), folder / ("1" * 64 + ".onnx")
-    old_temporary = folder / ".abc.1234abcd.tmp.onnx"
-    for path in (old_orphan, young_orphan, old_temporary):
+    prefix = folder.name
+    old_orphan, young_orphan = folder / (prefix + "0" * 62 + ".onnx"), folder / (prefix + "1" * 62 + ".onnx")
+    old_temporary = folder / f".{prefix}{'2' * 62}.1234abcd.tmp.onnx"
+    foreign = [folder / "notes.txt", folder / ("f" * 64 + ".onnx" if prefix != "ff" else "e" * 64 + ".onnx"),
+               isolated_cache / "readme.onnx"]  # not onnxcam's: never touched
+    for path in (old_orphan, young_orphan, old_temporary, *foreign):
         path.write_bytes(b"x" * 100)
-    for path in (old_orphan, old_temporary):
+    for path in (old_orphan, old_temporary, *foreign):
         os.utime(path, (time.time() - 2 * cache_module.LEFTOVER_AGE_S,) * 2)
     load_gradient_model(model_path, layer="a2")  # a write prunes
     assert not old_orphan.exists() and not old_temporary.exists()
     assert young_orphan.exists()  # it may be another process's write in progress
+    assert all(path.exists() for path in foreign)
     assert len(_entries(isolated_cache)) == 2
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", "1K")  # even when over budget, others' files stay
+    cache_module.prune(cache_module.cache_budget())
+    assert all(path.exists() for path in foreign) and not _entries(isolated_cache)
 
 
 @pytest.mark.parametrize("value, size", [("500M", 500 * 2**20), ("2g", 2 * 2**30), ("1.5GiB", 3 * 2**29),

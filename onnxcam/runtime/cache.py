@@ -221,6 +221,8 @@ def prune(budget: int, keep: str | None = None) -> int:
     total = 0
     now = time.time()
     for path in sorted(cache_dir().glob("*/*")):
+        if not _ours(path):  # only onnxcam's own files, whatever else the folder holds
+            continue
         try:
             stat = path.stat()
         except OSError:
@@ -249,6 +251,16 @@ def prune(budget: int, keep: str | None = None) -> int:
         _remove(model_path)
         total -= freed
     return total
+
+
+_ENTRY = re.compile(r"(?P<key>[0-9a-f]{64})\.(?:onnx|json)")
+_TEMPORARY = re.compile(r"\.(?P<key>[0-9a-f]{64})\.[0-9a-f]{8}\.tmp\.(?:onnx|json)")  # onnxcam.atomic's
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is an entry file of this cache or the temporary file of one."""
+    match = _ENTRY.fullmatch(path.name) or _TEMPORARY.fullmatch(path.name)
+    return match is not None and path.parent.name == match.group("key")[:2]
 
 
 def _remove(path: Path) -> None:

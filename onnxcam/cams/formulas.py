@@ -70,11 +70,10 @@ def plusplus_weights_single(activation: np.ndarray, gradient: np.ndarray, numera
         weights = spatial_sum(np.divide(top, denominators, out=denominators))
     WORKSPACE.give(positive, denominators)
     broken = np.flatnonzero(~np.isfinite(weights).all(axis=1))
-    if broken.size:  # 2 + S g = 0 somewhere (S < 0; those locations count 0), or a NaN (kept)
-        g = np.maximum(np.asarray(gradient[broken], dtype=np.float64), 0.0)
-        denominators = np.einsum("nk,nkhw->nkhw", spatial_sum(activation[broken]), g) + 2.0
-        top = g if numerator == "D2" else np.sign(g)
-        weights[broken] = spatial_sum(np.divide(top, denominators, out=np.zeros_like(g), where=denominators != 0))
+    if broken.size:  # 2 + S g = 0 somewhere (S < 0) or a NaN: those images by the general form,
+        # whose rule makes such locations 0 (and keeps the NaN)
+        g = np.asarray(gradient[broken], dtype=np.float64)
+        weights[broken] = plusplus_weights(activation[broken], g, g * g, g * g * g, numerator)
     return weights
 
 

@@ -338,7 +338,8 @@ class Explainer:
             if unreadable:
                 for position, error in unreadable:
                     on_unreadable(chunk[position].index, error)  # type: ignore[misc]
-                kept = [position for position in range(len(chunk)) if position not in dict(unreadable)]
+                skipped = {position for position, _ in unreadable}
+                kept = [position for position in range(len(chunk)) if position not in skipped]
                 chunk = [chunk[position] for position in kept]
                 chunk_classes = [chunk_classes[position] for position in kept] if chunk_classes is not None else None
                 if not chunk:

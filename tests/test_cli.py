@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -440,6 +441,33 @@ def test_rewrite_writes_a_checked_gradient_model(work):
     assert_one_line_error(refused, "refusing to overwrite")
     assert digest(work)["cnn.onnx"] == before["cnn.onnx"]
     assert "onnxcam_gradient" in run(["rewrite", "--help"]).stdout
+
+
+def test_cache_command_shows_and_clears_only_onnxcams_files(work, tmp_path, monkeypatch):
+    folder = tmp_path / "model-cache"
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(folder))
+    for layer in ("a1", "a2"):
+        assert run(["explain", work / "cnn.onnx", work / "a.png", "--layer", layer, "--method", "gradcam",
+                    "--out", work / "out"]).exit_code == 0
+    for info in folder.rglob("*.json"):  # a1 used first, whatever the file system's clock resolution
+        if json.loads(info.read_text())["layer"] == "a1":
+            os.utime(info, (info.stat().st_mtime - 60,) * 2)
+    shown = run(["cache"])
+    assert shown.exit_code == 0, shown.output
+    assert f"Folder: {folder}" in shown.stdout and "Entries: 2 rewritten models" in shown.stdout
+    assert "default 2G" in shown.stdout and "layer a1" in shown.stdout and "layer a2" in shown.stdout
+    document = json.loads(run(["cache", "--json"]).stdout)
+    assert document["folder"] == str(folder) and document["limit_bytes"] == 2 * 2**30
+    assert [entry["layer"] for entry in document["entries"]] == ["a2", "a1"]  # the most recent first
+    assert document["bytes"] == sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    keep = folder / "notes.txt"
+    keep.write_text("not onnxcam's")
+    cleared = run(["cache", "--clear"])
+    assert cleared.exit_code == 0 and "Deleted 2 cached models" in cleared.stdout
+    assert "Entries: 0 rewritten models" in cleared.stdout
+    assert keep.exists() and not list(folder.rglob("*.onnx"))
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", "lots")
+    assert_one_line_error(run(["cache"]), "ONNXCAM_CACHE_SIZE='lots'")
 
 
 def test_version_and_help():

@@ -65,12 +65,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
       onnxcam evaluate model.onnx data/ --methods gradcam,gradcampp,smoothgradcampp
       onnxcam check checks.toml --junit cam-report.xml
       onnxcam compare model.onnx model_int8.onnx photos/
+      onnxcam cache --clear
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
 
 def _register() -> None:
+    from onnxcam.cli.cache_cmd import cache
     from onnxcam.cli.check_cmd import check
     from onnxcam.cli.compare_cmd import compare
     from onnxcam.cli.evaluate_cmd import evaluate
@@ -84,6 +86,7 @@ def _register() -> None:
     cli.add_command(evaluate)
     cli.add_command(check)
     cli.add_command(compare)
+    cli.add_command(cache)
 
 
 _register()

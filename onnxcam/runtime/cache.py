@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -213,13 +214,21 @@ def _mark_used(info_path: Path) -> None:
         pass  # a read-only cache still serves; its order just stays as it was
 
 
-def prune(budget: int, keep: str | None = None) -> int:
-    """Delete the least recently used entries until the cache holds at most ``budget`` bytes
-    (never ``keep``), and leftovers of interrupted writes older than ``LEFTOVER_AGE_S``.
-    Returns the bytes left. Files that vanish meanwhile (another process pruning) are skipped."""
-    entries: list[tuple[int, int, Path, Path]] = []  # (last use in ns, bytes, json, onnx)
-    total = 0
-    now = time.time()
+@dataclass(frozen=True)
+class CachedModel:
+    """One complete cache entry: a rewritten model and its JSON."""
+
+    key: str
+    nbytes: int        # both files
+    last_used: float   # the JSON's modification time (a hit touches it)
+    layer: str | None  # as the JSON records it (None if unreadable)
+
+
+def cached_models() -> tuple[list[CachedModel], list[tuple[Path, os.stat_result]]]:
+    """The complete entries, least recently used first, and onnxcam's other files in the cache
+    (leftovers of interrupted writes, or writes in progress). Only files with onnxcam's own names
+    are looked at; files that vanish meanwhile are skipped."""
+    entries, others = [], []
     for path in sorted(cache_dir().glob("*/*")):
         if not _ours(path):  # only onnxcam's own files, whatever else the folder holds
             continue
@@ -227,29 +236,48 @@ def prune(budget: int, keep: str | None = None) -> int:
             stat = path.stat()
         except OSError:
             continue
-        complete = path.suffix == ".json" or (path.suffix == ".onnx" and path.with_suffix(".json").exists())
-        if path.name.startswith(".") or not complete:
-            if now - stat.st_mtime > LEFTOVER_AGE_S:
-                _remove(path)
-            else:
-                total += stat.st_size
-            continue
-        total += stat.st_size
-        if path.suffix == ".json":
-            model_path = path.with_suffix(".onnx")
-            entries.append((stat.st_mtime_ns, stat.st_size, path, model_path))
-    for _, _, info_path, model_path in sorted(entries, key=lambda entry: entry[0]):
-        if total <= budget:
-            break
-        if info_path.stem == keep:
+        if path.suffix == ".onnx" and _ENTRY.fullmatch(path.name) and path.with_suffix(".json").exists():
+            continue  # counted with its JSON
+        if path.suffix != ".json" or path.name.startswith("."):
+            others.append((path, stat))
             continue
         try:
-            freed = info_path.stat().st_size + model_path.stat().st_size
+            model_bytes = path.with_suffix(".onnx").stat().st_size
         except OSError:
-            freed = 0
+            model_bytes = 0
+        entries.append(CachedModel(path.stem, stat.st_size + model_bytes, stat.st_mtime, _recorded_layer(path)))
+    entries.sort(key=lambda entry: entry.last_used)
+    return entries, others
+
+
+def _recorded_layer(info_path: Path) -> str | None:
+    try:
+        return json.loads(info_path.read_text(encoding="utf-8")).get("layer")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prune(budget: int, keep: str | None = None) -> int:
+    """Delete the least recently used entries until the cache holds at most ``budget`` bytes
+    (never ``keep``), and leftovers of interrupted writes older than ``LEFTOVER_AGE_S``.
+    Returns the bytes left (``prune(0)`` empties the cache but for writes in progress)."""
+    entries, others = cached_models()
+    total = sum(entry.nbytes for entry in entries)
+    now = time.time()
+    for path, stat in others:
+        if now - stat.st_mtime > LEFTOVER_AGE_S:
+            _remove(path)
+        else:
+            total += stat.st_size
+    for entry in entries:
+        if total <= budget:
+            break
+        if entry.key == keep:
+            continue
+        model_path, info_path = _paths(entry.key)
         _remove(info_path)  # the JSON first: without it the entry is incomplete, never half-read
         _remove(model_path)
-        total -= freed
+        total -= entry.nbytes
     return total
 
 

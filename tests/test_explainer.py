@@ -201,20 +201,24 @@ def test_smooth_with_zero_noise_equals_gradcampp(mlp_head_model):
         assert not np.allclose(n.raw_map, p.raw_map, rtol=1e-3)  # the noise does change it
 
 
-def test_same_seed_gives_bit_identical_maps_for_any_batch_size(mlp_head_model):
+@pytest.mark.parametrize("averaging", ["moments", "maps"])
+def test_same_seed_gives_bit_identical_maps_for_any_batch_size(mlp_head_model, averaging):
     """NumPy's noise (noise_in_graph=False): every row's gradient comes back and the moments are
-    summed in float64, sample after sample, so the batch size changes no bit of the map."""
+    summed in float64, sample after sample (and the "maps" averaging makes each sample's map on
+    its own), so the batch size changes no bit of the map."""
     inputs = random_inputs(3, seed=8)
     maps = []
     for batch in (1, 4, 7, 32):
         explainer = Explainer(mlp_head_model, device="cpu", layer="a1", batch_size=batch, noise_in_graph=False)
-        maps.append([r.raw_map for r in explainer.explain(inputs, samples=5, seed=11)])
+        maps.append([r.raw_map for r in explainer.explain(inputs, samples=5, seed=11, averaging=averaging)])
     for other in maps[1:]:
         for a, b in zip(maps[0], other):
             assert np.array_equal(a, b)
-    again = Explainer(mlp_head_model, device="cpu", layer="a1", noise_in_graph=False).explain(inputs, samples=5, seed=11)
+    again = Explainer(mlp_head_model, device="cpu", layer="a1", noise_in_graph=False).explain(
+        inputs, samples=5, seed=11, averaging=averaging)
     assert all(np.array_equal(a, r.raw_map) for a, r in zip(maps[0], again))
-    other_seed = Explainer(mlp_head_model, device="cpu", layer="a1", noise_in_graph=False).explain(inputs, samples=5, seed=12)
+    other_seed = Explainer(mlp_head_model, device="cpu", layer="a1", noise_in_graph=False).explain(
+        inputs, samples=5, seed=12, averaging=averaging)
     assert not np.array_equal(maps[0][0], other_seed[0].raw_map)
 
 

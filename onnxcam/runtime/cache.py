@@ -101,14 +101,15 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     Returns (gradient model, whether it came from the cache). Every error about the model itself
     comes from ``build_gradient_model`` (ModelError, LayerError...), cache or not.
     """
-    key = _key_for(model, layer, score) if use_cache and cache_budget() > 0 else None
+    budget = cache_budget() if use_cache else 0
+    key = _key_for(model, layer, score) if budget > 0 else None
     if key is not None:
         cached = _read(key)
         if cached is not None:
             return cached, True
     built = build_gradient_model(model, layer=layer, score=score)
     if key is not None:
-        _write(key, built, cache_budget())
+        _write(key, built, budget)
     return built, False
 
 
@@ -221,7 +222,15 @@ class CachedModel:
     key: str
     nbytes: int        # both files
     last_used: float   # the JSON's modification time (a hit touches it)
-    layer: str | None  # as the JSON records it (None if unreadable)
+
+    @property
+    def layer(self) -> str | None:
+        """The layer its JSON records (None if unreadable); read only when asked for, so pruning
+        after a write reads no JSON."""
+        try:
+            return json.loads(_paths(self.key)[1].read_text(encoding="utf-8")).get("layer")
+        except (OSError, ValueError, AttributeError):
+            return None
 
 
 def cached_models() -> tuple[list[CachedModel], list[tuple[Path, os.stat_result]]]:
@@ -245,16 +254,9 @@ def cached_models() -> tuple[list[CachedModel], list[tuple[Path, os.stat_result]
             model_bytes = path.with_suffix(".onnx").stat().st_size
         except OSError:
             model_bytes = 0
-        entries.append(CachedModel(path.stem, stat.st_size + model_bytes, stat.st_mtime, _recorded_layer(path)))
+        entries.append(CachedModel(path.stem, stat.st_size + model_bytes, stat.st_mtime))
     entries.sort(key=lambda entry: entry.last_used)
     return entries, others
-
-
-def _recorded_layer(info_path: Path) -> str | None:
-    try:
-        return json.loads(info_path.read_text(encoding="utf-8")).get("layer")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def prune(budget: int, keep: str | None = None) -> int:

@@ -13,6 +13,7 @@ from onnxcam.errors import OnnxCamError
 from onnxcam.explain.explainer import with_input_size
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
+from onnxcam.graph import external
 from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits
 from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer
@@ -51,6 +52,7 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) ->
     proto = load_model(path) if size is None else with_input_size(path, size)
     report: dict = {
         "model": os.fspath(path), "size_bytes": path.stat().st_size,
+        "external_data_bytes": external.data_bytes(path),
         "ir_version": proto.ir_version, "opset": model_opset(proto),
         "producer": " ".join(p for p in (proto.producer_name, proto.producer_version) if p) or None,
         "inputs": value_info_rows([i for i in proto.graph.input
@@ -150,7 +152,9 @@ def _preprocessing_text(metadata: dict, scaling) -> str:
 
 
 def _text(report: dict) -> str:
-    lines = [f"Model: {report['model']} ({report['size_bytes']:,} bytes, opset {report['opset']}, "
+    outside = report["external_data_bytes"]
+    outside = f" + {outside:,} in external data" if outside else ""
+    lines = [f"Model: {report['model']} ({report['size_bytes']:,} bytes{outside}, opset {report['opset']}, "
              f"IR {report['ir_version']}{', ' + report['producer'] if report['producer'] else ''})", ""]
     lines.append("Inputs:")
     lines += [f"  {r['name']}  {shape_text(r['shape'])}  {r['dtype']}" for r in report["inputs"]]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from onnxcam.atomic import atomic_write_bytes
 from onnxcam.cli.common import shape_text, value_info_rows
 from onnxcam.errors import OptionError
+from onnxcam.graph.external import write_model
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED
 from onnxcam.runtime.cache import load_gradient_model
 
@@ -47,8 +47,9 @@ def rewrite(model: Path, out: Path, layer: str | None, score: str | None) -> Non
     if out.exists() and _same_file(out, model):
         raise OptionError(f"refusing to overwrite the input model '{model}': give another -o/--output")
     gm, _ = load_gradient_model(model, layer=layer, score=score)
-    atomic_write_bytes(out, gm.model.SerializeToString())
-    click.echo(f"Wrote {out} (layer {gm.layer}, score {gm.score})")
+    data = write_model(gm.model, out)
+    weights = f", its weights in {data}" if data is not None else ""
+    click.echo(f"Wrote {out} (layer {gm.layer}, score {gm.score}{weights})")
     click.echo("Inputs:")
     for row in value_info_rows(gm.model.graph.input):
         role = f"  {ROLE[row['name']]}" if row["name"] in ROLE else ""

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import onnx
 from onnx import helper
 
 from onnxcam.errors import UnsupportedOperatorError
@@ -137,10 +138,18 @@ def static_shape(t: Tensor) -> list:
     return list(t.shape)
 
 
+def stays_on_disk(t: Tensor) -> bool:
+    """An initializer left in its external data file (``graph.external``): rules build on it in
+    the graph instead of reading it, which would load it (or fail, resolved against the cwd)."""
+    values = getattr(t, "_values", None)
+    return (isinstance(t, gs.Constant) and isinstance(values, gs.ir.tensor.LazyValues)
+            and values.tensor.data_location == onnx.TensorProto.EXTERNAL)
+
+
 def constant_value(t: Tensor) -> np.ndarray | None:
     """The value of a tensor that is an initializer or a Constant node's output, else None."""
     if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
+        return None if stays_on_disk(t) else np.asarray(t.values)
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
         value = t.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import UnsupportedOperatorError
-from onnxcam.gradients.emitter import Emitter, constant_value, static_shape
+from onnxcam.gradients.emitter import Emitter, constant_value, static_shape, stays_on_disk
 from onnxcam.gradients.resize import resize_matrices
 
 Rule = Callable[[Emitter, gs.Node, list], list]
@@ -567,15 +567,17 @@ def _conv_as_correlation(em, node, dy):
     input's size. Needs constant weights (transposed once, at rewrite time) and pads >= 0."""
     x, w = node.inputs[:2]
     weights = constant_value(w)
+    in_file = weights is None and stays_on_disk(w)
+    shape = list(w.shape) if in_file else (list(weights.shape) if weights is not None else None)
     spatial, out_spatial = static_shape(x)[2:], static_shape(_y(node))[2:]
     n = len(spatial)
-    if weights is None or weights.ndim != n + 2:
+    if shape is None or len(shape) != n + 2:
         return None
     if not all(isinstance(s, int) for s in spatial + out_spatial):
         return None
     if any(int(s) != 1 for s in node.attrs.get("strides", [1] * n)):
         return None
-    kernel = list(weights.shape[2:])
+    kernel = shape[2:]
     dilations = [int(d) for d in node.attrs.get("dilations", [1] * n)]
     begin, _ = _explicit_pads(node, spatial, kernel, [1] * n, dilations)
     new_begin = [d * (k - 1) - b for d, k, b in zip(dilations, kernel, begin)]
@@ -583,12 +585,28 @@ def _conv_as_correlation(em, node, dy):
     if min(new_begin + new_end) < 0:
         return None
     group = int(node.attrs.get("group", 1))
-    m, c_per_group = weights.shape[:2]
-    flipped = weights.reshape(group, m // group, c_per_group, *kernel)
-    flipped = np.swapaxes(flipped, 1, 2).reshape(group * c_per_group, m // group, *kernel)
-    flipped = np.ascontiguousarray(flipped[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
-    return em.op("Conv", dy, em.const(flipped, dtype=weights.dtype), group=group,
+    m, c_per_group = shape[:2]
+    if in_file:
+        flipped = _flipped_in_graph(em, w, group, m, c_per_group, kernel)
+    else:
+        flipped = weights.reshape(group, m // group, c_per_group, *kernel)
+        flipped = np.swapaxes(flipped, 1, 2).reshape(group * c_per_group, m // group, *kernel)
+        flipped = np.ascontiguousarray(flipped[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
+        flipped = em.const(flipped, dtype=weights.dtype)
+    return em.op("Conv", dy, flipped, group=group,
                  kernel_shape=kernel, dilations=dilations, pads=new_begin + new_end)
+
+
+def _flipped_in_graph(em, w, group, m, c_per_group, kernel):
+    """The correlation's kernel as nodes on a weight left in its file: ONNX Runtime folds them
+    into one constant when the session is made."""
+    n = len(kernel)
+    grouped = em.op("Reshape", w, em.ints([group, m // group, c_per_group, *kernel]))
+    swapped = em.op("Transpose", grouped, perm=[0, 2, 1, *range(3, 3 + n)])
+    merged = em.op("Reshape", swapped, em.ints([group * c_per_group, m // group, *kernel]))
+    axes = list(range(2, 2 + n))
+    return em.op("Slice", merged, em.ints([-1] * n), em.ints([np.iinfo(np.int64).min] * n),
+                 em.ints(axes), em.ints([-1] * n))
 
 
 @rule("MaxPool")

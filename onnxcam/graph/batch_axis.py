@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcam.gradients.backward import SHAPE_ONLY
+from onnxcam.graph import external
 
 
 @dataclass(frozen=True)
@@ -441,7 +442,8 @@ def batch_is_consistent(model: onnx.ModelProto, input_name: str, image_shape: tu
     quiet = ort.RunOptions()
     quiet.log_severity_level = SILENT
     try:
-        session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=[CPU_PROVIDER])
+        options = external.session_options_for(model, session_options())
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=[CPU_PROVIDER])
         together = session.run(None, {input_name: images}, quiet)
         alone = [session.run(None, {input_name: images[i:i + 1]}, quiet) for i in range(2)]
     except Exception:  # noqa: BLE001 - a shape the batch breaks is the answer, not an error

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import helper, shape_inference, version_converter
 
 from onnxcam.errors import ModelError
+from onnxcam.graph import external
 from onnxcam.graph.batch_axis import Batch, Followed, free_the_batch
 
 #: The opset the rules are written for: ScatterElements(reduction="add") needs 16,
@@ -25,10 +27,14 @@ BATCH_DIM = "N"
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read and validate a model from a path (external data included) or take a ModelProto."""
+    """Read and validate a model from a path or take a ModelProto.
+
+    External data of more than ``external.READ_IN_BYTES`` a tensor stays on disk (``external``):
+    that is how models over protobuf's 2 GB limit are read at all."""
     if isinstance(model, onnx.ModelProto):
         proto = model
         where = "the given ModelProto"
+        external.check_resolvable(proto, where)
     else:
         path = Path(model)
         where = f"model '{path}'"
@@ -39,21 +45,24 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         if path.stat().st_size == 0:
             raise ModelError(f"{where} is an empty file: re-export the model")
         try:
-            proto = onnx.load(str(path), load_external_data=True)
-        except onnx.checker.ValidationError as exc:
-            raise ModelError(f"{where} has invalid external data ({_first_line(exc)}): "
-                             "keep external data files inside the model's folder") from None
-        except (OSError, FileNotFoundError) as exc:
-            raise ModelError(f"{where} could not be read ({_first_line(exc)}): "
-                             "check the file and its external data files") from None
+            proto = onnx.load(str(path), load_external_data=False)
+        except OSError as exc:
+            raise ModelError(f"{where} could not be read ({_first_line(exc)}): check the file") from None
         except Exception as exc:  # protobuf DecodeError and friends
             raise ModelError(f"{where} is not a valid ONNX file ({type(exc).__name__}): "
                              "re-export it or check that the download completed") from None
+        try:
+            external.attach_small_tensors(proto, path, where)
+        except OSError as exc:
+            raise ModelError(f"{where}: its external data could not be read ({_first_line(exc)}): "
+                             "check the model's external data files") from None
     if not proto.graph.node:
         raise ModelError(f"{where} is not a valid ONNX model (its graph has no nodes): "
                          "check that it is an exported model")
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(external.checkable(proto))
+    except EncodeError:  # the checker serializes the proto: over 2 GB
+        raise external.too_large(where) from None
     except Exception as exc:
         raise ModelError(f"{where} fails the ONNX checker ({_first_line(exc)}): re-export it") from None
     return proto
@@ -286,7 +295,8 @@ def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[s
         outputs.extend(helper.make_tensor_value_info(name, types[name], None) for name in chunk
                        if name not in {o.name for o in outputs[:listed]})
         try:
-            session = ort.InferenceSession(runnable.SerializeToString(), options, providers=[CPU_PROVIDER])
+            session = ort.InferenceSession(runnable.SerializeToString(), external.session_options_for(runnable, options),
+                                           providers=[CPU_PROVIDER])
             values = session.run(chunk, feeds)
         except Exception:  # noqa: BLE001 - the inferred shapes stand, and the rules say what they lack
             return {}

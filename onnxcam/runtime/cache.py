@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from onnxcam.atomic import atomic_write_bytes
 from onnxcam.errors import OptionError
+from onnxcam.graph import external
 from onnxcam.graph.locate import Candidate
 from onnxcam.graph.rewrite import GradientModel, build_gradient_model
 
@@ -116,6 +118,8 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
 def _key_for(model, layer, score) -> str | None:
     try:
         if isinstance(model, onnx.ModelProto):
+            if external.has_external_data(model):
+                return None  # the weights on disk may change under the same proto
             data = model.SerializeToString(deterministic=True)
         else:
             path = Path(model)
@@ -124,7 +128,7 @@ def _key_for(model, layer, score) -> str | None:
             data = path.read_bytes()
             if _has_external_data(data):
                 return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, EncodeError):  # EncodeError: over 2 GB, the builder says so
         return None
     return cache_key(hashlib.sha256(data).hexdigest(), layer, score)
 
@@ -134,21 +138,7 @@ def _has_external_data(data: bytes) -> bool:
         proto = onnx.load_from_string(data)
     except Exception:  # noqa: BLE001 - not parseable: the builder will say so
         return True
-    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _tensors(proto.graph))
-
-
-def _tensors(graph: onnx.GraphProto):
-    """Every TensorProto in a graph: initializers and tensor attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _tensors(subgraph)
+    return external.has_external_data(proto)
 
 
 def _paths(key: str) -> tuple[Path, Path]:

@@ -20,9 +20,11 @@ import sys
 import tempfile
 import threading
 
+import onnx
 import onnxruntime as ort
 
 from onnxcam.errors import ModelError, OptionError
+from onnxcam.graph import external
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -143,14 +145,18 @@ def cuda_listed() -> bool:
     return CUDA_PROVIDER in ort.get_available_providers()
 
 
-def create_session(model: bytes, device: str | None = "auto", threads: int | None = None,
+def create_session(model: onnx.ModelProto | bytes, device: str | None = "auto", threads: int | None = None,
                    what: str = "the model") -> tuple[ort.InferenceSession, str]:
-    """An InferenceSession for the serialized ``model`` and the device it really runs on
-    ("cuda" or "cpu")."""
+    """An InferenceSession for ``model`` (a proto, whose external data folder the session is told,
+    or serialized bytes) and the device it really runs on ("cuda" or "cpu")."""
     device = check_device(device)
+    folder = None
+    if isinstance(model, onnx.ModelProto):
+        folder = external.folder_of(model)
+        model = external.serialize(model, what)
     ort.set_default_logger_severity(QUIET)
     if device in ("auto", "cuda") and cuda_listed() and _cuda_state["usable"] is not False:
-        session, reason = _try_cuda(model, threads, what)
+        session, reason = _try_cuda(model, threads, what, folder)
         if session is not None:
             return session, "cuda"
         if device == "cuda":
@@ -159,7 +165,7 @@ def create_session(model: bytes, device: str | None = "auto", threads: int | Non
         reason = str(_cuda_state["reason"]) if _cuda_state["usable"] is False else (
             "this onnxruntime build has no CUDAExecutionProvider")
         raise OptionError(_cuda_message(reason))
-    return _create(model, [CPU_PROVIDER], threads, what), "cpu"
+    return _create(model, [CPU_PROVIDER], threads, what, folder), "cpu"
 
 
 def resolve_device(device: str | None) -> str:
@@ -201,13 +207,13 @@ def _cuda_message(reason: str) -> str:
             "or use --device auto or cpu")
 
 
-def _try_cuda(model: bytes, threads: int | None, what: str):
+def _try_cuda(model: bytes, threads: int | None, what: str, folder: str | None = None):
     """Try a CUDA session with ORT's stderr captured; (session, "") or (None, reason)."""
     with _lock:
         _preload_cuda_libraries()
         with _captured_stderr() as captured:
             try:
-                session = _create(model, [CUDA_PROVIDER, CPU_PROVIDER], threads, what)
+                session = _create(model, [CUDA_PROVIDER, CPU_PROVIDER], threads, what, folder)
             finally:
                 ort.set_default_logger_severity(QUIET)
         if CUDA_PROVIDER in session.get_providers():
@@ -236,9 +242,12 @@ def _preload_cuda_libraries() -> None:
 _IDENTITY_ELIMINATION_BUG = re.compile(r"Node input '[^']*' is not a graph input, initializer, or output of a previous node")
 
 
-def _create(model: bytes, providers: list[str], threads: int | None, what: str) -> ort.InferenceSession:
+def _create(model: bytes, providers: list[str], threads: int | None, what: str,
+            folder: str | None = None) -> ort.InferenceSession:
     cuda = CUDA_PROVIDER in providers
     options = session_options(threads, cuda)
+    if folder is not None:  # the model's external data files (graph.external)
+        options.add_session_config_entry(external.FOLDER_OPTION, folder)
     with_options = [(name, cuda_provider_options()) if name == CUDA_PROVIDER else name for name in providers]
     try:
         try:

@@ -39,7 +39,7 @@ import onnxruntime as ort
 from onnx import helper
 from onnx.utils import Extractor
 
-from onnxcam.graph import noisy
+from onnxcam.graph import external, noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
 from onnxcam.runtime.providers import SILENT, check_device, create_session, resolve_device
 
@@ -257,7 +257,7 @@ class GradientSession:
             model, what = self._parts[kind], f"the rewritten model's {kind} part"
         # the first session settles "auto"; later ones go straight to the same device
         device = self.device or self.requested_device
-        session, self.device = create_session(model.SerializeToString(), device, self.threads, what)
+        session, self.device = create_session(model, device, self.threads, what)
         self._sessions[kind] = session
         return session
 
@@ -278,6 +278,7 @@ def _split(gm: GradientModel) -> dict[str, onnx.ModelProto] | None:
     for part in (head, forward):
         part.ir_version = gm.model.ir_version
         del part.metadata_props[:]
+        external.set_folder(part, external.folder_of(gm.model))
     return {FORWARD: forward, HEAD: head}
 
 
@@ -290,7 +291,7 @@ def _self_contained(model: onnx.ModelProto) -> bool:
             return False
         known.update(node.output)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(external.checkable(model))
     except Exception:  # noqa: BLE001
         return False
     return True

@@ -18,6 +18,7 @@ from onnxcam.errors import ModelError
 from onnxcam.graph import external
 from onnxcam.graph.prepare import load_model
 from onnxcam.graph.rewrite import GRADIENT, SEED, build_gradient_model
+from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.providers import create_session
 from tests.cli_helpers import assert_one_line_error, run
 from tests.test_explainer import build_cnn, random_inputs
@@ -74,6 +75,22 @@ def test_explainer_maps_match_the_in_memory_model(tmp_path, on_disk):
         for a, b in zip(got, want):
             assert a.class_index == b.class_index
             np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-4, atol=1e-6)
+
+
+def test_the_cached_rewrite_keeps_its_weights_in_the_models_files(tmp_path, on_disk, monkeypatch):
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path / "cache"))
+    model = build_cnn(softmax=False)
+    path = save_external(model, tmp_path / "model")
+    first, cached = load_gradient_model(path, layer="a1")
+    assert not cached
+    monkeypatch.chdir(tmp_path / "cache")
+    again, cached = load_gradient_model(path, layer="a1")
+    assert cached and external.has_external_data(again.model)
+    (entry,) = (tmp_path / "cache").rglob("*.onnx")
+    stored = onnx.load(str(entry), load_external_data=False)
+    assert {"W1", "W2", "W3"} <= {t.name for t in stored.graph.initializer if external.is_external(t)}
+    x = random_inputs(2)
+    np.testing.assert_array_equal(gradient_of(again, x), gradient_of(first, x))
 
 
 def test_small_external_tensors_are_read_in(tmp_path):

@@ -272,14 +272,26 @@ def test_unwritable_cache_is_not_fatal(model_path, tmp_path, monkeypatch):
     assert Explainer(model_path).explain(random_inputs(1), method="gradcam")[0].raw_map.shape == (32, 32)
 
 
-def test_model_with_external_data_is_not_cached(tmp_path, isolated_cache):
+def test_model_with_external_data_is_cached_until_its_data_changes(tmp_path, isolated_cache):
     folder = tmp_path / "ext"
     folder.mkdir()
     onnx.save_model(build_cnn(), str(folder / "m.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
     gm, cached = load_gradient_model(folder / "m.onnx")
     assert not cached and gm.layer == "a2"
-    assert not list(isolated_cache.rglob("*.onnx"))
+    assert load_gradient_model(folder / "m.onnx")[1]
+    data = folder / "weights.bin"
+    changed = build_cnn(seed=1)  # same shapes, other weights: only the data file differs
+    onnx.save_model(changed, str(tmp_path / "other.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="other.bin", size_threshold=0)
+    data.write_bytes((tmp_path / "other.bin").read_bytes())
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    rebuilt, cached = load_gradient_model(folder / "m.onnx")
+    assert not cached
+    x = random_inputs(1)
+    got = Explainer(folder / "m.onnx").explain(x, method="gradcam")[0].raw_map
+    want = Explainer(build_cnn(seed=1), cache=False).explain(x, method="gradcam")[0].raw_map
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def _entries(folder) -> list[str]:

@@ -122,6 +122,24 @@ def data_bytes(path: Path) -> int:
     return sum(_byte_size(t) or 0 for t in tensors(proto.graph) if is_external(t))
 
 
+def data_stamp(model: onnx.ModelProto, folder: str | os.PathLike | None) -> bytes | None:
+    """The real path, size and modification time of each external data file of ``model``
+    (locations relative to ``folder``): what a cache key needs besides the graph's bytes.
+    None when a file cannot be found."""
+    if folder is None:
+        return None
+    stamps = set()
+    for tensor in tensors(model.graph):
+        if is_external(tensor):
+            real = (Path(folder) / external_data_helper.ExternalDataInfo(tensor).location).resolve()
+            try:
+                stat = real.stat()
+            except OSError:
+                return None
+            stamps.add(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    return "\n".join(sorted(stamps)).encode()
+
+
 def folder_of(model: onnx.ModelProto) -> str | None:
     """The folder holding ``model``'s external data files, if it has any left on disk."""
     for prop in model.metadata_props:

@@ -287,6 +287,7 @@ def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[s
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = SILENT
+    external.session_options_for(runnable, options)
     shapes: dict[str, list] = {}
     start, count = 0, FIRST_RUN
     while start < len(names):
@@ -295,8 +296,7 @@ def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[s
         outputs.extend(helper.make_tensor_value_info(name, types[name], None) for name in chunk
                        if name not in {o.name for o in outputs[:listed]})
         try:
-            session = ort.InferenceSession(runnable.SerializeToString(), external.session_options_for(runnable, options),
-                                           providers=[CPU_PROVIDER])
+            session = ort.InferenceSession(runnable.SerializeToString(), options, providers=[CPU_PROVIDER])
             values = session.run(chunk, feeds)
         except Exception:  # noqa: BLE001 - the inferred shapes stand, and the rules say what they lack
             return {}

@@ -8,8 +8,9 @@ to read, parse or match its checksum is rebuilt, and a cache that cannot be writ
 the cache never makes a run fail.
 
 Location: ``$ONNXCAM_CACHE_DIR``, else ``~/.cache/onnxcam`` (``$XDG_CACHE_HOME/onnxcam`` when
-set). Delete the folder to empty it. Models with external data files are not cached (their
-weights are not in the hashed file).
+set). Delete the folder to empty it. For a model with external data files, the key also holds
+each data file's real path, size and modification time (its weights are not in the hashed file);
+the entry is the rewritten graph, whose large weights stay in those files.
 
 Size: ``$ONNXCAM_CACHE_SIZE`` (default 2G; ``0`` turns the cache off). Each entry is a whole copy
 of a model, so a new onnxcam version, layer or model adds one; after each write the least
@@ -118,27 +119,24 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
 def _key_for(model, layer, score) -> str | None:
     try:
         if isinstance(model, onnx.ModelProto):
-            if external.has_external_data(model):
-                return None  # the weights on disk may change under the same proto
+            proto, folder = model, external.folder_of(model)
             data = model.SerializeToString(deterministic=True)
         else:
             path = Path(model)
             if not path.is_file() or path.stat().st_size == 0:
                 return None  # let the builder say what is wrong with it
             data = path.read_bytes()
-            if _has_external_data(data):
-                return None
+            proto, folder = onnx.load_from_string(data), path.parent
+        if external.has_external_data(proto):
+            stamp = external.data_stamp(proto, folder)
+            if stamp is None:
+                return None  # let the builder say what is wrong with it
+            data += stamp
     except (OSError, ValueError, EncodeError):  # EncodeError: over 2 GB, the builder says so
         return None
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError: not ONNX, the builder says so
+        return None
     return cache_key(hashlib.sha256(data).hexdigest(), layer, score)
-
-
-def _has_external_data(data: bytes) -> bool:
-    try:
-        proto = onnx.load_from_string(data)
-    except Exception:  # noqa: BLE001 - not parseable: the builder will say so
-        return True
-    return external.has_external_data(proto)
 
 
 def _paths(key: str) -> tuple[Path, Path]:

@@ -74,7 +74,7 @@ def attach_small_tensors(model: onnx.ModelProto, model_path: Path, where: str) -
         if not any(real.is_relative_to(home) for home in homes):
             raise ModelError(f"{where}: the external data file '{info.location}' of tensor '{tensor.name}' "
                              f"links to '{real}', outside the model's folder: copy the file next to the model")
-        size = _byte_size(tensor)
+        size = tensor_bytes(tensor)
         available = real.stat().st_size - (info.offset or 0)
         needed = info.length if info.length else size
         if needed is not None and needed > available:
@@ -108,7 +108,8 @@ def _named_inside(folder: Path, location: str, name: str, where: str) -> Path:
     return path
 
 
-def _byte_size(tensor: onnx.TensorProto) -> int | None:
+def tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The size of a tensor's values from its dims and type, wherever they are (None: unknown type)."""
     try:
         itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, ValueError, TypeError):
@@ -119,7 +120,7 @@ def _byte_size(tensor: onnx.TensorProto) -> int | None:
 def data_bytes(path: Path) -> int:
     """How many bytes of the model file ``path``'s tensors are in external data files."""
     proto = onnx.load(str(path), load_external_data=False)
-    return sum(_byte_size(t) or 0 for t in tensors(proto.graph) if is_external(t))
+    return sum(tensor_bytes(t) or 0 for t in tensors(proto.graph) if is_external(t))
 
 
 def data_stamp(model: onnx.ModelProto, folder: str | os.PathLike | None) -> bytes | None:

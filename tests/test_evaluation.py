@@ -317,6 +317,33 @@ def test_evaluate_bad_data_is_a_one_line_error(tmp_path):
                           "manifest.csv line 1", "got 5 fields")
 
 
+def test_evaluate_skip_unreadable_scores_the_readable_samples_and_exits_1(tmp_path):
+    copy_images(tmp_path / "good", ["0001.png", "0003.png"])
+    copy_images(tmp_path / "mixed", ["0001.png", "0002.png", "0003.png"])
+    broken = tmp_path / "mixed" / "0002.png"
+    broken.write_bytes(broken.read_bytes()[:200])
+    args = ["--methods", "gradcam", "--steps", 4, "--json"]
+    stopped = run(["evaluate", MODEL, tmp_path / "mixed", "--out", tmp_path / "o1", *args[:-1]])
+    assert_one_line_error(stopped, "0002.png")
+    skipped = run(["evaluate", MODEL, tmp_path / "mixed", "--out", tmp_path / "o2", "--skip-unreadable", *args])
+    assert skipped.exit_code == 1, skipped.output
+    document = json.loads(skipped.stdout)
+    assert [entry["image"] for entry in document["skipped"]] == [str(broken)]
+    assert json.loads((tmp_path / "o2" / "results.json").read_text())["skipped"] == document["skipped"]
+    alone = json.loads(run(["evaluate", MODEL, tmp_path / "good", "--out", tmp_path / "o3", *args]).stdout)
+    assert document["summary"]["images"] == 2 and alone["skipped"] == []
+    assert document["table"] == alone["table"]
+    text = run(["evaluate", MODEL, tmp_path / "mixed", "--out", tmp_path / "o4", "--skip-unreadable", *args[:-1]])
+    assert text.exit_code == 1 and "Skipped 1 unreadable image of 3" in text.stderr
+
+
+def test_evaluate_skip_unreadable_with_nothing_readable_is_an_error(tmp_path):
+    copy_images(tmp_path / "data", ["0001.png"])
+    (tmp_path / "data" / "0001.png").write_bytes(b"not an image")
+    result = run(["evaluate", MODEL, tmp_path / "data", "--out", tmp_path / "o", "--skip-unreadable"])
+    assert_one_line_error(result, "none of the 1 images could be read")
+
+
 # ---------------------------------------------------------------------------------------------
 # check
 

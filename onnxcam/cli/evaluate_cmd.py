@@ -12,7 +12,7 @@ import click
 
 from onnxcam.atomic import atomic_path
 from onnxcam.cli.common import batch_size_option, device_option, echo_json, preprocess_option, stderr_is_tty
-from onnxcam.errors import OptionError
+from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import Explainer
 from onnxcam.explain.result import check_not_protected
 from onnxcam.imaging.io import PNG_SAVE_OPTIONS
@@ -70,9 +70,13 @@ def _baseline(ctx, param, value):
 @click.option("--labels", type=click.Path(path_type=Path), metavar="FILE",
               help="Class names (to map the data set's class names to indices).")
 @click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
-def evaluate(model, data, methods, layer, samples, noise_level, seed, steps, tolerance, coverage_threshold,
+@click.option("--skip-unreadable", is_flag=True,
+              help="Leave out the samples whose image cannot be read, instead of stopping: the metrics "
+                   "cover the others, results.json lists them under 'skipped', and the exit status is 1.")
+@click.pass_context
+def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps, tolerance, coverage_threshold,
              deletion_baseline, insertion_baseline, blur_sigma, target, limit, out, as_json, device,
-             batch_size, preprocess, labels, no_cache):
+             batch_size, preprocess, labels, no_cache, skip_unreadable):
     """Score CAM methods on the images of DATA with their ground truth.
 
     DATA is a folder of images with a manifest.json (classes and boxes), a CSV manifest
@@ -93,7 +97,7 @@ def evaluate(model, data, methods, layer, samples, noise_level, seed, steps, tol
       onnxcam evaluate model.onnx data/ --tolerance 0 --deletion-baseline blur --json
     """
     from onnxcam.evaluation import evaluate as run_evaluation
-    from onnxcam.evaluation import load_dataset, parse_methods
+    from onnxcam.evaluation import drop_unreadable, load_dataset, parse_methods
     from onnxcam.evaluation.plot import curves_figure
 
     started = time.perf_counter()
@@ -108,6 +112,12 @@ def evaluate(model, data, methods, layer, samples, noise_level, seed, steps, tol
     if dataset.manifest is not None:
         protected.append(dataset.manifest)
     check_not_protected(files.values(), protected)
+    unreadable = []
+    if skip_unreadable:
+        total = len(dataset)
+        dataset, unreadable = drop_unreadable(explainer, dataset)
+        if not dataset.samples:
+            raise ImageError(f"none of the {total} images could be read; the first: {unreadable[0][1]}")
 
     show = stderr_is_tty() and not as_json
     state = {"stage": None}
@@ -134,6 +144,7 @@ def evaluate(model, data, methods, layer, samples, noise_level, seed, steps, tol
         raise OptionError(f"cannot create the output folder '{out}' ({exc.strerror or exc})") from None
     document = result.to_dict()
     document["files"] = {key: str(path) for key, path in files.items()}
+    document["skipped"] = [{"image": str(sample.image), "error": why} for sample, why in unreadable]
     document["timings"]["command_s"] = round(time.perf_counter() - started, 4)
     figure = curves_figure(result.fractions, result.curves,
                            titles=_legends(result.rows),
@@ -147,7 +158,7 @@ def evaluate(model, data, methods, layer, samples, noise_level, seed, steps, tol
 
     if as_json:
         echo_json(document)
-        return
+        ctx.exit(1 if unreadable else 0)
     summary = result.summary
     accuracy = (f"accuracy {summary['accuracy']:.3f} on {summary['labelled']} labelled"
                 if summary["accuracy"] is not None else "no labels")
@@ -163,6 +174,12 @@ def evaluate(model, data, methods, layer, samples, noise_level, seed, steps, tol
         click.echo("Note: the path from the layer to the score is linear, so Smooth Grad-CAM++ (moments) "
                    "equals Grad-CAM++ there; use an earlier layer (METHOD@LAYER) or "
                    "smoothgradcampp:averaging=maps for the noise to matter.", err=True)
+    if unreadable:
+        for _, why in unreadable:
+            click.echo(f"Skipped: {why}", err=True)
+        click.echo(f"Skipped {len(unreadable)} unreadable image{'s' if len(unreadable) != 1 else ''} of "
+                   f"{len(dataset) + len(unreadable)} (--skip-unreadable): the metrics cover the others", err=True)
+        ctx.exit(1)
 
 
 def _legends(rows: list[dict]) -> dict[str, str]:

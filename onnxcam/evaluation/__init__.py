@@ -2,7 +2,8 @@
 
 - :func:`load_dataset`: a folder of images with optional ground truth (JSON/CSV manifests, Pascal
   VOC XML, mask PNGs).
-- :func:`evaluate`: run CAM methods over a data set and compute the metrics of docs/method.md.
+- :func:`evaluate`: run CAM methods over a data set and compute the metrics of docs/method.md
+  (:func:`drop_unreadable` first leaves out the samples whose image cannot be read).
 - :func:`run_checks` / :func:`load_check_config`: a deployment gate from a TOML file.
 - :func:`compare_models`: the same explanation from two models, per-image rank correlation and
   top-20% IoU (a regression check).
@@ -10,10 +11,11 @@
 """
 
 from onnxcam.evaluation.datasets import Dataset, Sample, load_dataset
-from onnxcam.evaluation.evaluate import DEFAULT_METHODS, Evaluation, MethodSpec, evaluate, parse_method, parse_methods
+from onnxcam.evaluation.evaluate import (DEFAULT_METHODS, Evaluation, MethodSpec, drop_unreadable, evaluate,
+                                         parse_method, parse_methods)
 from onnxcam.evaluation.predictor import Predictor, predict_proba, probabilities_from_logits
 
 __all__ = [
-    "DEFAULT_METHODS", "Dataset", "Evaluation", "MethodSpec", "Predictor", "Sample", "evaluate",
+    "DEFAULT_METHODS", "Dataset", "Evaluation", "MethodSpec", "Predictor", "Sample", "drop_unreadable", "evaluate",
     "load_dataset", "parse_method", "parse_methods", "predict_proba", "probabilities_from_logits",
 ]

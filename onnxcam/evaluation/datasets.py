@@ -135,7 +135,11 @@ class Dataset:
         """The first ``count`` samples (all when None)."""
         if count is None:
             return self
-        return Dataset(self.root, self.samples[:count], self.source, self.manifest, self.classes)
+        return self.subset(self.samples[:count])
+
+    def subset(self, samples: list[Sample]) -> "Dataset":
+        """The same data set with only ``samples``."""
+        return Dataset(self.root, samples, self.source, self.manifest, self.classes)
 
     def describe(self) -> str:
         regions = sum(sample.has_region for sample in self.samples)

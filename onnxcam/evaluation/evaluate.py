@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from onnxcam.cams import METHODS, canonical_method_name, normalize, upsample_bilinear
-from onnxcam.errors import DataError, OptionError
-from onnxcam.evaluation.datasets import Dataset
+from onnxcam.errors import DataError, ImageError, OptionError
+from onnxcam.evaluation.datasets import Dataset, Sample
 from onnxcam.evaluation.predictor import Predictor
 from onnxcam.explain.result import METHOD_TITLES
 from onnxcam.jsonable import to_jsonable
@@ -214,6 +214,21 @@ def _fmt(value, fmt: str) -> str:
 
 
 Progress = Callable[[str, int, int], None]
+
+
+def drop_unreadable(explainer, dataset: Dataset) -> tuple[Dataset, list[tuple[Sample, str]]]:
+    """The data set without the samples whose image the explainer cannot read or preprocess, and
+    those samples with the reason: the metrics then cover one known set of samples, decided
+    before any is computed (``evaluate --skip-unreadable``). Each image is decoded once more."""
+    kept, dropped = [], []
+    for sample in dataset.samples:
+        try:
+            explainer.preprocess([sample.image])
+        except ImageError as exc:
+            dropped.append((sample, str(exc)))
+        else:
+            kept.append(sample)
+    return dataset.subset(kept), dropped
 
 
 def evaluate(explainer, dataset: Dataset, methods: str | Sequence[str | MethodSpec] = DEFAULT_METHODS, *,

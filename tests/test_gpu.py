@@ -135,3 +135,20 @@ def test_cuda_pads_a_passs_runs_to_one_size(model_path, monkeypatch):
     got = gpu.explain(inputs, samples=40, seed=6)
     assert sizes == [21] * 4
     close_maps(got, Explainer(model_path, layer="a1", device="cpu").explain(inputs, samples=40, seed=6))
+
+
+def test_cuda_explains_a_model_whose_weights_stay_in_external_files(tmp_path, monkeypatch):
+    """graph.external on CUDA: every session is told the data's folder, and the Conv's correlation
+    kernel is built in the graph from the weight left in its file."""
+    from onnxcam.graph import external
+    from tests.test_external_data import save_external
+
+    monkeypatch.setattr(external, "READ_IN_BYTES", 0)
+    path = save_external(build_cnn("mlp", seed=3), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    inputs = random_inputs(2, seed=35)
+    expected = Explainer(path, layer="a1", device="cpu", cache=False).explain(inputs, samples=4, seed=5)
+    gpu = Explainer(path, layer="a1", device="cuda", cache=False)
+    got = gpu.explain(inputs, samples=4, seed=5)
+    assert gpu.session.device == "cuda"
+    close_maps(got, expected)

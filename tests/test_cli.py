@@ -116,6 +116,17 @@ def test_bad_images_are_one_line_errors(work):
         assert digest(work) == before
 
 
+def test_class_by_name_from_a_labels_file(work):
+    (work / "labels.txt").write_text("\n".join(f"class {i}" for i in range(10)) + "\n")
+    result = run(["explain", work / "cnn.onnx", work / "a.png", "--out", work / "out", "--labels",
+                  work / "labels.txt", "--class", "CLASS 7", "--class", "2", "--method", "gradcam", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [m["class_index"] for m in json.loads(result.stdout)["images"][0]["results"]] == [7, 2]
+    wrong = run(["explain", work / "cnn.onnx", work / "a.png", "--out", work / "out2", "--labels",
+                 work / "labels.txt", "--class", "clas 7"])
+    assert_one_line_error(wrong, "'clas 7' is not one of the model's 10 labels", "did you mean 'class 7'")
+
+
 def test_skip_unreadable_explains_the_rest_and_exits_1(work):
     folder = work / "mixed"
     folder.mkdir()

@@ -563,6 +563,26 @@ def test_top_k_with_smooth_uses_the_same_noise_for_every_class(mlp_head_model):
         np.testing.assert_allclose(r.raw_map, alone.raw_map, rtol=1e-6, atol=1e-9)
 
 
+NAMES = ["cat", "dog", "Crane", "crane", "bird", "fish", "frog", "horse", "ship", "truck"]
+
+
+def test_classes_by_name_are_their_labels_indices(mlp_head_model):
+    explainer = Explainer(mlp_head_model, labels=NAMES, cache=False)
+    x = random_inputs(2)
+    by_index = explainer.explain(x, method="gradcam", targets=[[4, 9], 1])
+    by_name = explainer.explain(x, method="gradcam", targets=[["bird", " TRUCK "], "1"])
+    assert [e.class_index for e in by_name] == [4, 9, 1] == [e.class_index for e in by_index]
+    for a, b in zip(by_index, by_name):
+        np.testing.assert_array_equal(a.raw_map, b.raw_map)
+    assert explainer.explain(x, method="gradcam", targets="Crane")[0].class_index == 2  # exact first
+    with pytest.raises(TargetError, match="'CRANE' names classes 2, 3: give the class index"):
+        explainer.explain(x, method="gradcam", targets="CRANE")
+    with pytest.raises(TargetError, match="'hourse' is not one of the model's 10 labels: did you mean 'horse'"):
+        explainer.explain(x, method="gradcam", targets="hourse")
+    with pytest.raises(TargetError, match="is a name, but the model has no labels"):
+        Explainer(mlp_head_model, cache=False).explain(x, method="gradcam", targets="cat")
+
+
 def test_targets_are_validated(mlp_head_model):
     explainer = Explainer(mlp_head_model)
     inputs = random_inputs(2)

@@ -43,8 +43,9 @@ def writer_threads() -> int:
 @click.option("-l", "--layer", metavar="NAME",
               help="Target layer: a tensor or node name (default: the last layer every path to the "
                    "logits passes through; 'onnxcam inspect MODEL' lists them).")
-@click.option("-c", "--class", "classes", type=int, multiple=True, metavar="INT",
-              help="Class index to explain (repeat for several); default: the predicted class.")
+@click.option("-c", "--class", "classes", multiple=True, metavar="INT|NAME",
+              help="Class to explain, by index or by label (repeat for several); default: the "
+                   "predicted class.")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), metavar="K",
               help="Explain the K most probable classes of each image.  [default: 1]")
 @click.option("--feature-maps", callback=comma_numbers(int, what="channel indices"), metavar="1,5,9",

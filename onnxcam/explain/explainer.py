@@ -233,7 +233,8 @@ class Explainer:
 
         ``images``: a path, a PIL image, a list of them, or a preprocessed NumPy batch (N,C,H,W) or
         (N,H,W,C) matching the model input. ``targets``: None (the top-1 predicted class, or the
-        ``top_k`` best), an int for every image, or one int (or list of ints) per image. ``samples``,
+        ``top_k`` best), a class for every image, or one class (or list of classes) per image; a
+        class is an index or a name in the Explainer's ``labels`` ("tabby"). ``samples``,
         ``noise_level`` (sigma = noise_level * (max(x) - min(x)) per image) and ``seed`` drive
         the noise of Smooth Grad-CAM++. ``feature_maps``: restrict the final sum to these channels.
         ``neuron``: index tuple(s) into the score tensor (needs ``score``). Method variants as
@@ -300,7 +301,7 @@ class Explainer:
             if gm.num_classes is None:
                 raise ModelError("the model's number of classes is not fixed (symbolic logits shape): "
                                  "re-export it with a static class dimension")
-            class_lists = tg.class_targets(targets, len(items), gm.num_classes)
+            class_lists = tg.class_targets(targets, len(items), gm.num_classes, self.labels)
             k = tg.check_top_k(top_k, gm.num_classes) if class_lists is None else 1
         noisy = [cam for cam in cams.values() if cam.needs_noise]
         samples, noise_level, seed = (check_noise_options(samples, noise_level, seed) if noisy

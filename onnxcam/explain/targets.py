@@ -7,6 +7,8 @@ sum of neurons. Every validation error is a TargetError that states the valid ra
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Sequence
 from numbers import Integral
 
@@ -43,36 +45,64 @@ def check_top_k(top_k: object, num_classes: int | None) -> int:
     return int(top_k)  # type: ignore[arg-type]
 
 
-def class_targets(targets: object, n_images: int, num_classes: int | None) -> list[list[int]] | None:
+def class_of(value: object, num_classes: int | None, labels: Sequence[str] | None = None) -> int:
+    """A class index, or a class name (a ``str``) looked up in ``labels``: exactly, else ignoring
+    case. Digits in a string are an index ("281", as a command line gives it)."""
+    if isinstance(value, str):
+        value = _index_of_name(value, labels)
+    return check_class(value, num_classes)
+
+
+def _index_of_name(name: str, labels: Sequence[str] | None) -> int:
+    text = name.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if not labels:
+        raise TargetError(f"class {name!r} is a name, but the model has no labels: give a class index, "
+                          "or the class names (--labels FILE)")
+    for matches in ([i for i, label in enumerate(labels) if label == text],
+                    [i for i, label in enumerate(labels) if label.casefold() == text.casefold()]):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise TargetError(f"class name {name!r} names classes {', '.join(map(str, matches))}: "
+                              "give the class index")
+    close = difflib.get_close_matches(text, list(labels), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "check the name, or give a class index"
+    raise TargetError(f"class name {name!r} is not one of the model's {len(labels)} labels: {hint}")
+
+
+def class_targets(targets: object, n_images: int, num_classes: int | None,
+                  labels: Sequence[str] | None = None) -> list[list[int]] | None:
     """Per image, the list of classes to explain; None when they come from the predictions.
 
-    ``targets``: None; an int (every image); a list with one entry per image, each an int or a
-    list of ints (several classes for that image).
+    ``targets``: None; a class (every image); a list with one entry per image, each a class or a
+    list of classes (several for that image). A class is an index or a name in ``labels``.
     """
     if targets is None:
         return None
-    if _is_index(targets):
-        return [[check_class(targets, num_classes)] for _ in range(n_images)]
+    if _is_index(targets) or isinstance(targets, str):
+        return [[class_of(targets, num_classes, labels)] for _ in range(n_images)]
     if isinstance(targets, np.ndarray):
         targets = targets.tolist()
-    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
-        raise TargetError(f"targets {targets!r} must be a class index, or a list with one class "
-                          "index (or list of indices) per image")
+    if isinstance(targets, bytes) or not isinstance(targets, Sequence):
+        raise TargetError(f"targets {targets!r} must be a class (an index or a name), or a list with one "
+                          "class (or list of classes) per image")
     if len(targets) != n_images:
         raise TargetError(f"targets has {len(targets)} entries for {n_images} image(s): give one class "
-                          "index per image (a list of lists for several classes per image), or one "
-                          "int for all images")
+                          "per image (a list of lists for several classes per image), or one class "
+                          "for all images")
     chosen = []
     for entry in targets:
-        if _is_index(entry):
-            chosen.append([check_class(entry, num_classes)])
-        elif isinstance(entry, (Sequence, np.ndarray)) and not isinstance(entry, (str, bytes)) and len(entry):
-            classes = [check_class(value, num_classes) for value in entry]
+        if _is_index(entry) or isinstance(entry, str):
+            chosen.append([class_of(entry, num_classes, labels)])
+        elif isinstance(entry, (Sequence, np.ndarray)) and not isinstance(entry, bytes) and len(entry):
+            classes = [class_of(value, num_classes, labels) for value in entry]
             if len(set(classes)) != len(classes):
                 raise TargetError(f"targets {list(classes)} repeat a class for one image: give each class once")
             chosen.append(classes)
         else:
-            raise TargetError(f"target {entry!r} is not a class index or a non-empty list of class indices")
+            raise TargetError(f"target {entry!r} is not a class or a non-empty list of classes")
     return chosen
 
 

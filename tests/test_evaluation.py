@@ -488,6 +488,8 @@ def test_compare_a_model_with_itself_and_with_perturbed_weights(tmp_path):
     assert max(r["correlation"] for r in comparison.images) < 1.0
     assert comparison.to_dict()["mean_iou"] < 1.0
     assert [r["class"] for r in comparison.images] == [0, 0, 1]  # model A's predictions, for both maps
+    named = run(["compare", MODEL, other, *images, "--method", "gradcam", "--class", "Square", "--json"])
+    assert [r["class"] for r in json.loads(named.stdout)["images"]] == [1, 1, 1]
 
 
 def test_compare_bad_inputs_are_one_line_errors(tmp_path):

@@ -22,8 +22,9 @@ from onnxcam.imaging.io import display_path
               help="Minimum Spearman rank correlation of the two maps, per image.")
 @click.option("--min-iou", type=click.FloatRange(0, 1), metavar="X",
               help="Also require this IoU of the top-20% regions, per image.")
-@click.option("-c", "--class", "class_index", type=click.IntRange(min=0), metavar="INT",
-              help="Class to explain in every image (default: model A's prediction).")
+@click.option("-c", "--class", "class_index", metavar="INT|NAME",
+              help="Class to explain in every image, by index or by model A's label (default: model "
+                   "A's prediction).")
 @click.option("--layer-a", metavar="NAME", help="Target layer in model A (default: automatic).")
 @click.option("--layer-b", metavar="NAME", help="Target layer in model B (default: automatic).")
 @click.option("-n", "--samples", type=click.IntRange(min=1), default=25, show_default=True,

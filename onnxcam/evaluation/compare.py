@@ -123,15 +123,15 @@ class ComparisonResult:
 
 
 def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method: str = "gradcam", *,
-                   threshold: float = 0.8, min_iou: float | None = None, class_index: int | None = None,
+                   threshold: float = 0.8, min_iou: float | None = None, class_index: int | str | None = None,
                    layer_a: str | None = None, layer_b: str | None = None, samples: int = 25,
                    noise_level: float = 0.15, seed: int = 0, device: str | None = None,
                    batch_size: int | None = None, fraction: float = 0.2, cache: bool = True,
                    explainers: tuple | None = None) -> ComparisonResult:
     """Explain ``images`` with both models (same method, class, noise) and compare the maps.
 
-    ``class_index``: the class to explain in every image (default: model A's prediction, per
-    image). ``threshold``: minimum rank correlation; ``min_iou``: optional minimum top-20% IoU.
+    ``class_index``: the class to explain in every image, an index or a name among model A's labels
+    (default: model A's prediction, per image). ``threshold``: minimum rank correlation; ``min_iou``: optional minimum top-20% IoU.
     ``explainers``: ready-made (Explainer A, Explainer B), for callers that already have them.
     """
     from onnxcam.cams import canonical_method_name, normalize, upsample_bilinear
@@ -155,12 +155,9 @@ def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method
         raise OptionError("no images given: pass at least one image")
     t0 = time.perf_counter()
     options = dict(samples=samples, noise_level=noise_level, seed=seed)
-    if class_index is not None:
-        targets = [class_index] * len(paths)
-        maps_a = explainer_a.explain(paths, method=method, targets=targets, **options)
-    else:
-        maps_a = explainer_a.explain(paths, method=method, **options)
-        targets = [e.class_index for e in maps_a]
+    given = None if class_index is None else [class_index] * len(paths)  # an index, or a name of A's labels
+    maps_a = explainer_a.explain(paths, method=method, targets=given, **options)
+    targets = [e.class_index for e in maps_a]
     maps_b = explainer_b.explain(paths, method=method, targets=targets, **options)
     explain_s = time.perf_counter() - t0
     # B's own prediction, for the record: one batched pass through B's session

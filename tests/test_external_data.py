@@ -21,7 +21,7 @@ from onnxcam.graph.rewrite import GRADIENT, SEED, build_gradient_model
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.providers import create_session
 from tests.cli_helpers import assert_one_line_error, run
-from tests.test_explainer import build_cnn, random_inputs
+from tests.test_explainer import build_cnn, random_inputs, random_png
 
 
 @pytest.fixture
@@ -178,6 +178,15 @@ def test_a_data_file_linked_from_outside_the_folder_is_refused(tmp_path, on_disk
     (tmp_path / "model" / "m.onnx.data").symlink_to(tmp_path / "elsewhere.data")
     result = run(["inspect", path])
     assert_one_line_error(result, "m.onnx.data", "outside the model's folder")
+
+
+def test_an_onnxruntime_that_cannot_be_told_the_folder_is_named(tmp_path, on_disk, monkeypatch):
+    import onnxruntime as ort
+
+    path = save_external(build_cnn(), tmp_path / "model")
+    monkeypatch.setattr(ort, "__version__", "1.20.1")
+    result = run(["explain", path, random_png(tmp_path / "a.png"), "--out", tmp_path / "out"])
+    assert_one_line_error(result, "onnxruntime 1.21 or newer", "1.20.1")
 
 
 def test_a_proto_without_its_folder_is_refused(tmp_path, on_disk):

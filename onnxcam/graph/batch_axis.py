@@ -441,8 +441,8 @@ def batch_is_consistent(model: onnx.ModelProto, input_name: str, image_shape: tu
     images = rng.standard_normal((2, *image_shape)).astype(np.float32)
     quiet = ort.RunOptions()
     quiet.log_severity_level = SILENT
+    options = external.session_options_for(model, session_options())  # its errors are the user's
     try:
-        options = external.session_options_for(model, session_options())
         session = ort.InferenceSession(model.SerializeToString(), options, providers=[CPU_PROVIDER])
         together = session.run(None, {input_name: images}, quiet)
         alone = [session.run(None, {input_name: images[i:i + 1]}, quiet) for i in range(2)]

@@ -14,6 +14,7 @@ the rewriter keeps the source model's metadata.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,8 +183,21 @@ def session_options_for(model: onnx.ModelProto, options):
     """``options`` (an onnxruntime SessionOptions) told where ``model``'s external data is."""
     folder = folder_of(model)
     if folder is not None:
-        options.add_session_config_entry(FOLDER_OPTION, folder)
+        tell_folder(options, folder)
     return options
+
+
+def tell_folder(options, folder: str) -> None:
+    """Set FOLDER_OPTION, which onnxruntime reads from 1.21 on (older ones ignore it and look in
+    the working directory): a ModelError before then."""
+    import onnxruntime as ort
+
+    found = tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2])
+    if found < (1, 21):
+        raise ModelError(f"this model keeps its weights in external data files, which onnxcam hands to "
+                         f"onnxruntime 1.21 or newer; this is onnxruntime {ort.__version__}: upgrade it "
+                         "(pip install -U onnxruntime-gpu)")
+    options.add_session_config_entry(FOLDER_OPTION, folder)
 
 
 def checkable(model: onnx.ModelProto) -> onnx.ModelProto:

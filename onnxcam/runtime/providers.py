@@ -247,7 +247,7 @@ def _create(model: bytes, providers: list[str], threads: int | None, what: str,
     cuda = CUDA_PROVIDER in providers
     options = session_options(threads, cuda)
     if folder is not None:  # the model's external data files (graph.external)
-        options.add_session_config_entry(external.FOLDER_OPTION, folder)
+        external.tell_folder(options, folder)
     with_options = [(name, cuda_provider_options()) if name == CUDA_PROVIDER else name for name in providers]
     try:
         try:

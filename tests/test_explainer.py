@@ -1017,3 +1017,43 @@ def test_a_channels_last_layer_gives_the_maps_of_its_channels_first_twin(tmp_pat
         for a, b in zip(got, twin):
             assert a.raw_map.shape == b.raw_map.shape
             np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-5, atol=1e-7 * np.abs(b.raw_map).max())
+
+
+def uint8_pixel_model() -> onnx.ModelProto:
+    """build_cnn behind uint8 NHWC pixels: Cast -> Transpose -> /255, as deployed models take them."""
+    model = build_cnn("mlp", seed=3, softmax=False)
+    graph = model.graph
+    graph.input.remove(graph.input[0])
+    graph.input.insert(0, helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 32, 32, 3]))
+    front = [helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+             helper.make_node("Transpose", ["pixels"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Div", ["nchw", "c255"], ["x"])]
+    graph.initializer.append(numpy_helper.from_array(np.array(255, np.float32), "c255"))
+    for i, node in enumerate(front):
+        graph.node.insert(i, node)
+    return model
+
+
+def test_an_integer_input_gets_noisy_copies_rounded_and_held_to_its_range(tmp_path, monkeypatch):
+    from onnxcam.runtime.session import GradientSession
+
+    fed = []
+    as_input = GradientSession._as_input
+
+    def spy(self, values, dtype=None):
+        out = as_input(self, values, dtype)
+        if out.dtype == np.uint8:
+            fed.append((np.array(values, dtype=np.float64), out))
+        return out
+
+    monkeypatch.setattr(GradientSession, "_as_input", spy)
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[:, 16:] = 255  # half black, half white: the noise goes past both ends of uint8
+    Image.fromarray(pixels).save(tmp_path / "halves.png")
+    path = save_model(uint8_pixel_model(), tmp_path / "u8.onnx")
+    result = Explainer(path, layer="a1", cache=False).explain(tmp_path / "halves.png", samples=4, seed=2)
+    assert np.isfinite(result[0].raw_map).all()
+    noisy = np.concatenate([values.ravel() for values, _ in fed])
+    assert noisy.min() < -1 and noisy.max() > 256 and np.any(noisy != np.rint(noisy))
+    for values, out in fed:
+        np.testing.assert_array_equal(out, np.clip(np.rint(values), 0, 255))

@@ -223,7 +223,14 @@ class GradientSession:
 
     # -- internals ---------------------------------------------------------------------------
     def _as_input(self, values: np.ndarray, dtype=None) -> np.ndarray:
-        return np.ascontiguousarray(values, dtype=dtype or self.input_dtype)
+        dtype = np.dtype(dtype or self.input_dtype)
+        values = np.asarray(values)
+        if dtype.kind in "iu" and values.dtype.kind == "f":
+            # an integer input (uint8 pixels): a noisy copy is rounded and held to the type's
+            # range; a plain cast would truncate, and wrap -3 to 253 and 260 to 4
+            info = np.iinfo(dtype)
+            values = np.clip(np.rint(values), info.min, info.max)
+        return np.ascontiguousarray(values, dtype=dtype)
 
     def _run(self, kind: str, session, names: list[str], feeds: dict) -> list[np.ndarray]:
         self.run_calls += 1

@@ -87,6 +87,12 @@ batch_size_option = click.option(
     help="Inputs per onnxruntime run (default: from the model's sizes, at most 16).")
 
 
+input_option = click.option(
+    "--input", "fixed_inputs", multiple=True, metavar="NAME=VALUE",
+    help="Fix a model input other than the image to VALUE: a number, numbers separated by commas, "
+         "or a .npy file (repeat for several inputs).")
+
+
 def preprocess_option(func):
     from onnxcam.imaging import PRESETS
 

@@ -11,10 +11,12 @@ from pathlib import Path
 import click
 
 from onnxcam.atomic import atomic_path
-from onnxcam.cli.common import batch_size_option, device_option, echo_json, preprocess_option, stderr_is_tty
+from onnxcam.cli.common import (batch_size_option, device_option, echo_json, input_option, preprocess_option,
+                                stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import Explainer
 from onnxcam.explain.result import check_not_protected
+from onnxcam.graph.fixed_inputs import parse_input_options
 from onnxcam.imaging.io import PNG_SAVE_OPTIONS
 from onnxcam.runtime.providers import describe
 
@@ -69,6 +71,7 @@ def _baseline(ctx, param, value):
 @preprocess_option
 @click.option("--labels", type=click.Path(path_type=Path), metavar="FILE",
               help="Class names (to map the data set's class names to indices).")
+@input_option
 @click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
 @click.option("--skip-unreadable", is_flag=True,
               help="Leave out the samples whose image cannot be read, instead of stopping: the metrics "
@@ -76,7 +79,7 @@ def _baseline(ctx, param, value):
 @click.pass_context
 def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps, tolerance, coverage_threshold,
              deletion_baseline, insertion_baseline, blur_sigma, target, limit, out, as_json, device,
-             batch_size, preprocess, labels, no_cache, skip_unreadable):
+             batch_size, preprocess, labels, fixed_inputs, no_cache, skip_unreadable):
     """Score CAM methods on the images of DATA with their ground truth.
 
     DATA is a folder of images with a manifest.json (classes and boxes), a CSV manifest
@@ -105,7 +108,7 @@ def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps
         raise OptionError(f"--out '{out}' is a file: give a folder for the results")
     specs = parse_methods(methods, layer)  # a bad method fails before any work
     explainer = Explainer(model, layer=layer, device=device, batch_size=batch_size, preprocess=preprocess,
-                          labels=labels, cache=not no_cache)
+                          labels=labels, cache=not no_cache, inputs=parse_input_options(fixed_inputs))
     dataset = load_dataset(data, labels=explainer.labels, num_classes=explainer.num_classes).limit(limit)
     files = {"results": out / "results.json", "csv": out / "results.csv", "curves": out / "curves.png"}
     protected = [model, *(s.image for s in dataset.samples), *(s.mask_path for s in dataset.samples if s.mask_path)]

@@ -13,10 +13,11 @@ from pathlib import Path
 import click
 
 from onnxcam.cams import METHODS
-from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, preprocess_option,
-                                stderr_is_tty)
+from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, input_option,
+                                preprocess_option, stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
+from onnxcam.graph.fixed_inputs import parse_input_options
 from onnxcam.explain.result import check_not_protected
 from onnxcam.imaging import COLORMAPS, compare_grid, find_images
 from onnxcam.imaging.io import PNG_SAVE_OPTIONS, display_path
@@ -77,6 +78,7 @@ def writer_threads() -> int:
               help="Per-channel standard deviation, in the preset's units.")
 @click.option("--size", callback=comma_numbers(int, 2, "numbers"), metavar="H,W",
               help="Input size to feed a model whose input size is dynamic.")
+@input_option
 @click.option("--labels", type=click.Path(path_type=Path), metavar="FILE",
               help="Class names: one per line, or a JSON list (default: model metadata, or ImageNet "
                    "for 1000 classes).")
@@ -94,7 +96,7 @@ def writer_threads() -> int:
 @click.pass_context
 def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, score, neuron, samples,
             noise_level, seed, numerator, averaging, denominator, out, device, batch_size, preprocess,
-            mean, std, size, labels, alpha, colormap, compare, as_json, no_cache, skip_unreadable):
+            mean, std, size, fixed_inputs, labels, alpha, colormap, compare, as_json, no_cache, skip_unreadable):
     """Explain IMAGE files (or every image in a folder DIR) with a gradient CAM.
 
     For every image and class it writes into --out, atomically:
@@ -135,6 +137,7 @@ def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, sco
 
     explainer = Explainer(model, layer=layer, device=device, score=score, batch_size=batch_size,
                           preprocess=preprocess, mean=mean, std=std, size=size,
+                          inputs=parse_input_options(fixed_inputs),
                           labels=labels, cache=not no_cache)
     main_method = _canonical(method)
     methods = [main_method] + [m for m in COMPARE_METHODS if compare and m != main_method]

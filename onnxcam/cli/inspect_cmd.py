@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 import onnx_graphsurgeon as gs
 
-from onnxcam.cli.common import comma_numbers, echo_json, shape_text, table, value_info_rows
+from onnxcam.cli.common import comma_numbers, echo_json, input_option, shape_text, table, value_info_rows
 from onnxcam.errors import OnnxCamError
 from onnxcam.explain.explainer import with_input_size
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph import external
+from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
 from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits
 from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer
@@ -31,8 +32,10 @@ METADATA_KEYS = ("onnxcam.mean", "onnxcam.std", "onnxcam.preprocess", "onnxcam.l
 @click.option("--size", callback=comma_numbers(int, 2, "numbers"), metavar="H,W",
               help="Input size to assume for a model whose input size is dynamic (layer shapes, "
                    "and so the candidate layers, depend on it).")
+@input_option
 @click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
-def inspect(model: Path, as_json: bool, size: tuple[int, int] | None, no_cache: bool) -> None:
+def inspect(model: Path, as_json: bool, size: tuple[int, int] | None, fixed_inputs: tuple[str, ...],
+            no_cache: bool) -> None:
     """Show MODEL's inputs and outputs, the logits onnxcam differentiates, the preprocessing
     found in its metadata, and the candidate target layers (* = the automatic choice).
 
@@ -41,15 +44,19 @@ def inspect(model: Path, as_json: bool, size: tuple[int, int] | None, no_cache: 
     every input, so Smooth Grad-CAM++ with its default 'moments' averaging equals Grad-CAM++
     there: pick an earlier layer, or --averaging maps, for the noise to matter.
     """
-    report = _report(model, use_cache=not no_cache, size=size)
+    report = _report(model, use_cache=not no_cache, size=size, inputs=parse_input_options(fixed_inputs))
     if as_json:
         echo_json(report)
     else:
         click.echo(_text(report))
 
 
-def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) -> dict:
-    proto = load_model(path) if size is None else with_input_size(path, size)
+def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, inputs: dict | None = None) -> dict:
+    proto = load_model(path)
+    if inputs:
+        proto = fix_inputs(proto, inputs)
+    if size is not None:
+        proto = with_input_size(proto, size)
     report: dict = {
         "model": os.fspath(path), "size_bytes": path.stat().st_size,
         "external_data_bytes": external.data_bytes(path),
@@ -104,7 +111,7 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None) ->
             "only the class token reaches the score, so every patch's gradient there is 0 and so would be the map.")
 
     try:
-        gm, _ = load_gradient_model(path if size is None else proto, use_cache=use_cache)
+        gm, _ = load_gradient_model(path if size is None and not inputs else proto, use_cache=use_cache)
         report["explainable"] = True
         report["automatic_path_linear"] = gm.path_is_linear
         report["batch_built_in"] = gm.batch_built_in

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
-from onnxcam.cli.common import shape_text, value_info_rows
+from onnxcam.cli.common import input_option, shape_text, value_info_rows
 from onnxcam.errors import OptionError
 from onnxcam.graph.external import write_model
+from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
+from onnxcam.graph.prepare import load_model
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED
 from onnxcam.runtime.cache import load_gradient_model
 
@@ -28,7 +30,8 @@ ROLE = {
               help="Where to write the gradient model (.onnx); never MODEL itself.")
 @click.option("-l", "--layer", metavar="NAME", help="Target layer (default: the automatic choice).")
 @click.option("--score", metavar="TENSOR", help="Differentiate this tensor instead of the logits.")
-def rewrite(model: Path, out: Path, layer: str | None, score: str | None) -> None:
+@input_option
+def rewrite(model: Path, out: Path, layer: str | None, score: str | None, fixed_inputs: tuple[str, ...]) -> None:
     """Write MODEL with the gradient of the score appended, as standard ONNX operators.
 
     The written model keeps MODEL's inputs and outputs and adds:
@@ -46,7 +49,9 @@ def rewrite(model: Path, out: Path, layer: str | None, score: str | None) -> Non
     """
     if out.exists() and _same_file(out, model):
         raise OptionError(f"refusing to overwrite the input model '{model}': give another -o/--output")
-    gm, _ = load_gradient_model(model, layer=layer, score=score)
+    inputs = parse_input_options(fixed_inputs)
+    source = fix_inputs(load_model(model), inputs) if inputs else model
+    gm, _ = load_gradient_model(source, layer=layer, score=score)
     data = write_model(gm.model, out)
     weights = f", its weights in {data}" if data is not None else ""
     click.echo(f"Wrote {out} (layer {gm.layer}, score {gm.score}{weights})")

@@ -52,7 +52,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +134,9 @@ class Explainer:
     (default) does so on CUDA, where it keeps the noisy inputs off the bus, and on the CPU for
     moments averaging with one class per image, where NumPy's noise and float64 sums cost 5-10%
     more; False makes the noise with NumPy (the same maps for any batch size, bit for bit).
-    Memory stays bounded by the batch whatever the number of samples.
+    Memory stays bounded by the batch whatever the number of samples. ``inputs``: values for the
+    model's inputs other than the image ({"scale_factor": 1.0}: a number, an array or a .npy
+    path), which become constants before the rewrite.
 
     The rewrite and the runtime sessions are made once per (layer, score) and reused.
     """
@@ -144,7 +146,8 @@ class Explainer:
                  preprocess: str | None = None, mean: Sequence[float] | float | None = None,
                  std: Sequence[float] | float | None = None, size: Sequence[int] | None = None,
                  labels: str | os.PathLike | Sequence[str] | None = None, cache: bool = True,
-                 threads: int | None = None, noise_in_graph: bool | None = None) -> None:
+                 threads: int | None = None, noise_in_graph: bool | None = None,
+                 inputs: Mapping[str, Any] | None = None) -> None:
         self.model_source = model
         self.model_name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
         self.requested_device = check_device(device)
@@ -159,8 +162,13 @@ class Explainer:
         self.setup_timings: dict[str, float] = {}
         self._unreported_setup: dict[str, float] = {}
         self._default_key = (layer, score)
+        if inputs:  # the inputs other than the image become constants
+            from onnxcam.graph.fixed_inputs import fix_inputs
+            from onnxcam.graph.prepare import load_model
+
+            self.model_source = fix_inputs(load_model(model), inputs)
         if size is not None:  # a dynamic input size becomes static before the rewrite
-            self.model_source = with_input_size(model, _check_size(size))
+            self.model_source = with_input_size(self.model_source, _check_size(size))
         try:
             gm = self._gradient_model(layer, score)
         except LayerError:

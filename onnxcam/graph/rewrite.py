@@ -66,8 +66,8 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     if len(graph.inputs) != 1:
         names = ", ".join(t.name for t in graph.inputs)
         raise ModelError(f"the model has {len(graph.inputs)} inputs ({names}): onnxcam explains "
-                         "single-input image models; re-export it with the inputs other than the image "
-                         "fixed as constants")
+                         "single-input image models; give the values of the inputs other than the image "
+                         "(--input NAME=VALUE; in Python Explainer(..., inputs={NAME: value}))")
     dtype = graph.inputs[0].dtype or np.float32
     _refuse_integer_arithmetic(graph)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 
 import click
 import onnx
@@ -76,6 +78,19 @@ def stderr_is_tty() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def status_line(text: str, show: bool) -> Iterator[None]:
+    """``text`` on stderr while the block runs (a terminal only), erased afterwards: the first
+    rewrite of a large model takes tens of seconds with nothing else to show."""
+    if show:
+        click.echo(f"{text}...", err=True, nl=False)
+    try:
+        yield
+    finally:
+        if show:
+            click.echo("\r\x1b[K", err=True, nl=False)
 
 
 # Options that several commands share, defined once so their names, defaults and help agree.

@@ -12,7 +12,7 @@ import click
 
 from onnxcam.atomic import atomic_path
 from onnxcam.cli.common import (batch_size_option, device_option, echo_json, input_option, preprocess_option,
-                                stderr_is_tty)
+                                status_line, stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import Explainer
 from onnxcam.explain.result import check_not_protected
@@ -107,8 +107,10 @@ def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out '{out}' is a file: give a folder for the results")
     specs = parse_methods(methods, layer)  # a bad method fails before any work
-    explainer = Explainer(model, layer=layer, device=device, batch_size=batch_size, preprocess=preprocess,
-                          labels=labels, cache=not no_cache, inputs=parse_input_options(fixed_inputs))
+    with status_line(f"Preparing {Path(model).name}",
+                     show=stderr_is_tty() and not as_json):
+        explainer = Explainer(model, layer=layer, device=device, batch_size=batch_size, preprocess=preprocess,
+                              labels=labels, cache=not no_cache, inputs=parse_input_options(fixed_inputs))
     dataset = load_dataset(data, labels=explainer.labels, num_classes=explainer.num_classes).limit(limit)
     files = {"results": out / "results.json", "csv": out / "results.csv", "curves": out / "curves.png"}
     protected = [model, *(s.image for s in dataset.samples), *(s.mask_path for s in dataset.samples if s.mask_path)]

@@ -14,7 +14,7 @@ import click
 
 from onnxcam.cams import METHODS
 from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, input_option,
-                                preprocess_option, stderr_is_tty)
+                                preprocess_option, status_line, stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
 from onnxcam.graph.fixed_inputs import parse_input_options
@@ -135,10 +135,11 @@ def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, sco
     check_not_protected([out], protected)
     stems = _unique_stems(paths)
 
-    explainer = Explainer(model, layer=layer, device=device, score=score, batch_size=batch_size,
-                          preprocess=preprocess, mean=mean, std=std, size=size,
-                          inputs=parse_input_options(fixed_inputs),
-                          labels=labels, cache=not no_cache)
+    with status_line(f"Preparing {Path(model).name}",
+                     show=stderr_is_tty() and not as_json):
+        explainer = Explainer(model, layer=layer, device=device, score=score, batch_size=batch_size,
+                              preprocess=preprocess, mean=mean, std=std, size=size,
+                              inputs=parse_input_options(fixed_inputs), labels=labels, cache=not no_cache)
     main_method = _canonical(method)
     methods = [main_method] + [m for m in COMPARE_METHODS if compare and m != main_method]
     variants = {name: value for name, value in (("numerator", numerator), ("averaging", averaging),

@@ -68,3 +68,36 @@ def test_bad_input_values_are_one_line_errors(tmp_path, option, fragments):
     path = save_model(with_temperature(shape=(10,)), tmp_path / "m.onnx")
     result = run(["explain", path, random_png(tmp_path / "a.png"), "--out", tmp_path / "out", "--input", option])
     assert_one_line_error(result, *fragments)
+
+
+def test_a_check_file_gives_the_inputs_in_its_inputs_table(tmp_path):
+    save_model(with_temperature(shape=(10,)), tmp_path / "m.onnx")
+    random_png(tmp_path / "a.png")
+    np.save(tmp_path / "t.npy", np.full(10, 2.0, np.float32))
+    body = ('model = "m.onnx"\nmethod = "gradcam"\n{inputs}\n[thresholds]\nprediction = false\npointing = false\n\n'
+            '[[images]]\npath = "a.png"\nclass = 3\n')
+    for table in ("[inputs]\ntemperature = 2.0", '[inputs]\ntemperature = "t.npy"',
+                  "[inputs]\ntemperature = [2.0, 2, 2, 2, 2, 2, 2, 2, 2, 2]"):
+        (tmp_path / "check.toml").write_text(body.format(inputs=table))
+        result = run(["check", tmp_path / "check.toml"])
+        assert result.exit_code == 0, result.output
+    (tmp_path / "check.toml").write_text(body.format(inputs=""))
+    assert_one_line_error(run(["check", tmp_path / "check.toml"]), "2 inputs", "--input NAME=VALUE")
+    (tmp_path / "check.toml").write_text(body.format(inputs="[inputs]\ntemperature = {value = 2}"))
+    assert_one_line_error(run(["check", tmp_path / "check.toml"]), "[inputs] temperature", "a number")
+
+
+def test_a_flag_input_takes_true_or_false():
+    from onnx import numpy_helper
+
+    from onnxcam.graph.fixed_inputs import fix_inputs
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "flag",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+                               helper.make_tensor_value_info("training", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    for given, expected in (("false", False), ("True", True), (0, False), (True, True)):
+        fixed = fix_inputs(helper.make_model(graph), {"training": given})
+        assert [i.name for i in fixed.graph.input] == ["x"]
+        value = numpy_helper.to_array(fixed.graph.initializer[0])
+        assert value.dtype == np.bool_ and value.shape == () and bool(value) is expected

@@ -7,6 +7,7 @@ Example ``check.toml`` (relative paths are relative to the TOML file's folder)::
     # layer = "/features/relu4/Relu_output_0"
     # samples = 25, noise_level = 0.15, seed = 0, device = "cpu", batch_size = 16
     # preprocess = "unit", labels = "labels.txt"
+    # [inputs] scale_factor = 1.0   (the model's inputs other than the image: numbers, lists, .npy)
 
     [thresholds]
     prediction = true               # the predicted class must be the expected one
@@ -50,7 +51,7 @@ __all__ = ["CheckConfig", "CheckImage", "CheckReport", "CheckResult", "junit_xml
            "read_toml", "run_checks"]
 
 TOP_KEYS = {"model", "method", "layer", "samples", "noise_level", "seed", "device", "batch_size",
-            "preprocess", "labels", "method_options", "thresholds", "images", "name"}
+            "preprocess", "labels", "method_options", "thresholds", "images", "name", "inputs"}
 THRESHOLD_KEYS = {"prediction", "pointing", "tolerance", "min_energy", "max_average_drop"}
 IMAGE_KEYS = {"path", "class", "region", "name", "tolerance", "min_energy"}
 
@@ -84,6 +85,7 @@ class CheckConfig:
     pointing: bool
     max_average_drop: float | None
     images: list[CheckImage]
+    inputs: dict[str, Any] = field(default_factory=dict)  # the model's other inputs, fixed
 
 
 @dataclass
@@ -245,12 +247,30 @@ def load_check_config(path: str | os.PathLike) -> CheckConfig:
             tolerance=_number(entry, "tolerance", name, tolerance, low=0, where=where),
             min_energy=_number(entry, "min_energy", name, min_energy, low=0, high=1, where=where)))
     labels = _string(raw, "labels", name)
+    inputs = _inputs(raw.get("inputs", {}), base, name)
     return CheckConfig(
         path=file, name=_string(raw, "name", name) or file.stem, model=_resolve(base, model), method=method,
         method_options=dict(options_raw), layer=_string(raw, "layer", name), samples=samples,
         noise_level=noise_level, seed=seed, device=_string(raw, "device", name), batch_size=batch_size,
         preprocess=_string(raw, "preprocess", name), labels=_resolve(base, labels) if labels else None,
-        prediction=prediction, pointing=pointing, max_average_drop=max_drop, images=images)
+        prediction=prediction, pointing=pointing, max_average_drop=max_drop, images=images, inputs=inputs)
+
+
+def _inputs(table: Any, base: Path, name: str) -> dict[str, Any]:
+    """[inputs]: the model's inputs other than the image, each a number, a list of numbers or the
+    path of a .npy file (relative to the check file's folder)."""
+    if not isinstance(table, dict):
+        raise DataError(f"{name}: 'inputs' must be a table ([inputs] name = value)")
+    values = {}
+    for key, value in table.items():
+        if isinstance(value, str):
+            values[key] = str(_resolve(base, value))
+        elif isinstance(value, (bool, int, float, list)):  # a bool for a flag input
+            values[key] = value
+        else:
+            raise DataError(f"{name}: [inputs] {key}: give a number (or true/false), a list of numbers or a "
+                            ".npy file's path")
+    return values
 
 
 def _resolve(base: Path, text: str) -> Path:
@@ -337,7 +357,7 @@ def run_checks(config: CheckConfig, explainer=None) -> CheckReport:
     if explainer is None:
         explainer = Explainer(config.model, layer=config.layer, device=config.device,
                               batch_size=config.batch_size, preprocess=config.preprocess,
-                              labels=config.labels)
+                              labels=config.labels, inputs=config.inputs or None)
     name = display_path(config.path)
     expected = []
     for image in config.images:

@@ -69,6 +69,8 @@ def _read(name: str, given: Any) -> np.ndarray:
             return np.load(Path(given), allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise OptionError(f"--input {name}: cannot read '{given}' ({exc}): give a NumPy .npy file") from None
+    if isinstance(given, str) and given.strip().lower() in ("true", "false"):  # a flag
+        return np.asarray(given.strip().lower() == "true")
     if isinstance(given, str):
         try:
             return np.asarray([float(part) for part in given.split(",")]) if "," in given else \

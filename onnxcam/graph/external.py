@@ -82,7 +82,10 @@ def attach_small_tensors(model: onnx.ModelProto, model_path: Path, where: str) -
             raise ModelError(f"{where}: the external data of tensor '{tensor.name}' ends past the end "
                              f"of '{info.location}': check that the data file was copied whole")
         if size is not None and size <= READ_IN_BYTES:
-            external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+            # read here, from the checked real file: onnx's own reader refuses any symlink
+            with open(real, "rb") as stream:
+                stream.seek(info.offset or 0)
+                tensor.raw_data = stream.read(needed)
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
         else:

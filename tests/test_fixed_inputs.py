@@ -101,3 +101,11 @@ def test_a_flag_input_takes_true_or_false():
         assert [i.name for i in fixed.graph.input] == ["x"]
         value = numpy_helper.to_array(fixed.graph.initializer[0])
         assert value.dtype == np.bool_ and value.shape == () and bool(value) is expected
+
+
+def test_compare_gives_both_models_the_inputs(tmp_path):
+    path = save_model(with_temperature(shape=(10,)), tmp_path / "m.onnx")
+    image = random_png(tmp_path / "a.png")
+    result = run(["compare", path, path, image, "--input", "temperature=2", "--method", "gradcam", "--json"])
+    assert result.exit_code == 0, result.output
+    assert_one_line_error(run(["compare", path, path, image]), "2 inputs", "--input NAME=VALUE")

@@ -7,7 +7,6 @@ import re
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -185,7 +184,8 @@ def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, sco
     totals = {"written": 0, "device": None, "skipped": False, "setup_s": 0.0}
     show_bar = len(paths) > 1 and stderr_is_tty()
     bar = (click.progressbar(length=len(paths), label="Explaining", file=click.get_text_stream("stderr"),
-                             show_pos=True) if show_bar else nullcontext())
+                             show_pos=True) if show_bar else
+           status_line(f"Explaining {display_path(paths[0])}", show=len(paths) == 1 and stderr_is_tty()))
 
     def collect(future: Future) -> None:
         image_record, lines, count, device, was_skipped = future.result()

@@ -104,8 +104,8 @@ batch_size_option = click.option(
 
 input_option = click.option(
     "--input", "fixed_inputs", multiple=True, metavar="NAME=VALUE",
-    help="Fix a model input other than the image to VALUE: a number, numbers separated by commas, "
-         "or a .npy file (repeat for several inputs).")
+    help="Fix a model input other than the image to VALUE: a number, true/false, numbers separated "
+         "by commas, or a .npy file (repeat for several inputs).")
 
 
 def preprocess_option(func):

@@ -76,8 +76,8 @@ def _read(name: str, given: Any) -> np.ndarray:
             return np.asarray([float(part) for part in given.split(",")]) if "," in given else \
                 np.asarray(float(given))
         except ValueError:
-            raise OptionError(f"--input {name}: {given!r} is not a number, a comma-separated list of "
-                              "numbers or a .npy file") from None
+            raise OptionError(f"--input {name}: {given!r} is not a number, true/false, a comma-separated "
+                              "list of numbers or a .npy file") from None
     return np.asarray(given)
 
 
@@ -87,7 +87,7 @@ def parse_input_options(options: tuple[str, ...]) -> dict[str, str]:
     for option in options:
         name, sep, value = option.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise OptionError(f"--input {option!r}: write NAME=VALUE (a number, numbers separated by "
-                              "commas, or a .npy file)")
+            raise OptionError(f"--input {option!r}: write NAME=VALUE (a number, true/false, numbers "
+                              "separated by commas, or a .npy file)")
         values[name.strip()] = value.strip()
     return values

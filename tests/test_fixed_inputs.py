@@ -70,6 +70,13 @@ def test_bad_input_values_are_one_line_errors(tmp_path, option, fragments):
     assert_one_line_error(result, *fragments)
 
 
+def test_fixing_every_input_is_refused(tmp_path):
+    path = save_model(with_temperature(shape=(10,)), tmp_path / "m.onnx")
+    result = run(["explain", path, random_png(tmp_path / "a.png"), "--out", tmp_path / "out",
+                  "--input", "x=1", "--input", "temperature=2"])
+    assert_one_line_error(result, "--input x, temperature", "no input for the image")
+
+
 def test_a_check_file_gives_the_inputs_in_its_inputs_table(tmp_path):
     save_model(with_temperature(shape=(10,)), tmp_path / "m.onnx")
     random_png(tmp_path / "a.png")

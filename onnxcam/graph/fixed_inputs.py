@@ -30,6 +30,9 @@ def fix_inputs(model: onnx.ModelProto, values: Mapping[str, Any]) -> onnx.ModelP
     fixed.CopyFrom(model)
     initializers = {init.name for init in fixed.graph.initializer}
     inputs = {i.name: i for i in fixed.graph.input if i.name not in initializers}
+    if set(inputs) <= set(values):
+        raise OptionError(f"--input {', '.join(values)}: that would leave the model no input for the image: "
+                          "give values only for its other inputs")
     for name, given in values.items():
         if name not in inputs:
             raise OptionError(f"--input {name}: the model has no input {name!r} (its inputs: "

@@ -102,6 +102,14 @@ batch_size_option = click.option(
     help="Inputs per onnxruntime run (default: from the model's sizes, at most 16).")
 
 
+def echo_skipped(reasons: list[str], total: int, consequence: str) -> None:
+    """The files --skip-unreadable left out, one line each, and a count of them (on stderr)."""
+    for why in reasons:
+        click.echo(f"Skipped: {why}", err=True)
+    click.echo(f"Skipped {len(reasons)} unreadable image{'s' if len(reasons) != 1 else ''} of {total} "
+               f"(--skip-unreadable): {consequence}", err=True)
+
+
 input_option = click.option(
     "--input", "fixed_inputs", multiple=True, metavar="NAME=VALUE",
     help="Fix a model input other than the image to VALUE: a number, true/false, numbers separated "

@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from onnxcam.atomic import atomic_path
-from onnxcam.cli.common import (batch_size_option, device_option, echo_json, input_option, preprocess_option,
-                                status_line, stderr_is_tty)
+from onnxcam.cli.common import (batch_size_option, device_option, echo_json, echo_skipped, input_option,
+                                preprocess_option, status_line, stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import Explainer
 from onnxcam.explain.result import check_not_protected
@@ -180,10 +180,7 @@ def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps
                    "equals Grad-CAM++ there; use an earlier layer (METHOD@LAYER) or "
                    "smoothgradcampp:averaging=maps for the noise to matter.", err=True)
     if unreadable:
-        for _, why in unreadable:
-            click.echo(f"Skipped: {why}", err=True)
-        click.echo(f"Skipped {len(unreadable)} unreadable image{'s' if len(unreadable) != 1 else ''} of "
-                   f"{len(dataset) + len(unreadable)} (--skip-unreadable): the metrics cover the others", err=True)
+        echo_skipped([why for _, why in unreadable], len(dataset) + len(unreadable), "the metrics cover the others")
         ctx.exit(1)
 
 

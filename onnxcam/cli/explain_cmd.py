@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from onnxcam.cams import METHODS
-from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, input_option,
-                                preprocess_option, status_line, stderr_is_tty)
+from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, echo_skipped,
+                                input_option, preprocess_option, status_line, stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
 from onnxcam.graph.fixed_inputs import parse_input_options
@@ -240,10 +240,7 @@ def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, sco
     for note in notes:
         click.echo(f"Note: {note}", err=True)
     if unreadable:
-        for _, why in unreadable:
-            click.echo(f"Skipped: {why}", err=True)
-        click.echo(f"Skipped {len(unreadable)} unreadable image{'s' if len(unreadable) != 1 else ''} "
-                   f"of {len(paths)} (--skip-unreadable): no files were written for them", err=True)
+        echo_skipped([why for _, why in unreadable], len(paths), "no files were written for them")
         ctx.exit(1)
 
 

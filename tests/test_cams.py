@@ -776,3 +776,28 @@ def test_single_sample_moments_make_their_powers_only_when_read():
     assert "d2" not in vars(moments) and "d3" not in vars(moments)
     np.testing.assert_array_equal(moments.d2, g * g)
     np.testing.assert_array_equal(moments.d3, g * g * g)
+
+
+@pytest.mark.parametrize("numerator", ["D2", "D1"])
+@pytest.mark.parametrize("denominator", ["sum", "weighted"])
+def test_the_maps_only_accumulator_gives_the_same_mean_map_bit_for_bit(numerator, denominator):
+    """'maps' averaging keeps the mean map alone (moments=False): the same bits as with the moments,
+    fed in any chunks, and a moments object whose shape and rows still serve the method."""
+    rng = np.random.default_rng(7)
+    rows = np.array([0, 0, 1, 1, 1, 2, 2, 2])
+    g = rng.standard_normal((8, 5, 3, 4))
+    a = np.abs(rng.standard_normal((8, 5, 3, 4)))
+    options = dict(keep_maps=True, numerator=numerator, denominator=denominator)
+    full = MomentAccumulator(3, **options)
+    full.add(rows, g, a)
+    alone = MomentAccumulator(3, moments=False, **options)
+    for part in (slice(0, 3), slice(3, 4), slice(4, 8)):
+        alone.add(rows[part], g[part], a[part])
+    want, got = full.result(), alone.finish()
+    np.testing.assert_array_equal(got.mean_map, want.mean_map)
+    np.testing.assert_array_equal(got.count, [2, 3, 3])
+    assert got.d1 is None and got.shape == (3, 5, 3, 4) and got.rows(1, 3).shape == (2, 5, 3, 4)
+    method = get_method("smoothgradcampp", averaging="maps", numerator=numerator, denominator=denominator)
+    np.testing.assert_array_equal(method.compute(a[[0, 2, 5]], got).maps, method.compute(a[[0, 2, 5]], want).maps)
+    with pytest.raises(ValueError, match="moments=False keeps nothing without keep_maps"):
+        MomentAccumulator(1, moments=False)

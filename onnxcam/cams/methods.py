@@ -136,7 +136,8 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
         return PlusPlusSettings(self.numerator, self.denominator, self.feature_maps)
 
     def new_accumulator(self, n_images: int) -> MomentAccumulator:
-        return MomentAccumulator(n_images, keep_maps=self.averaging == "maps",
+        maps = self.averaging == "maps"  # the mean map alone: its moments are never read
+        return MomentAccumulator(n_images, keep_maps=maps, moments=not maps,
                                  denominator=self.denominator, numerator=self.numerator,
                                  feature_maps=self.feature_maps)
 

@@ -97,6 +97,25 @@ class _SingleSample(GradientMoments):
         return _SingleSample(self.gradients[start:stop])
 
 
+class _MapsOnly(GradientMoments):
+    """The mean of per-sample maps alone ('maps' averaging without its moments): d1, d2, d3 are
+    None, and ``shape`` is the samples' (N, K, h, w)."""
+
+    def __init__(self, count: np.ndarray, mean_map: np.ndarray, map_settings: PlusPlusSettings,
+                 shape: tuple[int, ...]) -> None:
+        for name, value in (("d1", None), ("d2", None), ("d3", None), ("count", count), ("mean_map", mean_map),
+                            ("map_settings", map_settings), ("_shape", tuple(shape))):
+            object.__setattr__(self, name, value)  # frozen: set once, as the dataclass would
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def rows(self, start: int, stop: int) -> GradientMoments:
+        count = self.count[start:stop]
+        return _MapsOnly(count, self.mean_map[start:stop], self.map_settings, (len(count), *self._shape[1:]))
+
+
 class MomentAccumulator:
     """Running means of g, g^2, g^3 per image over noisy samples, fed chunk by chunk,
     so memory is bounded by a chunk, not by the number of samples.
@@ -106,14 +125,21 @@ class MomentAccumulator:
     variant of Smooth Grad-CAM++, which cannot be rebuilt from the moments afterwards.
     Sums are kept in float64 and divided once in result(), or in place by ``finish()``; their
     buffers come from the calculator's workspace, and ``release()`` hands them back.
+    ``moments=False`` (with keep_maps) keeps the mean map alone: the 'maps' method reads nothing
+    else, and the float64 powers and sums were half of ``add()``'s time (28 MobileNetV2 samples:
+    6 of 13.9 ms).
     """
 
     def __init__(self, n_images: int, keep_maps: bool = False, denominator: str = "sum", *,
-                 numerator: str = "D2", feature_maps: Sequence[int] | None = None) -> None:
+                 numerator: str = "D2", feature_maps: Sequence[int] | None = None, moments: bool = True) -> None:
         if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
             raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
         self.n_images = int(n_images)
         self.keep_maps = bool(keep_maps)
+        if not moments and not self.keep_maps:
+            raise ValueError("moments=False keeps nothing without keep_maps")
+        self.moments = bool(moments)
+        self._sample_shape: tuple[int, ...] | None = None
         self.settings = PlusPlusSettings.checked(numerator, denominator, feature_maps)
         self._count = np.zeros(self.n_images, dtype=np.int64)
         self._sums: np.ndarray | None = None      # (3, N, K, h, w): sums of g, g^2, g^3
@@ -146,6 +172,9 @@ class MomentAccumulator:
         self._allocate(g.shape[1:])
         if not rows.size:
             return
+        if not self.moments:
+            self._add_maps(rows, self._sample_maps_of(activations, g))
+            return
         powers = self._powers(g)
         sample_maps = self._sample_maps(activations, *powers) if self.keep_maps else None
         # one sample after another, in order: the float64 sums then do not depend on how the
@@ -170,6 +199,18 @@ class MomentAccumulator:
                     self._map_sum[row] += sample_maps[i]
             start = stop
         self._count += np.bincount(rows, minlength=self.n_images)
+
+    def _add_maps(self, rows: np.ndarray, sample_maps: np.ndarray) -> None:
+        """Each sample's map onto its image's sum, one after another (as ``add`` orders them)."""
+        for i, row in enumerate(rows.tolist()):
+            self._map_sum[row] += sample_maps[i]
+        self._count += np.bincount(rows, minlength=self.n_images)
+
+    def _sample_maps_of(self, activations: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Per-sample maps without the moments: the powers only where the general form needs them."""
+        if self.settings.denominator == "sum":
+            return self._sample_maps(activations, np.asarray(g, dtype=np.float64), None, None)
+        return self._sample_maps(activations, *self._powers(g))
 
     def add_sums(self, row: int, count: int, sum_g: np.ndarray, sum_g2: np.ndarray, sum_g3: np.ndarray) -> None:
         """Add ``count`` samples of image ``row`` given as their sums of g, g^2 and g^3, each
@@ -196,6 +237,8 @@ class MomentAccumulator:
     def result(self) -> GradientMoments:
         """The means so far (new arrays); every image must have at least one sample."""
         self._check_open()
+        if not self.moments:
+            return self._maps_only()
         return self._means(self._sums * self._reciprocal_counts())
 
     def finish(self) -> GradientMoments:
@@ -203,9 +246,16 @@ class MomentAccumulator:
         with no new arrays): the accumulator then takes no more samples. Call ``release()`` once
         the moments are no longer read."""
         self._check_open()
+        if not self.moments:
+            self._state = "finished"
+            return self._maps_only()
         np.multiply(self._sums, self._reciprocal_counts(), out=self._sums)
         self._state = "finished"
         return self._means(self._sums)
+
+    def _maps_only(self) -> GradientMoments:
+        mean_map = self._map_sum / self._per_image()[:, None, None]
+        return _MapsOnly(self._count.copy(), mean_map, self.settings, (self.n_images, *self._sample_shape))
 
     def release(self) -> None:
         """Hand the buffers back to the workspace (the moments of ``finish()`` with them): the
@@ -216,7 +266,7 @@ class MomentAccumulator:
 
     def _per_image(self) -> np.ndarray:
         missing = np.flatnonzero(self._count == 0)
-        if self._sums is None or missing.size:
+        if self._sample_shape is None or missing.size:
             raise ValueError(f"no samples were added for image(s) {missing.tolist()}")
         return self._count.astype(np.float64)
 
@@ -238,17 +288,19 @@ class MomentAccumulator:
 
     def _allocate(self, sample_shape: tuple[int, ...]) -> None:
         self._check_open()
-        if self._sums is None:
+        if self._sample_shape is None:
             check_feature_maps_in_range(self.settings.feature_maps, sample_shape[0])
-            # not zeroed: an image's first samples are written, not added (add, add_sums),
-            # and an image with none is refused before its sums are read (_per_image)
-            self._sums = WORKSPACE.take((3, self.n_images) + tuple(sample_shape))
+            self._sample_shape = tuple(sample_shape)
+            if self.moments:
+                # not zeroed: an image's first samples are written, not added (add, add_sums),
+                # and an image with none is refused before its sums are read (_per_image)
+                self._sums = WORKSPACE.take((3, self.n_images) + tuple(sample_shape))
             if self.keep_maps:
                 self._map_sum = np.zeros((self.n_images,) + tuple(sample_shape[1:]))
-        elif self._sums.shape[2:] != tuple(sample_shape):
+        elif self._sample_shape != tuple(sample_shape):
             raise ValueError(
                 f"gradients of shape (K,h,w)={tuple(sample_shape)} differ from earlier chunks "
-                f"{self._sums.shape[2:]}"
+                f"{self._sample_shape}"
             )
 
     def _powers(self, gradients: np.ndarray) -> np.ndarray:

@@ -52,6 +52,9 @@ def test_the_command_line_takes_numbers_lists_and_npy_files(tmp_path):
         assert result.exit_code == 0, result.output
     report = run(["inspect", path, "--input", "temperature=2"])
     assert report.exit_code == 0 and "temperature" not in report.stdout.split("Outputs:")[0]
+    assert "Candidate target layers (4, * = automatic)" in report.stdout
+    without = run(["inspect", path])
+    assert "Candidate target layers: unknown while the model has inputs besides the image" in without.stdout
     written = run(["rewrite", path, "-o", tmp_path / "grad.onnx", "--input", "temperature=2"])
     assert written.exit_code == 0, written.output
     assert [i.name for i in onnx.load(str(tmp_path / "grad.onnx")).graph.input] == ["x", "onnxcam_seed"]

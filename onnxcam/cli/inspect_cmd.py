@@ -194,6 +194,9 @@ def _text(report: dict) -> str:
     elif report["layout"] and None in report["layout"]["size"]:
         lines.append("Candidate target layers: unknown while the input size is dynamic (layer shapes depend "
                      "on it): pass --size H,W")
+    elif len(report["inputs"]) > 1:
+        lines.append("Candidate target layers: unknown while the model has inputs besides the image: give "
+                     "their values with --input NAME=VALUE")
     else:
         lines.append("Candidate target layers: none (no 4-D activation with spatial size >= 2 that every "
                      "path to the logits passes through)")

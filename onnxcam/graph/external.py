@@ -94,9 +94,7 @@ def attach_small_tensors(model: onnx.ModelProto, model_path: Path, where: str) -
         # sessions get the model as bytes and resolve links themselves: name the real files
         common = Path(os.path.commonpath([str(real.parent) for _, real in kept]))
         for tensor, real in kept:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = real.relative_to(common).as_posix()
+            _set_location(tensor, real.relative_to(common).as_posix())
         set_folder(model, str(common))
 
 
@@ -127,22 +125,32 @@ def data_bytes(path: Path) -> int:
     return sum(tensor_bytes(t) or 0 for t in tensors(proto.graph) if is_external(t))
 
 
+def data_files(model: onnx.ModelProto, folder: str | os.PathLike) -> set[Path]:
+    """The real paths of ``model``'s external data files (locations relative to ``folder``)."""
+    return {(Path(folder) / external_data_helper.ExternalDataInfo(tensor).location).resolve()
+            for tensor in tensors(model.graph) if is_external(tensor)}
+
+
 def data_stamp(model: onnx.ModelProto, folder: str | os.PathLike | None) -> bytes | None:
     """The real path, size and modification time of each external data file of ``model``
     (locations relative to ``folder``): what a cache key needs besides the graph's bytes.
     None when a file cannot be found."""
     if folder is None:
         return None
-    stamps = set()
-    for tensor in tensors(model.graph):
-        if is_external(tensor):
-            real = (Path(folder) / external_data_helper.ExternalDataInfo(tensor).location).resolve()
-            try:
-                stat = real.stat()
-            except OSError:
-                return None
-            stamps.add(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}")
-    return "\n".join(sorted(stamps)).encode()
+    stamps = []
+    for real in sorted(data_files(model, folder)):
+        try:
+            stat = real.stat()
+        except OSError:
+            return None
+        stamps.append(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    return "\n".join(stamps).encode()
+
+
+def _set_location(tensor: onnx.TensorProto, location: str) -> None:
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
 
 
 def folder_of(model: onnx.ModelProto) -> str | None:
@@ -234,14 +242,12 @@ def read_in(model: onnx.ModelProto) -> onnx.ModelProto:
 def write_model(model: onnx.ModelProto, out: Path) -> Path | None:
     """Write ``model`` to ``out``, whole or not at all. A model with weights left on disk gets its
     own data file beside ``out`` (``<out>.data``, written first), which is returned."""
-    if folder_of(model) is None:
+    folder = folder_of(model)
+    if folder is None:
         atomic_write_bytes(out, serialize(model, "the rewritten model"))
         return None
     data_path = out.parent / f"{out.name}.data"
-    folder = Path(folder_of(model))
-    sources = {(folder / external_data_helper.ExternalDataInfo(t).location).resolve()
-               for t in tensors(model.graph) if is_external(t)}
-    if data_path.resolve() in sources:
+    if data_path.resolve() in data_files(model, folder):
         raise OptionError(f"{out}: its weights would go to '{data_path}', the input model's own external "
                           "data file: give another -o/--output")
     whole = read_in(model)
@@ -250,8 +256,6 @@ def write_model(model: onnx.ModelProto, out: Path) -> Path | None:
             whole, all_tensors_to_one_file=True, location=data_file.name, size_threshold=WRITE_OUT_BYTES)
         external_data_helper.write_external_data_tensors(whole, str(data_file.parent))
         for tensor in tensors(whole.graph):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data_path.name
+            _set_location(tensor, data_path.name)
         model_file.write_bytes(serialize(whole, "the rewritten model"))
     return data_path

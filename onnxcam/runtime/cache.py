@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import EncodeError
 
 from onnxcam.atomic import atomic_write_bytes
 from onnxcam.errors import OptionError
@@ -132,10 +131,8 @@ def _key_for(model, layer, score) -> str | None:
             if stamp is None:
                 return None  # let the builder say what is wrong with it
             data += stamp
-    except (OSError, ValueError, EncodeError):  # EncodeError: over 2 GB, the builder says so
-        return None
-    except Exception:  # noqa: BLE001 - protobuf's DecodeError: not ONNX, the builder says so
-        return None
+    except Exception:  # noqa: BLE001 - unreadable, not ONNX (DecodeError), over 2 GB (EncodeError):
+        return None    # the builder says what is wrong with it
     return cache_key(hashlib.sha256(data).hexdigest(), layer, score)
 
 

@@ -1057,3 +1057,17 @@ def test_an_integer_input_gets_noisy_copies_rounded_and_held_to_its_range(tmp_pa
     assert noisy.min() < -1 and noisy.max() > 256 and np.any(noisy != np.rint(noisy))
     for values, out in fed:
         np.testing.assert_array_equal(out, np.clip(np.rint(values), 0, 255))
+
+
+def test_clean_images_for_an_integer_input_are_rounded_and_held_to_its_range(tmp_path):
+    """The clean batch takes the same conversion as the noisy ones: black pixels less a mean of
+    3.2 are 0, not a wrapped 253 (or 252 truncated); white ones 252 (251.8 rounded)."""
+    from onnxcam.runtime.session import as_input_dtype
+
+    np.testing.assert_array_equal(as_input_dtype(np.array([-3.2, 260.7, 100.6, 7.5]), np.uint8), [0, 255, 101, 8])
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[:, 16:] = 255
+    Image.fromarray(pixels).save(tmp_path / "halves.png")
+    path = save_model(uint8_pixel_model(), tmp_path / "u8.onnx")
+    batch = Explainer(path, layer="a1", cache=False, preprocess="raw", mean=3.2).preprocess([tmp_path / "halves.png"])
+    assert batch.dtype == np.uint8 and set(np.unique(batch).tolist()) == {0, 252}

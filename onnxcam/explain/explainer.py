@@ -77,7 +77,7 @@ from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
 from onnxcam.runtime.providers import check_device, usable_cpus
-from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientSession
+from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientSession, as_input_dtype
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
@@ -647,7 +647,7 @@ class Explainer:
         shapes = {row.shape for row in rows}
         if len(shapes) > 1:
             raise ImageError(f"image arrays of different shapes {sorted(shapes)} in one call: give one shape")
-        return np.stack(rows).astype(self.session_dtype, copy=False), pictures, sizes, arrays, unreadable
+        return as_input_dtype(np.stack(rows), self.session_dtype), pictures, sizes, arrays, unreadable
 
     def _read(self, item: _Item, preprocessor: Preprocessor | None) -> tuple:
         """(model input row, PIL image or None, map size (H, W), array input (H,W,C) or None)."""

@@ -223,14 +223,7 @@ class GradientSession:
 
     # -- internals ---------------------------------------------------------------------------
     def _as_input(self, values: np.ndarray, dtype=None) -> np.ndarray:
-        dtype = np.dtype(dtype or self.input_dtype)
-        values = np.asarray(values)
-        if dtype.kind in "iu" and values.dtype.kind == "f":
-            # an integer input (uint8 pixels): a noisy copy is rounded and held to the type's
-            # range; a plain cast would truncate, and wrap -3 to 253 and 260 to 4
-            info = np.iinfo(dtype)
-            values = np.clip(np.rint(values), info.min, info.max)
-        return np.ascontiguousarray(values, dtype=dtype)
+        return as_input_dtype(values, dtype or self.input_dtype)
 
     def _run(self, kind: str, session, names: list[str], feeds: dict) -> list[np.ndarray]:
         self.run_calls += 1
@@ -267,6 +260,18 @@ class GradientSession:
         session, self.device = create_session(model, device, self.threads, what)
         self._sessions[kind] = session
         return session
+
+
+def as_input_dtype(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` as a contiguous array of a model input's ``dtype``. Into an integer input (uint8
+    pixels) floats are rounded and held to the type's range: a plain cast would truncate, and
+    wrap a noisy -3 to 253 and 260 to 4."""
+    dtype = np.dtype(dtype)
+    values = np.asarray(values)
+    if dtype.kind in "iu" and values.dtype.kind == "f":
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return np.ascontiguousarray(values, dtype=dtype)
 
 
 def _split(gm: GradientModel) -> dict[str, onnx.ModelProto] | None:

@@ -3,10 +3,10 @@
 from .methods import (METHODS, CamMethod, CamResult, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM,
                       SmoothGradCAMPlusPlus, XGradCAM, canonical_method_name, get_method)
 from .moments import GradientMoments, MomentAccumulator
-from .postprocess import normalize, upsample_bilinear
+from .postprocess import footprint_mask, normalize, upsample_bilinear
 
 __all__ = [
     "METHODS", "CamMethod", "CamResult", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM",
     "SmoothGradCAMPlusPlus", "XGradCAM", "canonical_method_name", "get_method",
-    "GradientMoments", "MomentAccumulator", "normalize", "upsample_bilinear",
+    "GradientMoments", "MomentAccumulator", "footprint_mask", "normalize", "upsample_bilinear",
 ]

@@ -116,6 +116,19 @@ input_option = click.option(
          "by commas, or a .npy file (repeat for several inputs).")
 
 
+def resize_options(func):
+    """--resize and --crop-fraction: how an image of any size is brought to the model's size."""
+    from onnxcam.imaging.fit import RESIZE_MODES
+
+    func = click.option("--crop-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+                        help="With --resize crop: the share of the resized image the crop keeps "
+                             "(default 0.875: Resize(256) + CenterCrop(224)).")(func)
+    return click.option("--resize", type=click.Choice(RESIZE_MODES, case_sensitive=False),
+                        help="How an image meets the model's size: stretch the whole image (default), "
+                             "crop its centre as torchvision's Resize + CenterCrop, or pad it to keep "
+                             "its aspect ratio (default: model metadata onnxcam.resize, else stretch).")(func)
+
+
 def preprocess_option(func):
     from onnxcam.imaging import PRESETS
 

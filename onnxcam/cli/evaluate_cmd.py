@@ -12,7 +12,8 @@ import click
 
 from onnxcam.atomic import atomic_path
 from onnxcam.cli.common import (batch_size_option, device_option, echo_json, echo_skipped, input_option,
-                                preprocess_option, status_line, stderr_is_tty)
+                                preprocess_option, resize_options, status_line,
+                                stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import Explainer
 from onnxcam.explain.result import check_not_protected
@@ -69,6 +70,7 @@ def _baseline(ctx, param, value):
 @device_option
 @batch_size_option
 @preprocess_option
+@resize_options
 @click.option("--labels", type=click.Path(path_type=Path), metavar="FILE",
               help="Class names (to map the data set's class names to indices).")
 @input_option
@@ -79,7 +81,7 @@ def _baseline(ctx, param, value):
 @click.pass_context
 def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps, tolerance, coverage_threshold,
              deletion_baseline, insertion_baseline, blur_sigma, target, limit, out, as_json, device,
-             batch_size, preprocess, labels, fixed_inputs, no_cache, skip_unreadable):
+             batch_size, preprocess, resize, crop_fraction, labels, fixed_inputs, no_cache, skip_unreadable):
     """Score CAM methods on the images of DATA with their ground truth.
 
     DATA is a folder of images with a manifest.json (classes and boxes), a CSV manifest
@@ -110,7 +112,8 @@ def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps
     with status_line(f"Preparing {Path(model).name}",
                      show=stderr_is_tty() and not as_json):
         explainer = Explainer(model, layer=layer, device=device, batch_size=batch_size, preprocess=preprocess,
-                              labels=labels, cache=not no_cache, inputs=parse_input_options(fixed_inputs))
+                              resize=resize, crop_fraction=crop_fraction, labels=labels, cache=not no_cache,
+                              inputs=parse_input_options(fixed_inputs))
     dataset = load_dataset(data, labels=explainer.labels, num_classes=explainer.num_classes).limit(limit)
     files = {"results": out / "results.json", "csv": out / "results.csv", "curves": out / "curves.png"}
     protected = [model, *(s.image for s in dataset.samples), *(s.mask_path for s in dataset.samples if s.mask_path)]

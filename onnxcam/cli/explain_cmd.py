@@ -13,7 +13,7 @@ import click
 
 from onnxcam.cams import METHODS
 from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, echo_skipped,
-                                input_option, preprocess_option, status_line, stderr_is_tty)
+                                input_option, preprocess_option, resize_options, status_line, stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
 from onnxcam.graph.fixed_inputs import parse_input_options
@@ -71,6 +71,7 @@ def writer_threads() -> int:
 @device_option
 @batch_size_option
 @preprocess_option
+@resize_options
 @click.option("--mean", callback=comma_numbers(float, what="numbers"), metavar="a,b,c",
               help="Per-channel mean, in the preset's units (0-1 for imagenet/unit/symmetric).")
 @click.option("--std", callback=comma_numbers(float, what="numbers"), metavar="a,b,c",
@@ -95,7 +96,8 @@ def writer_threads() -> int:
 @click.pass_context
 def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, score, neuron, samples,
             noise_level, seed, numerator, averaging, denominator, out, device, batch_size, preprocess,
-            mean, std, size, fixed_inputs, labels, alpha, colormap, compare, as_json, no_cache, skip_unreadable):
+            resize, crop_fraction, mean, std, size, fixed_inputs, labels, alpha, colormap, compare, as_json,
+            no_cache, skip_unreadable):
     """Explain IMAGE files (or every image in a folder DIR) with a gradient CAM.
 
     For every image and class it writes into --out, atomically:
@@ -137,7 +139,8 @@ def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, sco
     with status_line(f"Preparing {Path(model).name}",
                      show=stderr_is_tty() and not as_json):
         explainer = Explainer(model, layer=layer, device=device, score=score, batch_size=batch_size,
-                              preprocess=preprocess, mean=mean, std=std, size=size,
+                              preprocess=preprocess, mean=mean, std=std, size=size, resize=resize,
+                              crop_fraction=crop_fraction,
                               inputs=parse_input_options(fixed_inputs), labels=labels, cache=not no_cache)
     main_method = _canonical(method)
     methods = [main_method] + [m for m in COMPARE_METHODS if compare and m != main_method]
@@ -314,7 +317,7 @@ def _write_compare(per_method, out: Path, stem: str, alpha: float, colormap: str
         title = first.label if first.label is not None else f"neuron {first.target_tag[1:]}"
         panels = [(METHOD_TITLES[m], per_method[m][position].map) for m in COMPARE_METHODS]
         figure = compare_grid(first.image(), panels, alpha=alpha, colormap=colormap,
-                              image_title=f"Input: {title}")
+                              image_title=f"Input: {title}", seen=first.seen)
         with atomic_path(path) as temporary:
             figure.save(temporary, **PNG_SAVE_OPTIONS)
         written.append(path)

@@ -22,7 +22,8 @@ from onnxcam.imaging import PRESETS, detect_layout
 from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.runtime.cache import load_gradient_model
 
-METADATA_KEYS = ("onnxcam.mean", "onnxcam.std", "onnxcam.preprocess", "onnxcam.labels")
+METADATA_KEYS = ("onnxcam.mean", "onnxcam.std", "onnxcam.preprocess", "onnxcam.resize", "onnxcam.crop_fraction",
+                 "onnxcam.labels")
 
 
 @click.command("inspect", short_help="Show inputs, outputs, logits, preprocessing and candidate layers.",

@@ -6,7 +6,7 @@ Example ``check.toml`` (relative paths are relative to the TOML file's folder)::
     method = "gradcampp"            # default smoothgradcampp; variants in [method_options]
     # layer = "/features/relu4/Relu_output_0"
     # samples = 25, noise_level = 0.15, seed = 0, device = "cpu", batch_size = 16
-    # preprocess = "unit", labels = "labels.txt"
+    # preprocess = "unit", labels = "labels.txt", resize = "crop", crop_fraction = 0.875
     # [inputs] scale_factor = 1.0   (the model's inputs other than the image: numbers, lists, .npy)
 
     [thresholds]
@@ -44,14 +44,16 @@ from typing import Any
 
 import numpy as np
 
-from onnxcam.errors import DataError
+from onnxcam.errors import DataError, OptionError
+from onnxcam.imaging.fit import check_resize
 from onnxcam.imaging.io import display_path
 
 __all__ = ["CheckConfig", "CheckImage", "CheckReport", "CheckResult", "junit_xml", "load_check_config",
            "read_toml", "run_checks"]
 
 TOP_KEYS = {"model", "method", "layer", "samples", "noise_level", "seed", "device", "batch_size",
-            "preprocess", "labels", "method_options", "thresholds", "images", "name", "inputs"}
+            "preprocess", "labels", "method_options", "thresholds", "images", "name", "inputs", "resize",
+            "crop_fraction"}
 THRESHOLD_KEYS = {"prediction", "pointing", "tolerance", "min_energy", "max_average_drop"}
 IMAGE_KEYS = {"path", "class", "region", "name", "tolerance", "min_energy"}
 
@@ -86,6 +88,8 @@ class CheckConfig:
     max_average_drop: float | None
     images: list[CheckImage]
     inputs: dict[str, Any] = field(default_factory=dict)  # the model's other inputs, fixed
+    resize: str | None = None                # stretch, crop or pad (None: the model's metadata)
+    crop_fraction: float | None = None
 
 
 @dataclass
@@ -248,12 +252,19 @@ def load_check_config(path: str | os.PathLike) -> CheckConfig:
             min_energy=_number(entry, "min_energy", name, min_energy, low=0, high=1, where=where)))
     labels = _string(raw, "labels", name)
     inputs = _inputs(raw.get("inputs", {}), base, name)
+    resize = _string(raw, "resize", name)
+    crop_fraction = _number(raw, "crop_fraction", name, None, low=0, high=1)
+    try:
+        check_resize(resize, crop_fraction)
+    except OptionError as exc:
+        raise DataError(f"{name}: {exc}") from None
     return CheckConfig(
         path=file, name=_string(raw, "name", name) or file.stem, model=_resolve(base, model), method=method,
         method_options=dict(options_raw), layer=_string(raw, "layer", name), samples=samples,
         noise_level=noise_level, seed=seed, device=_string(raw, "device", name), batch_size=batch_size,
         preprocess=_string(raw, "preprocess", name), labels=_resolve(base, labels) if labels else None,
-        prediction=prediction, pointing=pointing, max_average_drop=max_drop, images=images, inputs=inputs)
+        prediction=prediction, pointing=pointing, max_average_drop=max_drop, images=images, inputs=inputs,
+        resize=resize, crop_fraction=crop_fraction)
 
 
 def _inputs(table: Any, base: Path, name: str) -> dict[str, Any]:
@@ -357,6 +368,7 @@ def run_checks(config: CheckConfig, explainer=None) -> CheckReport:
     if explainer is None:
         explainer = Explainer(config.model, layer=config.layer, device=config.device,
                               batch_size=config.batch_size, preprocess=config.preprocess,
+                              resize=config.resize, crop_fraction=config.crop_fraction,
                               labels=config.labels, inputs=config.inputs or None)
     name = display_path(config.path)
     expected = []

@@ -93,12 +93,16 @@ class Sample:
             self._mask = read_mask(self.mask_path, self.size)
         return self._mask
 
-    def regions_at(self, size: tuple[int, int]) -> Any:
+    def regions_at(self, size: tuple[int, int], footprint: tuple[float, float, float, float] | None = None) -> Any:
         """The region at map size (H, W): (K, H, W) instance masks when there is a mask file, else
-        the (K, 4) boxes rescaled from the image size; None without ground truth."""
+        the (K, 4) boxes rescaled from the image size; None without ground truth. ``footprint`` =
+        (top, left, height, width) is the image rectangle the model input covers, in the image's
+        pixels (a centre crop or padding); None: the whole image, stretched."""
         height, width = size
         masks = self.instance_mask()
         if masks is not None:
+            if footprint is not None:
+                return _masks_in_footprint(masks, size, footprint)
             if masks.shape[1:] == (height, width):
                 return masks
             resized = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((width, height),
@@ -107,9 +111,9 @@ class Sample:
             return np.stack(resized) if resized else np.zeros((0, height, width), dtype=bool)
         if self.boxes is None or len(self.boxes) == 0:
             return None
-        if self.size == (height, width):
+        if self.size == (height, width) and footprint is None:
             return self.boxes
-        return scale_boxes(self.boxes, self.size, (height, width))
+        return scale_boxes(self.boxes, self.size, (height, width), footprint)
 
     def instance_count(self) -> int:
         masks = self.instance_mask()
@@ -543,6 +547,19 @@ def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _masks_in_footprint(masks: np.ndarray, size: tuple[int, int],
+                        footprint: tuple[float, float, float, float]) -> np.ndarray:
+    """(K, H, W) masks sampled (nearest) at the model input's pixel centres placed on the image
+    by ``footprint``; pixels of padding beyond the image are outside every region."""
+    top, left, height, width = footprint
+    rows = np.floor(top + (np.arange(size[0]) + 0.5) * (height / size[0])).astype(np.intp)
+    columns = np.floor(left + (np.arange(size[1]) + 0.5) * (width / size[1])).astype(np.intp)
+    row_inside = (rows >= 0) & (rows < masks.shape[1])
+    column_inside = (columns >= 0) & (columns < masks.shape[2])
+    sampled = masks[:, np.clip(rows, 0, masks.shape[1] - 1)][:, :, np.clip(columns, 0, masks.shape[2] - 1)]
+    return sampled & row_inside[None, :, None] & column_inside[None, None, :]
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -321,7 +321,8 @@ def evaluate(explainer, dataset: Dataset, methods: str | Sequence[str | MethodSp
         c = classes[chunk]
         base = probabilities[chunk, c]
         with_region = [j for j, i in enumerate(chunk) if region_of[i]]
-        regions = [dataset.samples[chunk[j]].regions_at(input_hw) for j in with_region]
+        annotated = [dataset.samples[chunk[j]] for j in with_region]
+        regions = [sample.regions_at(input_hw, explainer.footprint(sample.size)) for sample in annotated]
         for spec in specs:
             maps01 = normalize(upsample_bilinear(np.stack([raw[spec][i] for i in chunk]), input_hw))
             scores = explanation_map_scores(predict, x, maps01, c, batch_size=bs, base_probs=base)

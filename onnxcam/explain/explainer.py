@@ -72,6 +72,7 @@ from onnxcam.explain.result import Explanation
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
+from onnxcam.imaging.fit import check_resize
 from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
@@ -126,7 +127,11 @@ class Explainer:
     ``batch_size``: images or noisy samples per run (default: chosen from the input and layer
     sizes under a 256 MiB bound, 1 to 8). ``preprocess``: a preset name (imagenet, caffe, unit,
     symmetric, raw; default: the model's metadata onnxcam.mean/std, else imagenet); ``mean``/``std``
-    override it; ``size`` = (H, W) for models with a dynamic input size. ``labels``: a file or a
+    override it; ``size`` = (H, W) for models with a dynamic input size. ``resize``: how an image
+    gets to the model's size, "stretch" (the whole image, the default), "crop" (resize so that
+    size / ``crop_fraction``, 0.875 by default, covers it, and take the centre: torchvision's
+    Resize(256) + CenterCrop(224)) or "pad" (letterbox); default: metadata onnxcam.resize and
+    onnxcam.crop_fraction, else "stretch". ``labels``: a file or a
     list of class names (default: metadata onnxcam.labels, or ImageNet for 1000 classes).
     ``cache``: keep rewritten models in the disk cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).
     ``noise_in_graph``: make Smooth Grad-CAM++'s noisy batches inside the model, from the clean
@@ -147,7 +152,8 @@ class Explainer:
                  std: Sequence[float] | float | None = None, size: Sequence[int] | None = None,
                  labels: str | os.PathLike | Sequence[str] | None = None, cache: bool = True,
                  threads: int | None = None, noise_in_graph: bool | None = None,
-                 inputs: Mapping[str, Any] | None = None) -> None:
+                 inputs: Mapping[str, Any] | None = None, resize: str | None = None,
+                 crop_fraction: float | None = None) -> None:
         self.model_source = model
         self.model_name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
         self.requested_device = check_device(device)
@@ -178,7 +184,7 @@ class Explainer:
         self.gradient_model = gm
         self.from_cache = self.setup_timings.get("from_cache", False)
         self._squash = _squashing(gm.model)
-        self._setup_preprocessing(gm, preprocess, mean, std, size)
+        self._setup_preprocessing(gm, preprocess, mean, std, size, resize, crop_fraction)
         self.labels, self.labels_source = resolve_labels(gm.num_classes, labels, gm.model)
 
     # -- properties ----------------------------------------------------------------------------
@@ -353,6 +359,7 @@ class Explainer:
                 chunk_classes = [chunk_classes[position] for position in kept] if chunk_classes is not None else None
                 if not chunk:
                     continue
+            footprints = [None if array is not None else self.footprint(size) for size, array in zip(sizes, arrays)]
             timings: dict[str, float] = {"setup_s": setup}
             setup = 0.0
             t1 = time.perf_counter()
@@ -416,6 +423,7 @@ class Explainer:
                         score=None if cls is None else float(clean.logits[row, cls]),
                         probability=None if cls is None else float(probabilities[row, cls]),
                         flat=bool(result.flat[pair]), image_index=item.index, image_size=sizes[row],
+                        footprint=footprints[row],
                         source=item.path, model=self.model_name,
                         score_tensor=None if gm.is_class_score else gm.score, neuron=neurons,
                         device=session.device or "cpu", batch_size=batch,
@@ -440,7 +448,10 @@ class Explainer:
         p = preprocessor or self._preprocessor
         info = {"preset": self._preset_name, "layout": self.layout, "channels": self.channels,
                 "source": self.preprocessing_source,
-                "size": list(p.size) if p is not None else [self.model_size[0], self.model_size[1]]}
+                "size": list(p.size) if p is not None else [self.model_size[0], self.model_size[1]],
+                "resize": self.resize}
+        if self.resize == "crop":
+            info["crop_fraction"] = self.crop_fraction
         if p is not None:
             info.update(mean=[round(float(v), 6) for v in p.mean], std=[round(float(v), 6) for v in p.std])
         return info
@@ -475,7 +486,15 @@ class Explainer:
             self._sessions[key] = GradientSession(gm, device=self.requested_device, threads=self.threads)
         return self._sessions[key]
 
-    def _setup_preprocessing(self, gm, preprocess, mean, std, size) -> None:
+    def footprint(self, image_size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+        """(top, left, height, width): the rectangle of an image of ``image_size`` (H, W) that the
+        model sees, in the image's pixels; None when it sees the whole image, stretched."""
+        if self._preprocessor is None:
+            return None
+        fit = self._preprocessor.fit(image_size)
+        return None if fit.is_whole_image else fit.footprint
+
+    def _setup_preprocessing(self, gm, preprocess, mean, std, size, resize=None, crop_fraction=None) -> None:
         self.layout, model_size, self.channels = detect_layout(gm.input_shape, name=f"model input '{gm.input_name}'")
         self.model_size = model_size
         self._size = None
@@ -508,10 +527,22 @@ class Explainer:
             source = f"{source}, mean/std from options"
         self.preprocessing_source = source
         self._mean, self._std = mean, std
+        if resize is None and crop_fraction is None:
+            resize = metadata_value(gm.model, "onnxcam.resize")
+            fraction = _metadata_floats(gm.model, "onnxcam.crop_fraction")
+            crop_fraction = None if fraction is None else fraction[0]
+            try:
+                self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
+            except OptionError as exc:
+                raise ModelError(f"the model's metadata onnxcam.resize/onnxcam.crop_fraction: {exc}; fix the "
+                                 "metadata, or pass --resize") from None
+        else:
+            self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
         self._preprocessor = None
         if self._size is not None:
             self._preprocessor = Preprocessor(self._size, preset=self._preset_name, mean=mean, std=std,
-                                              layout=self.layout, channels=self.channels)
+                                              layout=self.layout, channels=self.channels,
+                                              resize=self.resize, crop_fraction=self.crop_fraction)
 
     def _preprocessor_for(self, items: list[_Item]) -> Preprocessor | None:
         if self._preprocessor is None and any(item.array is None for item in items):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from onnxcam.atomic import atomic_path
 from onnxcam.imaging.io import OVERLAY_PNG_OPTIONS
-from onnxcam.cams import normalize, upsample_bilinear
+from onnxcam.cams import footprint_mask, normalize, upsample_bilinear
 from onnxcam.errors import OptionError
 from onnxcam.imaging import load_image, overlay as blend
 from onnxcam.jsonable import to_jsonable
@@ -31,6 +31,8 @@ METHOD_TITLES = {
 class Explanation:
     """One map: ``map`` (H, W) float32 in [0, 1] at the original image size (the model's input size
     for array inputs), ``raw_map`` (h, w) at the target layer's resolution, not normalised.
+    ``footprint`` = (top, left, height, width) is the rectangle of the image the model saw, in the
+    map's pixels (None: the whole image, stretched); a centre crop leaves the map 0 outside it.
 
     ``class_index``/``label``/``score`` (the pre-softmax logit)/``probability`` describe the class
     explained; for a neuron-level map they are None and ``neuron`` holds the index tuples.
@@ -49,6 +51,7 @@ class Explanation:
     flat: bool
     image_index: int
     image_size: tuple[int, int]                 # (H, W) of the map
+    footprint: tuple[float, float, float, float] | None = None  # what the model saw; None: all
     source: str | None = None                   # the image file, when one was given
     model: str = ""
     score_tensor: str | None = None             # set for neuron-level maps
@@ -65,11 +68,23 @@ class Explanation:
     # -- the map ---------------------------------------------------------------------------
     @property
     def map(self) -> np.ndarray:
-        """(H, W) float32 in [0, 1]: raw_map upsampled (bilinear) to the image size, min-max
-        normalised; all zeros for a flat map."""
+        """(H, W) float32 in [0, 1]: raw_map upsampled (bilinear) over the image part the model
+        saw, min-max normalised there and 0 elsewhere; all zeros for a flat map."""
         if self._map is None:
-            self._map = normalize(upsample_bilinear(self.raw_map, self.image_size))
+            values = upsample_bilinear(self.raw_map, self.image_size, self.footprint)
+            seen = self.seen
+            if seen is not None:  # the part the model did not see takes the seen part's minimum: 0
+                values = np.where(seen, values, values[seen].min())
+            self._map = normalize(values)
         return self._map
+
+    @property
+    def seen(self) -> np.ndarray | None:
+        """(H, W) bool: the image pixels the model saw; None when it saw all of them."""
+        if self.footprint is None:
+            return None
+        seen = footprint_mask(self.image_size, self.footprint)
+        return None if seen.all() else seen
 
     @property
     def method_title(self) -> str:
@@ -102,7 +117,7 @@ class Explanation:
 
     def overlay(self, alpha: float = 0.5, colormap: str = "turbo") -> Image.Image:
         """The map coloured with ``colormap`` and blended over the image (``alpha`` = map weight)."""
-        return blend(self.image(), self.map, alpha=alpha, colormap=colormap)
+        return blend(self.image(), self.map, alpha=alpha, colormap=colormap, seen=self.seen)
 
     # -- records and files -----------------------------------------------------------------
     def file_stem(self, stem: str | None = None) -> str:
@@ -121,6 +136,8 @@ class Explanation:
             "image": self.source,
             "image_index": self.image_index,
             "map_size": {"height": self.image_size[0], "width": self.image_size[1]},
+            "footprint": (None if self.footprint is None else
+                          dict(zip(("top", "left", "height", "width"), (round(v, 3) for v in self.footprint)))),
             "layer": self.layer,
             "layer_map_size": {"height": int(self.raw_map.shape[0]), "width": int(self.raw_map.shape[1])},
             "method": self.method,

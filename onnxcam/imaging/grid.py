@@ -30,12 +30,15 @@ def compare_grid(
     tile: int = 224,
     image_title: str = "Input",
     colorbar: bool = False,
+    seen: np.ndarray | None = None,
 ) -> Image.Image:
     """Return an RGB figure: ``image`` then, for each (title, map01) in ``panels``, its overlay.
 
     Every tile is the image scaled (aspect ratio kept) to fit a ``tile`` x ``tile`` box, so all
     tiles have the same size. Maps can be at any resolution (they are stretched over the image).
-    With ``colorbar`` a vertical low-to-high bar of the colormap is added at the right.
+    With ``colorbar`` a vertical low-to-high bar of the colormap is added at the right. ``seen``
+    (H, W) bool at the image's size marks what the model saw (a centre crop); the rest is left
+    uncoloured in every overlay.
     """
     weight = check_alpha(alpha)
     get_colormap(colormap)  # fail on a bad name before drawing anything
@@ -47,7 +50,10 @@ def compare_grid(
     tile_size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
     thumbnail = rgb.resize(tile_size, Image.Resampling.LANCZOS)
     tiles = [(image_title, thumbnail)]
-    tiles += [(title, overlay(thumbnail, map01, weight, colormap)) for title, map01 in panels]
+    if seen is not None:
+        mask = Image.fromarray(np.asarray(seen, dtype=np.uint8) * 255).resize(tile_size, Image.Resampling.NEAREST)
+        seen = np.asarray(mask) > 127
+    tiles += [(title, overlay(thumbnail, map01, weight, colormap, seen=seen)) for title, map01 in panels]
 
     margin = max(6, tile // 28)
     font = _font(max(11, round(tile * 0.068)))

@@ -39,15 +39,19 @@ def resize_map(map01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
-def overlay(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, colormap: str = "turbo") -> Image.Image:
+def overlay(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, colormap: str = "turbo",
+            seen: np.ndarray | None = None) -> Image.Image:
     """Return ``(1 - alpha) * image + alpha * colormap(map)`` as an RGB image of the image's size.
 
     ``map01`` holds values in [0, 1] (clipped otherwise) at any resolution; it is stretched over
-    the whole image, matching the no-crop preprocessing.
+    the whole image. ``seen`` (H, W) bool marks the pixels the model saw (a centre crop): the
+    others are only darkened, with no colour, so that no one reads a map where the model did not look.
     """
     weight = check_alpha(alpha)
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     colours = apply_colormap(resize_map(map01, rgb.size), colormap).astype(np.float32)
+    if seen is not None:
+        colours[~np.asarray(seen, dtype=bool)] = 0.0
     blended = np.asarray(rgb, dtype=np.float32)  # a new array, blended in place (same float32 steps)
     blended *= 1.0 - weight
     colours *= weight

@@ -15,9 +15,10 @@ An explicit ``mean``/``std`` replaces the preset's and is given in the same unit
 (so 0-1 units for imagenet/unit/symmetric, 0-255 units for caffe/raw) and in the model's channel
 order (BGR for caffe). One value applies to every channel.
 
-The whole image is resized to the model's (H, W) with Pillow's bilinear filter (which
-antialiases when shrinking, like torchvision on PIL images). There is no centre crop, so the
-explanation map covers the whole image; the aspect ratio is not kept.
+Images are resized with Pillow's bilinear filter (which antialiases when shrinking, like
+torchvision on PIL images). By default the whole image is resized to the model's (H, W), so the
+map covers the whole image and the aspect ratio is not kept; ``resize="crop"`` and ``"pad"`` keep
+it (:mod:`onnxcam.imaging.fit`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from onnxcam.errors import ModelError, OptionError
+from onnxcam.imaging.fit import Fit, check_resize, fit_image
 
 LAYOUTS = ("NCHW", "NHWC")
 
@@ -78,7 +80,9 @@ def get_preset(name: str) -> Preset:
 class Preprocessor:
     """Resize + normalise PIL images into float32 arrays of shape (C, H, W) or (H, W, C).
 
-    ``size`` is the model's (H, W). ``channels`` is 3 (RGB/BGR) or 1 (grey: Pillow's "L",
+    ``size`` is the model's (H, W); ``resize`` is how an image gets there: "stretch" (the whole
+    image), "crop" (the centre, after resizing to ``size / crop_fraction``) or "pad" (the whole
+    image with its aspect ratio, on the mean colour). ``channels`` is 3 (RGB/BGR) or 1 (grey: Pillow's "L",
     L = 0.299 R + 0.587 G + 0.114 B); for 1 channel a 3-value preset mean/std is averaged into one.
     Give it images from ``load_image`` (8-bit RGB): other modes are converted with plain
     ``Image.convert``, which clips 16-bit data and drops alpha.
@@ -92,8 +96,11 @@ class Preprocessor:
         std: Sequence[float] | float | None = None,
         layout: str = "NCHW",
         channels: int = 3,
+        resize: str = "stretch",
+        crop_fraction: float | None = None,
     ) -> None:
         self.size = _check_size(size)
+        self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
         self.preset = get_preset(preset)
         self.layout = _check_layout(layout)
         self.channels = _check_channels(channels)
@@ -110,18 +117,29 @@ class Preprocessor:
             return (self.channels, height, width)
         return (height, width, self.channels)
 
+    def fit(self, image_size: tuple[int, int]) -> Fit:
+        """How an image of ``image_size`` (H, W) is fitted to the model's size."""
+        return fit_image(image_size, self.size, self.resize, self.crop_fraction)
+
     def __call__(self, image: Image.Image) -> np.ndarray:
-        height, width = self.size
         mode = "L" if self.channels == 1 else "RGB"
         if image.mode != mode:
             image = image.convert(mode)
-        resized = image.resize((width, height), Image.Resampling.BILINEAR)
+        fit = self.fit((image.height, image.width))
+        resized = image.resize(fit.resized[::-1], Image.Resampling.BILINEAR)
         pixels = np.asarray(resized, dtype=np.float64)
         if self.channels == 1:
             pixels = pixels[:, :, None]
         elif self.preset.channel_order == "BGR":
             pixels = pixels[:, :, ::-1]
+        (top, left), (height, width) = fit.offset, self.size
+        if top >= 0 and left >= 0:  # stretch or crop: the model's window of the resized image
+            pixels = pixels[top:top + height, left:left + width]
         values = (pixels * self.preset.scale - self.mean) / self.std
+        if top < 0 or left < 0:  # pad: the resized image on the mean colour, which normalises to 0
+            canvas = np.zeros((height, width, values.shape[2]), dtype=np.float64)
+            canvas[-top:-top + values.shape[0], -left:-left + values.shape[1]] = values
+            values = canvas
         if self.layout == "NCHW":
             values = values.transpose(2, 0, 1)
         return np.ascontiguousarray(values, dtype=np.float32)
@@ -135,7 +153,8 @@ class Preprocessor:
     def __repr__(self) -> str:
         return (
             f"Preprocessor(size={self.size}, preset={self.preset.name!r}, mean={tuple(self.mean.tolist())}, "
-            f"std={tuple(self.std.tolist())}, layout={self.layout!r}, channels={self.channels})"
+            f"std={tuple(self.std.tolist())}, layout={self.layout!r}, channels={self.channels}, "
+            f"resize={self.resize!r}" + (f", crop_fraction={self.crop_fraction})" if self.resize == "crop" else ")")
         )
 
 

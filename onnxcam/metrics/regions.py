@@ -95,18 +95,26 @@ def region_mask(region: Any, height: int, width: int, what: str = "region") -> n
     return instance_masks(region, height, width, what).any(axis=0)
 
 
-def scale_boxes(boxes: Any, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+def scale_boxes(boxes: Any, from_size: tuple[int, int], to_size: tuple[int, int],
+                footprint: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Rescale ``(K, 4)`` boxes from an image of ``(H, W)`` = ``from_size`` to ``to_size``.
 
     Use it when the model input (and so the map) has another size than the annotated image.
+    ``footprint`` = (top, left, height, width) is the image rectangle the model input covers (a
+    centre crop, or padding beyond the image); the boxes are then clipped to the model input, and
+    a box the crop leaves out becomes empty.
     """
     arr = _as_boxes(boxes, "boxes")
     fh, fw = from_size
     th, tw = to_size
     if min(fh, fw, th, tw) <= 0:
         raise DataError(f"scale_boxes: sizes must be positive, got {from_size} -> {to_size}")
-    scale = np.array([tw / fw, th / fh, tw / fw, th / fh], dtype=np.float64)
-    return arr * scale
+    if footprint is None:
+        scale = np.array([tw / fw, th / fh, tw / fw, th / fh], dtype=np.float64)
+        return arr * scale
+    top, left, height, width = footprint
+    shifted = (arr - np.array([left, top, left, top])) * np.array([tw / width, th / height] * 2)
+    return np.clip(shifted, 0.0, np.array([tw, th, tw, th], dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,16 +117,22 @@ input_option = click.option(
 
 
 def resize_options(func):
-    """--resize and --crop-fraction: how an image of any size is brought to the model's size."""
-    from onnxcam.imaging.fit import RESIZE_MODES
+    """--resize, --crop-fraction and --interpolation: how an image of any size is brought to the
+    model's size."""
+    from onnxcam.imaging.fit import INTERPOLATIONS, RESIZE_MODES
 
+    func = click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS), case_sensitive=False),
+                        help="Pillow's resampling filter (default: model metadata, a Hugging Face or timm "
+                             "config next to the model, else bilinear).")(func)
     func = click.option("--crop-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
-                        help="With --resize crop: the share of the resized image the crop keeps "
-                             "(default 0.875: Resize(256) + CenterCrop(224)).")(func)
+                        help="With --resize crop or stretch-crop: the share of the resized image the crop "
+                             "keeps (default 0.875: Resize(256) + CenterCrop(224)).")(func)
     return click.option("--resize", type=click.Choice(RESIZE_MODES, case_sensitive=False),
-                        help="How an image meets the model's size: stretch the whole image (default), "
-                             "crop its centre as torchvision's Resize + CenterCrop, or pad it to keep "
-                             "its aspect ratio (default: model metadata onnxcam.resize, else stretch).")(func)
+                        help="How an image meets the model's size: stretch the whole image, crop its "
+                             "centre keeping the aspect ratio (torchvision's Resize + CenterCrop), "
+                             "stretch-crop (stretch to size / fraction, then crop), or pad it (default: "
+                             "model metadata, a Hugging Face or timm config next to the model, else "
+                             "stretch).")(func)
 
 
 def preprocess_option(func):

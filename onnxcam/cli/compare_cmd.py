@@ -41,7 +41,7 @@ from onnxcam.imaging.io import display_path
 @click.option("--no-cache", is_flag=True, help="Rewrite the models now instead of using the disk cache.")
 @click.pass_context
 def compare(ctx, model_a, model_b, images, method, threshold, min_iou, class_index, layer_a, layer_b,
-            samples, noise_level, seed, device, batch_size, as_json, fixed_inputs, resize, crop_fraction,
+            samples, noise_level, seed, device, batch_size, as_json, fixed_inputs, resize, crop_fraction, interpolation,
             no_cache):
     """Explain IMAGES with MODEL_A and MODEL_B and compare the maps.
 
@@ -62,7 +62,7 @@ def compare(ctx, model_a, model_b, images, method, threshold, min_iou, class_ind
                             class_index=class_index, layer_a=layer_a, layer_b=layer_b, samples=samples,
                             noise_level=noise_level, seed=seed, device=device, batch_size=batch_size,
                             cache=not no_cache, inputs=parse_input_options(fixed_inputs), resize=resize,
-                            crop_fraction=crop_fraction)
+                            crop_fraction=crop_fraction, interpolation=interpolation)
     if as_json:
         echo_json(result.to_dict())
     else:

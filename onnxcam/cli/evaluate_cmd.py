@@ -81,7 +81,8 @@ def _baseline(ctx, param, value):
 @click.pass_context
 def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps, tolerance, coverage_threshold,
              deletion_baseline, insertion_baseline, blur_sigma, target, limit, out, as_json, device,
-             batch_size, preprocess, resize, crop_fraction, labels, fixed_inputs, no_cache, skip_unreadable):
+             batch_size, preprocess, resize, crop_fraction, interpolation, labels, fixed_inputs, no_cache,
+             skip_unreadable):
     """Score CAM methods on the images of DATA with their ground truth.
 
     DATA is a folder of images with a manifest.json (classes and boxes), a CSV manifest
@@ -112,7 +113,8 @@ def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps
     with status_line(f"Preparing {Path(model).name}",
                      show=stderr_is_tty() and not as_json):
         explainer = Explainer(model, layer=layer, device=device, batch_size=batch_size, preprocess=preprocess,
-                              resize=resize, crop_fraction=crop_fraction, labels=labels, cache=not no_cache,
+                              resize=resize, crop_fraction=crop_fraction, interpolation=interpolation,
+                              labels=labels, cache=not no_cache,
                               inputs=parse_input_options(fixed_inputs))
     dataset = load_dataset(data, labels=explainer.labels, num_classes=explainer.num_classes).limit(limit)
     files = {"results": out / "results.json", "csv": out / "results.csv", "curves": out / "curves.png"}

@@ -96,8 +96,8 @@ def writer_threads() -> int:
 @click.pass_context
 def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, score, neuron, samples,
             noise_level, seed, numerator, averaging, denominator, out, device, batch_size, preprocess,
-            resize, crop_fraction, mean, std, size, fixed_inputs, labels, alpha, colormap, compare, as_json,
-            no_cache, skip_unreadable):
+            resize, crop_fraction, interpolation, mean, std, size, fixed_inputs, labels, alpha, colormap, compare,
+            as_json, no_cache, skip_unreadable):
     """Explain IMAGE files (or every image in a folder DIR) with a gradient CAM.
 
     For every image and class it writes into --out, atomically:
@@ -140,7 +140,7 @@ def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, sco
                      show=stderr_is_tty() and not as_json):
         explainer = Explainer(model, layer=layer, device=device, score=score, batch_size=batch_size,
                               preprocess=preprocess, mean=mean, std=std, size=size, resize=resize,
-                              crop_fraction=crop_fraction,
+                              crop_fraction=crop_fraction, interpolation=interpolation,
                               inputs=parse_input_options(fixed_inputs), labels=labels, cache=not no_cache)
     main_method = _canonical(method)
     methods = [main_method] + [m for m in COMPARE_METHODS if compare and m != main_method]

@@ -10,7 +10,8 @@ import onnx_graphsurgeon as gs
 
 from onnxcam.cli.common import comma_numbers, echo_json, input_option, shape_text, table, value_info_rows
 from onnxcam.errors import OnnxCamError
-from onnxcam.explain.explainer import with_input_size
+from onnxcam.explain.explainer import has_dynamic_size, with_input_size
+from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph import external
@@ -23,6 +24,7 @@ from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.runtime.cache import load_gradient_model
 
 METADATA_KEYS = ("onnxcam.mean", "onnxcam.std", "onnxcam.preprocess", "onnxcam.resize", "onnxcam.crop_fraction",
+                 "onnxcam.interpolation",
                  "onnxcam.labels")
 
 
@@ -56,6 +58,11 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     proto = load_model(path)
     if inputs:
         proto = fix_inputs(proto, inputs)
+    sidecar = read_sidecar(path)
+    notes = []
+    if size is None and sidecar is not None and sidecar.size is not None and has_dynamic_size(proto):
+        size = sidecar.size  # as explain does: the size the image processor next to the model makes
+        notes.append(f"the input size is dynamic: {size[0]}x{size[1]} from {sidecar.source} (--size overrides it)")
     if size is not None:
         proto = with_input_size(proto, size)
     report: dict = {
@@ -68,7 +75,11 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
         "outputs": value_info_rows(proto.graph.output),
         "metadata": {key: metadata_value(proto, key) for key in METADATA_KEYS
                      if metadata_value(proto, key) is not None},
-        "notes": [],
+        "sidecar": None if sidecar is None else {
+            "files": list(sidecar.files), "mean": sidecar.mean, "std": sidecar.std, "resize": sidecar.resize,
+            "crop_fraction": sidecar.crop_fraction, "interpolation": sidecar.interpolation,
+            "size": sidecar.size, "labels": len(sidecar.labels) if sidecar.labels else None},
+        "notes": notes,
     }
     preparation = prepare(proto)
     graph = gs.import_onnx(preparation.model)
@@ -81,7 +92,9 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     classes = classes if isinstance(classes, int) else None
     report["classes"] = classes
     try:
-        labels, source = resolve_labels(classes, None, proto)
+        labels, source = resolve_labels(
+            classes, None, proto,
+            sidecar=(sidecar.labels, sidecar.labels_source) if sidecar and sidecar.labels else None)
         report["labels"] = {"source": source, "first": labels[:3] if labels else None}
     except OnnxCamError as exc:
         report["labels"] = {"source": "invalid", "error": str(exc)}
@@ -91,7 +104,7 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     except (OnnxCamError, IndexError) as exc:
         report["layout"] = None
         report["notes"].append(str(exc) if isinstance(exc, OnnxCamError) else "the model has no inputs")
-    report["preprocessing"] = _preprocessing_text(report["metadata"], input_scaling(proto))
+    report["preprocessing"] = _preprocessing_text(report["metadata"], input_scaling(proto), sidecar)
 
     rows, automatic = [], None
     if logits is not None:
@@ -147,8 +160,16 @@ def _squashed(graph: gs.Graph, logits: gs.Tensor) -> bool:
     return any(op in SQUASHING for op in seen)
 
 
-def _preprocessing_text(metadata: dict, scaling) -> str:
+def _preprocessing_text(metadata: dict, scaling, sidecar=None) -> str:
     found = {k: v for k, v in metadata.items() if k != "onnxcam.labels"}
+    if sidecar is not None and (sidecar.describes_preprocessing or sidecar.resize):
+        said = {"mean": _rounded(sidecar.mean), "std": _rounded(sidecar.std), "resize": sidecar.resize,
+                "crop_fraction": sidecar.crop_fraction, "interpolation": sidecar.interpolation}
+        text = ", ".join(f"{k}={v}" for k, v in said.items() if v is not None)
+        if not found:
+            return f"from {sidecar.source}: {text} (0-1 units)"
+        return (", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in found.items())
+                + f"; where the metadata is silent, {sidecar.source}: {text}")
     if not found and scaling is not None:
         return (f"none in the metadata; {scaling.describe()}, so the '{scaling.preset}' preset is used "
                 f"({PRESETS[scaling.preset].description}); pass --preprocess or --mean/--std if the model "
@@ -157,6 +178,10 @@ def _preprocessing_text(metadata: dict, scaling) -> str:
         return ("none in the metadata: the 'imagenet' preset is used (RGB/255, ImageNet mean/std); "
                 "pass --preprocess or --mean/--std if the model expects otherwise")
     return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in found.items())
+
+
+def _rounded(values):
+    return None if values is None else ",".join(f"{v:.6g}" for v in values)
 
 
 def _text(report: dict) -> str:

@@ -6,7 +6,8 @@ Example ``check.toml`` (relative paths are relative to the TOML file's folder)::
     method = "gradcampp"            # default smoothgradcampp; variants in [method_options]
     # layer = "/features/relu4/Relu_output_0"
     # samples = 25, noise_level = 0.15, seed = 0, device = "cpu", batch_size = 16
-    # preprocess = "unit", labels = "labels.txt", resize = "crop", crop_fraction = 0.875
+    # preprocess = "unit", labels = "labels.txt", resize = "crop", crop_fraction = 0.875,
+    # interpolation = "bicubic"
     # [inputs] scale_factor = 1.0   (the model's inputs other than the image: numbers, lists, .npy)
 
     [thresholds]
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from onnxcam.errors import DataError, OptionError
-from onnxcam.imaging.fit import check_resize
+from onnxcam.imaging.fit import check_interpolation, check_resize
 from onnxcam.imaging.io import display_path
 
 __all__ = ["CheckConfig", "CheckImage", "CheckReport", "CheckResult", "junit_xml", "load_check_config",
@@ -53,7 +54,7 @@ __all__ = ["CheckConfig", "CheckImage", "CheckReport", "CheckResult", "junit_xml
 
 TOP_KEYS = {"model", "method", "layer", "samples", "noise_level", "seed", "device", "batch_size",
             "preprocess", "labels", "method_options", "thresholds", "images", "name", "inputs", "resize",
-            "crop_fraction"}
+            "crop_fraction", "interpolation"}
 THRESHOLD_KEYS = {"prediction", "pointing", "tolerance", "min_energy", "max_average_drop"}
 IMAGE_KEYS = {"path", "class", "region", "name", "tolerance", "min_energy"}
 
@@ -90,6 +91,7 @@ class CheckConfig:
     inputs: dict[str, Any] = field(default_factory=dict)  # the model's other inputs, fixed
     resize: str | None = None                # stretch, crop or pad (None: the model's metadata)
     crop_fraction: float | None = None
+    interpolation: str | None = None
 
 
 @dataclass
@@ -254,8 +256,10 @@ def load_check_config(path: str | os.PathLike) -> CheckConfig:
     inputs = _inputs(raw.get("inputs", {}), base, name)
     resize = _string(raw, "resize", name)
     crop_fraction = _number(raw, "crop_fraction", name, None, low=0, high=1)
+    interpolation = _string(raw, "interpolation", name)
     try:
         check_resize(resize, crop_fraction)
+        check_interpolation(interpolation)
     except OptionError as exc:
         raise DataError(f"{name}: {exc}") from None
     return CheckConfig(
@@ -264,7 +268,7 @@ def load_check_config(path: str | os.PathLike) -> CheckConfig:
         noise_level=noise_level, seed=seed, device=_string(raw, "device", name), batch_size=batch_size,
         preprocess=_string(raw, "preprocess", name), labels=_resolve(base, labels) if labels else None,
         prediction=prediction, pointing=pointing, max_average_drop=max_drop, images=images, inputs=inputs,
-        resize=resize, crop_fraction=crop_fraction)
+        resize=resize, crop_fraction=crop_fraction, interpolation=interpolation)
 
 
 def _inputs(table: Any, base: Path, name: str) -> dict[str, Any]:
@@ -369,6 +373,7 @@ def run_checks(config: CheckConfig, explainer=None) -> CheckReport:
         explainer = Explainer(config.model, layer=config.layer, device=config.device,
                               batch_size=config.batch_size, preprocess=config.preprocess,
                               resize=config.resize, crop_fraction=config.crop_fraction,
+                              interpolation=config.interpolation,
                               labels=config.labels, inputs=config.inputs or None)
     name = display_path(config.path)
     expected = []

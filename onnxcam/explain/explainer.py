@@ -72,7 +72,8 @@ from onnxcam.explain.result import Explanation
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
-from onnxcam.imaging.fit import check_resize
+from onnxcam.imaging.fit import check_interpolation, check_resize
+from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
@@ -130,8 +131,13 @@ class Explainer:
     override it; ``size`` = (H, W) for models with a dynamic input size. ``resize``: how an image
     gets to the model's size, "stretch" (the whole image, the default), "crop" (resize so that
     size / ``crop_fraction``, 0.875 by default, covers it, and take the centre: torchvision's
-    Resize(256) + CenterCrop(224)) or "pad" (letterbox); default: metadata onnxcam.resize and
-    onnxcam.crop_fraction, else "stretch". ``labels``: a file or a
+    Resize(256) + CenterCrop(224)), "stretch-crop" (resize to size / ``crop_fraction``, take the
+    centre) or "pad" (letterbox); ``interpolation``: Pillow's filter (bilinear, bicubic, nearest,
+    lanczos, box, hamming). Each defaults to the model's metadata (onnxcam.resize,
+    onnxcam.crop_fraction, onnxcam.interpolation), else what a Hugging Face
+    preprocessor_config.json or a timm config.json next to the model says (mean and std, size,
+    crop, resampling, class names: see ``onnxcam.explain.sidecar``), else stretch and bilinear.
+    ``labels``: a file or a
     list of class names (default: metadata onnxcam.labels, or ImageNet for 1000 classes).
     ``cache``: keep rewritten models in the disk cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).
     ``noise_in_graph``: make Smooth Grad-CAM++'s noisy batches inside the model, from the clean
@@ -153,7 +159,7 @@ class Explainer:
                  labels: str | os.PathLike | Sequence[str] | None = None, cache: bool = True,
                  threads: int | None = None, noise_in_graph: bool | None = None,
                  inputs: Mapping[str, Any] | None = None, resize: str | None = None,
-                 crop_fraction: float | None = None) -> None:
+                 crop_fraction: float | None = None, interpolation: str | None = None) -> None:
         self.model_source = model
         self.model_name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
         self.requested_device = check_device(device)
@@ -173,6 +179,10 @@ class Explainer:
             from onnxcam.graph.prepare import load_model
 
             self.model_source = fix_inputs(load_model(model), inputs)
+        self.sidecar = read_sidecar(model)
+        if size is None and self.sidecar is not None and self.sidecar.size is not None \
+                and has_dynamic_size(self.model_source):
+            size = self.sidecar.size  # the size the image processor next to the model makes
         if size is not None:  # a dynamic input size becomes static before the rewrite
             self.model_source = with_input_size(self.model_source, _check_size(size))
         try:
@@ -184,8 +194,10 @@ class Explainer:
         self.gradient_model = gm
         self.from_cache = self.setup_timings.get("from_cache", False)
         self._squash = _squashing(gm.model)
-        self._setup_preprocessing(gm, preprocess, mean, std, size, resize, crop_fraction)
-        self.labels, self.labels_source = resolve_labels(gm.num_classes, labels, gm.model)
+        self._setup_preprocessing(gm, preprocess, mean, std, size, resize, crop_fraction, interpolation)
+        self.labels, self.labels_source = resolve_labels(
+            gm.num_classes, labels, gm.model,
+            sidecar=(self.sidecar.labels, self.sidecar.labels_source) if self.sidecar and self.sidecar.labels else None)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -449,8 +461,8 @@ class Explainer:
         info = {"preset": self._preset_name, "layout": self.layout, "channels": self.channels,
                 "source": self.preprocessing_source,
                 "size": list(p.size) if p is not None else [self.model_size[0], self.model_size[1]],
-                "resize": self.resize}
-        if self.resize == "crop":
+                "resize": self.resize, "interpolation": self.interpolation}
+        if self.crop_fraction is not None:
             info["crop_fraction"] = self.crop_fraction
         if p is not None:
             info.update(mean=[round(float(v), 6) for v in p.mean], std=[round(float(v), 6) for v in p.std])
@@ -494,7 +506,8 @@ class Explainer:
         fit = self._preprocessor.fit(image_size)
         return None if fit.is_whole_image else fit.footprint
 
-    def _setup_preprocessing(self, gm, preprocess, mean, std, size, resize=None, crop_fraction=None) -> None:
+    def _setup_preprocessing(self, gm, preprocess, mean, std, size, resize=None, crop_fraction=None,
+                             interpolation=None) -> None:
         self.layout, model_size, self.channels = detect_layout(gm.input_shape, name=f"model input '{gm.input_name}'")
         self.model_size = model_size
         self._size = None
@@ -519,6 +532,10 @@ class Explainer:
             self._preset_name, source = "imagenet", "model metadata onnxcam.mean/std"
             mean = meta_mean if mean is None else mean
             std = meta_std if std is None else std
+        elif self.sidecar is not None and self.sidecar.describes_preprocessing:
+            self._preset_name, source = "imagenet", self.sidecar.source  # 0-1 units, RGB
+            mean = (self.sidecar.mean or (0.0,)) if mean is None else mean
+            std = (self.sidecar.std or (1.0,)) if std is None else std
         elif (scaling := input_scaling(gm.model)) is not None:
             self._preset_name, source = scaling.preset, scaling.describe()
         else:
@@ -531,6 +548,8 @@ class Explainer:
             resize = metadata_value(gm.model, "onnxcam.resize")
             fraction = _metadata_floats(gm.model, "onnxcam.crop_fraction")
             crop_fraction = None if fraction is None else fraction[0]
+            if resize is None and crop_fraction is None and self.sidecar is not None:
+                resize, crop_fraction = self.sidecar.resize, self.sidecar.crop_fraction_at(self._size)
             try:
                 self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
             except OptionError as exc:
@@ -538,11 +557,23 @@ class Explainer:
                                  "metadata, or pass --resize") from None
         else:
             self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
+        if interpolation is None:
+            interpolation = metadata_value(gm.model, "onnxcam.interpolation")
+            if interpolation is None and self.sidecar is not None:
+                interpolation = self.sidecar.interpolation
+            try:
+                self.interpolation = check_interpolation(interpolation)
+            except OptionError as exc:
+                raise ModelError(f"the model's metadata onnxcam.interpolation: {exc}; fix the metadata, or pass "
+                                 "--interpolation") from None
+        else:
+            self.interpolation = check_interpolation(interpolation)
         self._preprocessor = None
         if self._size is not None:
             self._preprocessor = Preprocessor(self._size, preset=self._preset_name, mean=mean, std=std,
                                               layout=self.layout, channels=self.channels,
-                                              resize=self.resize, crop_fraction=self.crop_fraction)
+                                              resize=self.resize, crop_fraction=self.crop_fraction,
+                                              interpolation=self.interpolation)
 
     def _preprocessor_for(self, items: list[_Item]) -> Preprocessor | None:
         if self._preprocessor is None and any(item.array is None for item in items):
@@ -770,23 +801,30 @@ def _check_size(size) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _require_static_size(model) -> None:
-    """OptionError when the model's input has a symbolic height or width (then no layer has the
-    static spatial size the rewrite needs, which would otherwise read as "no suitable layer")."""
+def _input_shape(model) -> list | None:
+    """The 4-D shape of the model's image input (None where a dim is symbolic); None otherwise."""
     from onnxcam.graph.prepare import load_model
 
     proto = load_model(model)
     initializers = {init.name for init in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if not inputs:
-        return
+        return None
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
              for d in inputs[0].type.tensor_type.shape.dim]
-    if len(shape) != 4:
-        return
-    _, (height, width), _ = detect_layout(shape)
-    if height is None or width is None:
-        raise OptionError(f"the model's input size is dynamic ({shape}): give the size to feed, "
+    return shape if len(shape) == 4 else None
+
+
+def has_dynamic_size(model) -> bool:
+    shape = _input_shape(model)
+    return shape is not None and None in detect_layout(shape)[1]
+
+
+def _require_static_size(model) -> None:
+    """OptionError when the model's input has a symbolic height or width (then no layer has the
+    static spatial size the rewrite needs, which would otherwise read as "no suitable layer")."""
+    if has_dynamic_size(model):
+        raise OptionError(f"the model's input size is dynamic ({_input_shape(model)}): give the size to feed, "
                           "size=(H, W) (--size H,W)")
 
 

@@ -73,9 +73,11 @@ def metadata_value(model: onnx.ModelProto, key: str) -> str | None:
     return None
 
 
-def resolve_labels(num_classes: int | None, labels: object = None,
-                   model: onnx.ModelProto | None = None) -> tuple[list[str] | None, str]:
-    """(names or None, where they came from). ``labels``: a path, a list of names, or None."""
+def resolve_labels(num_classes: int | None, labels: object = None, model: onnx.ModelProto | None = None,
+                   sidecar: tuple[list[str], str] | None = None) -> tuple[list[str] | None, str]:
+    """(names or None, where they came from). ``labels``: a path, a list of names, or None;
+    ``sidecar``: (names, source) from a config.json next to the model, used after the metadata
+    when it has one name per class."""
     if labels is not None:
         if isinstance(labels, (str, os.PathLike)):
             names, source = read_labels_file(labels), f"file {labels}"
@@ -97,6 +99,8 @@ def resolve_labels(num_classes: int | None, labels: object = None,
             raise ModelError(f"the model's metadata {METADATA_KEY} has {len(names)} names but the model "
                              f"has {num_classes} classes: fix the metadata, or pass --labels")
         return names, f"metadata {METADATA_KEY}"
+    if sidecar is not None and (num_classes is None or len(sidecar[0]) == num_classes):
+        return list(sidecar[0]), sidecar[1]
     if num_classes == 1000:
         return imagenet_labels(), "bundled ImageNet labels (the model has 1000 classes)"
     if num_classes == 1001:

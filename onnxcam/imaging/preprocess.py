@@ -15,10 +15,11 @@ An explicit ``mean``/``std`` replaces the preset's and is given in the same unit
 (so 0-1 units for imagenet/unit/symmetric, 0-255 units for caffe/raw) and in the model's channel
 order (BGR for caffe). One value applies to every channel.
 
-Images are resized with Pillow's bilinear filter (which antialiases when shrinking, like
-torchvision on PIL images). By default the whole image is resized to the model's (H, W), so the
-map covers the whole image and the aspect ratio is not kept; ``resize="crop"`` and ``"pad"`` keep
-it (:mod:`onnxcam.imaging.fit`).
+Images are resized with Pillow's bilinear filter by default (which antialiases when shrinking,
+like torchvision on PIL images; ``interpolation`` picks another). By default the whole image is
+resized to the model's (H, W), so the map covers the whole image and the aspect ratio is not
+kept; ``resize`` = "crop", "stretch-crop" and "pad" cut out the centre or keep the whole image
+with its aspect ratio (:mod:`onnxcam.imaging.fit`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from onnxcam.errors import ModelError, OptionError
-from onnxcam.imaging.fit import Fit, check_resize, fit_image
+from onnxcam.imaging.fit import INTERPOLATIONS, Fit, check_interpolation, check_resize, fit_image
 
 LAYOUTS = ("NCHW", "NHWC")
 
@@ -81,8 +82,10 @@ class Preprocessor:
     """Resize + normalise PIL images into float32 arrays of shape (C, H, W) or (H, W, C).
 
     ``size`` is the model's (H, W); ``resize`` is how an image gets there: "stretch" (the whole
-    image), "crop" (the centre, after resizing to ``size / crop_fraction``) or "pad" (the whole
-    image with its aspect ratio, on the mean colour). ``channels`` is 3 (RGB/BGR) or 1 (grey: Pillow's "L",
+    image), "crop" (the centre, after resizing to cover ``size / crop_fraction``), "stretch-crop"
+    (the centre, after resizing to ``size / crop_fraction``) or "pad" (the whole image with its
+    aspect ratio, on the mean colour); ``interpolation`` is Pillow's filter (bilinear, bicubic,
+    nearest, lanczos). ``channels`` is 3 (RGB/BGR) or 1 (grey: Pillow's "L",
     L = 0.299 R + 0.587 G + 0.114 B); for 1 channel a 3-value preset mean/std is averaged into one.
     Give it images from ``load_image`` (8-bit RGB): other modes are converted with plain
     ``Image.convert``, which clips 16-bit data and drops alpha.
@@ -98,9 +101,11 @@ class Preprocessor:
         channels: int = 3,
         resize: str = "stretch",
         crop_fraction: float | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
         self.size = _check_size(size)
         self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
+        self.interpolation = check_interpolation(interpolation)
         self.preset = get_preset(preset)
         self.layout = _check_layout(layout)
         self.channels = _check_channels(channels)
@@ -126,7 +131,7 @@ class Preprocessor:
         if image.mode != mode:
             image = image.convert(mode)
         fit = self.fit((image.height, image.width))
-        resized = image.resize(fit.resized[::-1], Image.Resampling.BILINEAR)
+        resized = image.resize(fit.resized[::-1], INTERPOLATIONS[self.interpolation])
         pixels = np.asarray(resized, dtype=np.float64)
         if self.channels == 1:
             pixels = pixels[:, :, None]
@@ -154,7 +159,8 @@ class Preprocessor:
         return (
             f"Preprocessor(size={self.size}, preset={self.preset.name!r}, mean={tuple(self.mean.tolist())}, "
             f"std={tuple(self.std.tolist())}, layout={self.layout!r}, channels={self.channels}, "
-            f"resize={self.resize!r}" + (f", crop_fraction={self.crop_fraction})" if self.resize == "crop" else ")")
+            f"resize={self.resize!r}, interpolation={self.interpolation!r}"
+            + (f", crop_fraction={self.crop_fraction})" if self.crop_fraction is not None else ")")
         )
 
 

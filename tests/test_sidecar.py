@@ -252,3 +252,29 @@ def test_inspect_shows_what_the_folder_says(tmp_path):
     (tmp_path / "export" / "preprocessor_config.json").write_text("{")
     broken = run(["inspect", model])
     assert broken.exit_code != 0 and "preprocessor_config.json" in broken.output and "Traceback" not in broken.output
+
+
+def test_an_exported_transformers_vit_is_fed_as_its_processor_feeds_it(tmp_path):
+    """A ViT with a dynamic input size, its processor and id2label saved beside it: onnxcam finds
+    the size, mean, std, resampling and class names, and its probabilities are the model's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "ViTImageProcessorPil"):
+        pytest.skip("this transformers has no Pillow ViT processor")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=128, num_labels=3,
+                                    id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+    model = transformers.ViTForImageClassification(config).eval()
+    processor = transformers.ViTImageProcessorPil(size={"height": 64, "width": 64}, resample=3)
+    config.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    torch.onnx.export(model, (torch.zeros(1, 3, 64, 64),), str(tmp_path / "model.onnx"), input_names=["pixel_values"],
+                      output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
+    image = noise_image(90, 60, seed=3)
+    with torch.no_grad():
+        expected = torch.softmax(model(**processor(image, return_tensors="pt")).logits, -1)[0].numpy()
+    results = Explainer(tmp_path / "model.onnx").explain(image, method="gradcam", targets=[[0, 1, 2]])
+    assert [result.label for result in results] == ["cat", "dog", "bird"]
+    np.testing.assert_allclose([result.probability for result in results], expected, atol=1e-5)

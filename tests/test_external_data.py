@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxcam import Explainer
-from onnxcam.errors import ModelError
+from onnxcam.errors import ModelError, OptionError
 from onnxcam.graph import external
 from onnxcam.graph.prepare import load_model
 from onnxcam.graph.rewrite import GRADIENT, SEED, build_gradient_model
@@ -63,6 +63,27 @@ def test_weights_stay_on_disk_and_give_the_in_memory_gradient(tmp_path, on_disk,
     x = random_inputs(3)
     np.testing.assert_allclose(gradient_of(gm, x), gradient_of(build_gradient_model(model, layer="a1"), x),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_sessions_of_weights_on_disk_share_them_unpacked_unless_asked(tmp_path, on_disk, monkeypatch):
+    """Prepacking would give each session a private copy of every weight the data files hold."""
+    gm = build_gradient_model(save_external(build_cnn(softmax=False), tmp_path / "model"), layer="a1")
+    in_memory = build_gradient_model(build_cnn(softmax=False), layer="a1")
+
+    def prepacking_off(model) -> bool:
+        options = create_session(model, "cpu")[0].get_session_options()
+        try:
+            return options.get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # not set: ONNX Runtime's default, prepacking
+            return False
+
+    assert prepacking_off(gm.model)
+    assert not prepacking_off(in_memory.model)  # weights in the model: ONNX Runtime's default
+    monkeypatch.setenv("ONNXCAM_PREPACK", "1")
+    assert not prepacking_off(gm.model)
+    monkeypatch.setenv("ONNXCAM_PREPACK", "maybe")
+    with pytest.raises(OptionError, match="ONNXCAM_PREPACK='maybe' must be 1 or 0"):
+        create_session(gm.model, "cpu")
 
 
 def test_explainer_maps_match_the_in_memory_model(tmp_path, on_disk):
@@ -235,7 +256,7 @@ def _large_model(folder, classes: int = 140_000, channels: int = 4096):
 
 
 @pytest.mark.skipif(os.environ.get("ONNXCAM_TEST_LARGE") != "1",
-                    reason="writes a 2.3 GB model: set ONNXCAM_TEST_LARGE=1 (needs ~12 GB of memory)")
+                    reason="writes a 2.3 GB model: set ONNXCAM_TEST_LARGE=1 (needs ~5 GB of memory)")
 def test_a_model_over_2_gb_is_explained_and_rewritten(tmp_path):
     path = _large_model(tmp_path / "model")
     assert (tmp_path / "model" / "big.onnx.data").stat().st_size > 2**31

@@ -65,8 +65,9 @@ def test_weights_stay_on_disk_and_give_the_in_memory_gradient(tmp_path, on_disk,
                                rtol=1e-5, atol=1e-6)
 
 
-def test_sessions_of_weights_on_disk_share_them_unpacked_unless_asked(tmp_path, on_disk, monkeypatch):
-    """Prepacking would give each session a private copy of every weight the data files hold."""
+def test_sessions_of_large_weights_on_disk_share_them_unpacked_unless_asked(tmp_path, on_disk, monkeypatch):
+    """Prepacking would give each session a private copy of every weight the data files hold:
+    above external.PREPACK_LIMIT bytes of them it is off."""
     gm = build_gradient_model(save_external(build_cnn(softmax=False), tmp_path / "model"), layer="a1")
     in_memory = build_gradient_model(build_cnn(softmax=False), layer="a1")
 
@@ -77,6 +78,8 @@ def test_sessions_of_weights_on_disk_share_them_unpacked_unless_asked(tmp_path, 
         except RuntimeError:  # not set: ONNX Runtime's default, prepacking
             return False
 
+    assert not prepacking_off(gm.model)  # a few KB: below the limit
+    monkeypatch.setattr(external, "PREPACK_LIMIT", external.disk_bytes(gm.model) - 1)
     assert prepacking_off(gm.model)
     assert not prepacking_off(in_memory.model)  # weights in the model: ONNX Runtime's default
     monkeypatch.setenv("ONNXCAM_PREPACK", "1")

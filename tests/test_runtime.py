@@ -13,9 +13,10 @@ import onnxruntime as ort
 import pytest
 
 from onnxcam import Explainer
-from onnxcam.errors import ModelError, OptionError
+from onnxcam.errors import LayerError, ModelError, OptionError
 from onnxcam.explain.explainer import MAX_BATCH
 from onnxcam.explain.noise import NoiseBank, noise_sigma, noisy_batches, sample_generator
+from onnxcam.graph import external
 from onnxcam.graph.rewrite import build_gradient_model
 from onnxcam.runtime import cache as cache_module
 from onnxcam.runtime.cache import cache_dir, load_gradient_model
@@ -292,6 +293,79 @@ def test_model_with_external_data_is_cached_until_its_data_changes(tmp_path, iso
     got = Explainer(folder / "m.onnx").explain(x, method="gradcam")[0].raw_map
     want = Explainer(build_cnn(seed=1), cache=False).explain(x, method="gradcam")[0].raw_map
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture
+def spilling(monkeypatch):
+    """The small test CNN counts as a large model: its weights go to the cache entry's data file."""
+    monkeypatch.setattr(cache_module, "SPILL_BYTES", 100)
+    monkeypatch.setattr(external, "READ_IN_BYTES", 100)
+
+
+def test_large_weights_go_to_the_entrys_data_file_and_give_the_same_maps(model_path, isolated_cache, spilling):
+    x = random_inputs(2)
+    want = Explainer(model_path, cache=False).explain(x, method="smoothgradcampp", samples=4)
+    built, cached = load_gradient_model(model_path)
+    assert not cached
+    data = next(isolated_cache.rglob("*.onnx.data"))
+    assert external.folder_of(built.model) == str(data.parent)
+    moved = [t for t in built.model.graph.initializer if external.is_external(t)]
+    assert moved and all(external.tensor_bytes(t) > 100 for t in moved)
+    offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in moved]
+    assert all(offset % external.SPILL_ALIGN == 0 for offset in offsets)
+    assert not any(external.is_external(t) for t in onnx.load(str(model_path)).graph.initializer)  # untouched
+    for source in (model_path, onnx.load(str(model_path))):  # the cache hit, and a proto of the same bytes
+        got = Explainer(source).explain(x, method="smoothgradcampp", samples=4)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a.raw_map, b.raw_map)
+    assert load_gradient_model(model_path)[1]
+    # the entry counts its data file, and pruning takes it along
+    entry = cache_module.cached_models()[0][0]
+    assert entry.nbytes == sum(p.stat().st_size for p in data.parent.iterdir())
+    cache_module.prune(0)
+    assert not list(isolated_cache.rglob("*.onnx.data"))
+
+
+def test_a_given_proto_is_spilled_from_a_copy(isolated_cache, spilling):
+    proto = build_cnn("mlp", seed=4)
+    before = proto.SerializeToString()
+    built, _ = load_gradient_model(proto)
+    assert any(external.is_external(t) for t in built.model.graph.initializer)
+    assert proto.SerializeToString() == before
+
+
+@pytest.mark.parametrize("damage", ["remove", "truncate"])
+def test_a_missing_or_short_data_file_rebuilds_the_entry(model_path, isolated_cache, spilling, damage):
+    load_gradient_model(model_path)
+    data = next(isolated_cache.rglob("*.onnx.data"))
+    if damage == "remove":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[:-10])
+    rebuilt, cached = load_gradient_model(model_path)
+    assert not cached and data.stat().st_size > 0
+    assert load_gradient_model(model_path)[1]
+    assert Explainer(model_path).explain(random_inputs(1), method="gradcam")[0].raw_map.shape == (32, 32)
+
+
+def test_a_failed_rewrite_leaves_no_data_file(model_path, isolated_cache, spilling):
+    with pytest.raises(LayerError):
+        load_gradient_model(model_path, layer="no-such-layer")
+    assert not [p for p in isolated_cache.rglob("*") if p.is_file()]
+
+
+def test_small_models_are_not_spilled(model_path, isolated_cache):
+    load_gradient_model(model_path)  # a few KB: below SPILL_BYTES
+    assert not list(isolated_cache.rglob("*.onnx.data"))
+
+
+def test_models_with_external_data_keep_their_own_files(tmp_path, isolated_cache, spilling):
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save_model(build_cnn(), str(folder / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    gm, _ = load_gradient_model(folder / "m.onnx")
+    assert external.folder_of(gm.model) == str(folder) and not list(isolated_cache.rglob("*.onnx.data"))
 
 
 def _entries(folder) -> list[str]:

@@ -12,6 +12,11 @@ set). Delete the folder to empty it. For a model with external data files, the k
 each data file's real path, size and modification time (its weights are not in the hashed file);
 the entry is the rewritten graph, whose large weights stay in those files.
 
+A model whose weights are in its own file and add up to more than ``SPILL_BYTES`` has them
+written once to the entry's ``.onnx.data`` (``external.spill``), before the rewrite: the rewritten
+graph refers to them there, and ONNX Runtime maps that file, so the sessions of an explanation
+share one copy of the weights instead of each holding its own.
+
 Size: ``$ONNXCAM_CACHE_SIZE`` (default 2G; ``0`` turns the cache off). Each entry is a whole copy
 of a model, so a new onnxcam version, layer or model adds one; after each write the least
 recently used entries (a hit counts as a use) are deleted until the folder fits. An entry
@@ -41,7 +46,9 @@ from onnxcam.graph.rewrite import GradientModel, build_gradient_model
 
 log = logging.getLogger("onnxcam.cache")
 
-FORMAT = 2  # bump when the entry layout changes
+FORMAT = 3  # bump when the entry layout changes
+#: Weights in a model's own file above which they go to the entry's data file (see the top)
+SPILL_BYTES = 64 << 20
 
 #: The cache's size when ``ONNXCAM_CACHE_SIZE`` is not set.
 DEFAULT_SIZE = "2G"
@@ -105,14 +112,48 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     """
     budget = cache_budget() if use_cache else 0
     key = _key_for(model, layer, score) if budget > 0 else None
-    if key is not None:
-        cached = _read(key)
-        if cached is not None:
-            return cached, True
-    built = build_gradient_model(model, layer=layer, score=score)
-    if key is not None:
-        _write(key, built, budget)
+    if key is None:
+        return build_gradient_model(model, layer=layer, score=score), False
+    cached = _read(key)
+    if cached is not None:
+        return cached, True
+    model, data_path = _spilled(model, key, budget)
+    try:
+        built = build_gradient_model(model, layer=layer, score=score)
+    except BaseException:
+        if data_path is not None:
+            _remove(data_path)
+        raise
+    _write(key, built, budget, data_path)
     return built, False
+
+
+def _spilled(model, key: str, budget: int) -> tuple:
+    """(the model, with its weights moved to the entry's data file when they are large enough
+    and fit the cache; the data file or None). Models with external data already, and any
+    failure to write, keep the model as it is."""
+    from onnxcam.graph.prepare import load_model
+
+    if not isinstance(model, onnx.ModelProto) and (not Path(model).is_file()
+                                                   or Path(model).stat().st_size <= SPILL_BYTES):
+        return model, None
+    proto = load_model(model)  # the model's own errors, with its path
+    if external.has_external_data(proto):
+        return proto, None
+    size = external.spillable_bytes(proto)
+    if size <= SPILL_BYTES or proto.ByteSize() > budget // 2:  # an entry that leaves room for others
+        return proto, None
+    if isinstance(model, onnx.ModelProto):  # the caller's proto stays as it was
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+    data_path = _paths(key)[2]
+    try:
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        external.spill(proto, data_path)
+    except OSError as exc:
+        log.info("could not write the weights of cache entry %s (%s)", key[:12], exc)
+        return proto, None
+    return proto, data_path
 
 
 def _key_for(model, layer, score) -> str | None:
@@ -136,21 +177,27 @@ def _key_for(model, layer, score) -> str | None:
     return cache_key(hashlib.sha256(data).hexdigest(), layer, score)
 
 
-def _paths(key: str) -> tuple[Path, Path]:
+def _paths(key: str) -> tuple[Path, Path, Path]:
+    """The entry's rewritten graph, its JSON and its weights' data file (when spilled)."""
     folder = cache_dir() / key[:2]
-    return folder / f"{key}.onnx", folder / f"{key}.json"
+    return folder / f"{key}.onnx", folder / f"{key}.json", folder / f"{key}.onnx.data"
 
 
 def _read(key: str) -> GradientModel | None:
-    model_path, info_path = _paths(key)
+    model_path, info_path, data_path = _paths(key)
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         data = model_path.read_bytes()
         if hashlib.sha256(data).hexdigest() != info["onnx_sha256"]:
             raise ValueError("checksum mismatch")
+        model = onnx.load_from_string(data)
+        if info.get("data_bytes") is not None:  # the weights, spilled to the entry's data file
+            if data_path.stat().st_size != info["data_bytes"]:
+                raise ValueError("data file of the wrong size")
+            external.set_folder(model, str(data_path.parent))
         _mark_used(info_path)
         return GradientModel(
-            model=onnx.load_from_string(data),
+            model=model,
             layer=info["layer"], score=info["score"], input_name=info["input_name"],
             input_shape=tuple(info["input_shape"]), activation_shape=tuple(info["activation_shape"]),
             seed_shape=tuple(info["seed_shape"]), num_classes=info["num_classes"],
@@ -165,13 +212,16 @@ def _read(key: str) -> GradientModel | None:
         return None
 
 
-def _write(key: str, gm: GradientModel, budget: int) -> None:
-    model_path, info_path = _paths(key)
+def _write(key: str, gm: GradientModel, budget: int, data_path: Path | None = None) -> None:
+    model_path, info_path, _ = _paths(key)
     try:
         data = gm.model.SerializeToString()
-        if len(data) > budget:
+        spilled = data_path.stat().st_size if data_path is not None else None
+        if len(data) + (spilled or 0) > budget:
             log.info("not caching the rewritten model (%d MiB): larger than ONNXCAM_CACHE_SIZE",
-                     len(data) >> 20)
+                     (len(data) + (spilled or 0)) >> 20)
+            if data_path is not None:  # the sessions have it mapped; on Linux they keep it
+                _remove(data_path)
             return
         info = {
             "format": FORMAT, "onnx_sha256": hashlib.sha256(data).hexdigest(),
@@ -181,7 +231,7 @@ def _write(key: str, gm: GradientModel, budget: int) -> None:
             "candidates": [{"tensor": c.tensor, "node": c.node, "op": c.op, "shape": list(c.shape),
                             "layout": c.layout} for c in gm.candidates],
             "path_is_linear": gm.path_is_linear, "batch_built_in": gm.batch_built_in,
-            "layer_layout": gm.layer_layout,
+            "layer_layout": gm.layer_layout, "data_bytes": spilled,
         }
         model_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(model_path, data)
@@ -230,16 +280,14 @@ def cached_models() -> tuple[list[CachedModel], list[tuple[Path, os.stat_result]
             stat = path.stat()
         except OSError:
             continue
-        if path.suffix == ".onnx" and _ENTRY.fullmatch(path.name) and path.with_suffix(".json").exists():
+        entry = _ENTRY.fullmatch(path.name)
+        if entry is not None and path.suffix != ".json" and _paths(entry.group("key"))[1].exists():
             continue  # counted with its JSON
         if path.suffix != ".json" or path.name.startswith("."):
             others.append((path, stat))
             continue
-        try:
-            model_bytes = path.with_suffix(".onnx").stat().st_size
-        except OSError:
-            model_bytes = 0
-        entries.append(CachedModel(path.stem, stat.st_size + model_bytes, stat.st_mtime))
+        entries.append(CachedModel(path.stem, stat.st_size + sum(_size(p) for p in _paths(path.stem)[::2]),
+                                   stat.st_mtime))
     entries.sort(key=lambda entry: entry.last_used)
     return entries, others
 
@@ -261,21 +309,30 @@ def prune(budget: int, keep: str | None = None) -> int:
             break
         if entry.key == keep:
             continue
-        model_path, info_path = _paths(entry.key)
+        model_path, info_path, data_path = _paths(entry.key)
         _remove(info_path)  # the JSON first: without it the entry is incomplete, never half-read
         _remove(model_path)
+        _remove(data_path)
         total -= entry.nbytes
     return total
 
 
-_ENTRY = re.compile(r"(?P<key>[0-9a-f]{64})\.(?:onnx|json)")
-_TEMPORARY = re.compile(r"\.(?P<key>[0-9a-f]{64})\.[0-9a-f]{8}\.tmp\.(?:onnx|json)")  # onnxcam.atomic's
+_ENTRY = re.compile(r"(?P<key>[0-9a-f]{64})\.(?:onnx|json|onnx\.data)")
+# onnxcam.atomic's temporary files: ".<stem>.<8 hex>.tmp<suffix>"
+_TEMPORARY = re.compile(r"\.(?P<key>[0-9a-f]{64})(?:\.onnx)?\.[0-9a-f]{8}\.tmp\.(?:onnx|json|data)")
 
 
 def _ours(path: Path) -> bool:
     """Whether ``path`` is an entry file of this cache or the temporary file of one."""
     match = _ENTRY.fullmatch(path.name) or _TEMPORARY.fullmatch(path.name)
     return match is not None and path.parent.name == match.group("key")[:2]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _remove(path: Path) -> None:

@@ -150,13 +150,13 @@ def create_session(model: onnx.ModelProto | bytes, device: str | None = "auto", 
     """An InferenceSession for ``model`` (a proto, whose external data folder the session is told,
     or serialized bytes) and the device it really runs on ("cuda" or "cpu")."""
     device = check_device(device)
-    folder = None
+    folder, on_disk = None, 0
     if isinstance(model, onnx.ModelProto):
-        folder = external.folder_of(model)
+        folder, on_disk = external.folder_of(model), external.disk_bytes(model)
         model = external.serialize(model, what)
     ort.set_default_logger_severity(QUIET)
     if device in ("auto", "cuda") and cuda_listed() and _cuda_state["usable"] is not False:
-        session, reason = _try_cuda(model, threads, what, folder)
+        session, reason = _try_cuda(model, threads, what, folder, on_disk)
         if session is not None:
             return session, "cuda"
         if device == "cuda":
@@ -165,7 +165,7 @@ def create_session(model: onnx.ModelProto | bytes, device: str | None = "auto", 
         reason = str(_cuda_state["reason"]) if _cuda_state["usable"] is False else (
             "this onnxruntime build has no CUDAExecutionProvider")
         raise OptionError(_cuda_message(reason))
-    return _create(model, [CPU_PROVIDER], threads, what, folder), "cpu"
+    return _create(model, [CPU_PROVIDER], threads, what, folder, on_disk), "cpu"
 
 
 def resolve_device(device: str | None) -> str:
@@ -207,13 +207,13 @@ def _cuda_message(reason: str) -> str:
             "or use --device auto or cpu")
 
 
-def _try_cuda(model: bytes, threads: int | None, what: str, folder: str | None = None):
+def _try_cuda(model: bytes, threads: int | None, what: str, folder: str | None = None, on_disk: int = 0):
     """Try a CUDA session with ORT's stderr captured; (session, "") or (None, reason)."""
     with _lock:
         _preload_cuda_libraries()
         with _captured_stderr() as captured:
             try:
-                session = _create(model, [CUDA_PROVIDER, CPU_PROVIDER], threads, what, folder)
+                session = _create(model, [CUDA_PROVIDER, CPU_PROVIDER], threads, what, folder, on_disk)
             finally:
                 ort.set_default_logger_severity(QUIET)
         if CUDA_PROVIDER in session.get_providers():
@@ -243,11 +243,11 @@ _IDENTITY_ELIMINATION_BUG = re.compile(r"Node input '[^']*' is not a graph input
 
 
 def _create(model: bytes, providers: list[str], threads: int | None, what: str,
-            folder: str | None = None) -> ort.InferenceSession:
+            folder: str | None = None, on_disk: int = 0) -> ort.InferenceSession:
     cuda = CUDA_PROVIDER in providers
     options = session_options(threads, cuda)
     if folder is not None:  # the model's external data files (graph.external)
-        external.tell_folder(options, folder)
+        external.tell_folder(options, folder, on_disk)
     with_options = [(name, cuda_provider_options()) if name == CUDA_PROVIDER else name for name in providers]
     try:
         try:

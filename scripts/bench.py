@@ -28,7 +28,7 @@ configurations alternate, so drift in the machine's load hits all of them alike.
 the peak RSS (VmHWM) of a fresh child process per configuration (skip with ``--no-memory``).
 The explainers use onnxcam's model cache, as the command line does, in a temporary folder made
 for the run: the timing process rewrites each model once, and the memory children find it there
-(a large model's weights in the entry's data file, mapped by every session).
+(a large model's weights in the cache's weights file, mapped by every session).
 Writes a markdown report (default ``scripts/BENCHMARKS.md``).
 
 Run from the repository root (the models come from ``scripts/export_benchmark_models.py`` and
@@ -424,7 +424,8 @@ def report(results: dict, args, run: dict) -> str:
         lines += ["", "## Peak memory (MiB, peak RSS of a fresh process per configuration)", "",
                   "Smooth Grad-CAM++ of one image at the last block's input (every noisy pass runs), the "
                   "rewritten model from onnxcam's cache, as in a second run of the command line (the "
-                  "weights of models over 64 MiB in the entry's data file, shared by the sessions).", "",
+                  "weights of models over 64 MiB in the cache's weights file, mapped by every session).",
+                  "",
                   "| model | plain forward, batch 25 | Smooth n = 25 | Smooth n = 200 | n = 200 / n = 25 |",
                   "|---|---|---|---|---|"]
         for name, r in results.items():

@@ -297,18 +297,18 @@ def test_model_with_external_data_is_cached_until_its_data_changes(tmp_path, iso
 
 @pytest.fixture
 def spilling(monkeypatch):
-    """The small test CNN counts as a large model: its weights go to the cache entry's data file."""
+    """The small test CNN counts as a large model: its weights go to a shared weights file."""
     monkeypatch.setattr(cache_module, "SPILL_BYTES", 100)
     monkeypatch.setattr(external, "READ_IN_BYTES", 100)
 
 
-def test_large_weights_go_to_the_entrys_data_file_and_give_the_same_maps(model_path, isolated_cache, spilling):
+def test_large_weights_go_to_one_weights_file_and_give_the_same_maps(model_path, isolated_cache, spilling):
     x = random_inputs(2)
     want = Explainer(model_path, cache=False).explain(x, method="smoothgradcampp", samples=4)
     built, cached = load_gradient_model(model_path)
     assert not cached
-    data = next(isolated_cache.rglob("*.onnx.data"))
-    assert external.folder_of(built.model) == str(data.parent)
+    weights = next(isolated_cache.rglob("*.weights"))
+    assert external.folder_of(built.model) == str(weights.parent)
     moved = [t for t in built.model.graph.initializer if external.is_external(t)]
     assert moved and all(external.tensor_bytes(t) > 100 for t in moved)
     offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in moved]
@@ -319,11 +319,28 @@ def test_large_weights_go_to_the_entrys_data_file_and_give_the_same_maps(model_p
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a.raw_map, b.raw_map)
     assert load_gradient_model(model_path)[1]
-    # the entry counts its data file, and pruning takes it along
-    entry = cache_module.cached_models()[0][0]
-    assert entry.nbytes == sum(p.stat().st_size for p in data.parent.iterdir())
+    # another layer's entry refers to the same file, written once
+    written = weights.stat().st_mtime_ns
+    other, _ = load_gradient_model(model_path, layer="a1")
+    assert list(isolated_cache.rglob("*.weights")) == [weights] and weights.stat().st_mtime_ns == written
+    assert external.folder_of(other.model) == str(weights.parent)
     cache_module.prune(0)
-    assert not list(isolated_cache.rglob("*.onnx.data"))
+    assert not [p for p in isolated_cache.rglob("*") if p.is_file()]
+
+
+def test_a_weights_file_goes_only_when_unreferenced_and_unused(model_path, isolated_cache, spilling):
+    load_gradient_model(model_path, layer="a1")
+    load_gradient_model(model_path, layer="a2")
+    weights = next(isolated_cache.rglob("*.weights"))
+    entries = _entries(isolated_cache)
+    monkeypatch_budget = sum(p.stat().st_size for p in isolated_cache.rglob("*") if p.is_file()) - 1
+    cache_module.prune(monkeypatch_budget)  # one entry goes; the other still refers to the weights
+    assert len(_entries(isolated_cache)) == 1 and weights.exists()
+    cache_module.prune(weights.stat().st_size)  # no entry left; the weights were used just now
+    assert not _entries(isolated_cache) and weights.exists()
+    _age(isolated_cache, weights.stem, 2 * cache_module.LEFTOVER_AGE_S)
+    cache_module.prune(weights.stat().st_size)
+    assert not weights.exists() and entries
 
 
 def test_a_given_proto_is_spilled_from_a_copy(isolated_cache, spilling):
@@ -335,28 +352,32 @@ def test_a_given_proto_is_spilled_from_a_copy(isolated_cache, spilling):
 
 
 @pytest.mark.parametrize("damage", ["remove", "truncate"])
-def test_a_missing_or_short_data_file_rebuilds_the_entry(model_path, isolated_cache, spilling, damage):
+def test_a_missing_or_short_weights_file_rebuilds_the_entry(model_path, isolated_cache, spilling, damage):
     load_gradient_model(model_path)
-    data = next(isolated_cache.rglob("*.onnx.data"))
+    weights = next(isolated_cache.rglob("*.weights"))
     if damage == "remove":
-        data.unlink()
+        weights.unlink()
     else:
-        data.write_bytes(data.read_bytes()[:-10])
+        weights.write_bytes(weights.read_bytes()[:-10])
     rebuilt, cached = load_gradient_model(model_path)
-    assert not cached and data.stat().st_size > 0
+    assert not cached and weights.stat().st_size > 0
     assert load_gradient_model(model_path)[1]
     assert Explainer(model_path).explain(random_inputs(1), method="gradcam")[0].raw_map.shape == (32, 32)
 
 
-def test_a_failed_rewrite_leaves_no_data_file(model_path, isolated_cache, spilling):
+def test_a_failed_rewrite_leaves_no_weights_file(model_path, isolated_cache, spilling):
     with pytest.raises(LayerError):
         load_gradient_model(model_path, layer="no-such-layer")
     assert not [p for p in isolated_cache.rglob("*") if p.is_file()]
+    load_gradient_model(model_path, layer="a1")  # but one that entries use stays
+    with pytest.raises(LayerError):
+        load_gradient_model(model_path, layer="no-such-layer")
+    assert list(isolated_cache.rglob("*.weights"))
 
 
 def test_small_models_are_not_spilled(model_path, isolated_cache):
     load_gradient_model(model_path)  # a few KB: below SPILL_BYTES
-    assert not list(isolated_cache.rglob("*.onnx.data"))
+    assert not list(isolated_cache.rglob("*.weights"))
 
 
 def test_models_with_external_data_keep_their_own_files(tmp_path, isolated_cache, spilling):
@@ -365,7 +386,7 @@ def test_models_with_external_data_keep_their_own_files(tmp_path, isolated_cache
     onnx.save_model(build_cnn(), str(folder / "m.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
     gm, _ = load_gradient_model(folder / "m.onnx")
-    assert external.folder_of(gm.model) == str(folder) and not list(isolated_cache.rglob("*.onnx.data"))
+    assert external.folder_of(gm.model) == str(folder) and not list(isolated_cache.rglob("*.weights"))
 
 
 def _entries(folder) -> list[str]:
@@ -642,3 +663,19 @@ def test_a_layer_that_feeds_a_pad_before_a_conv_loads(tmp_path):
     expected = np.maximum((gradient.mean(axis=(2, 3), keepdims=True) * activation).sum(axis=1), 0)
     for r, cam in zip(result, expected):
         np.testing.assert_allclose(r.raw_map, cam, rtol=1e-5, atol=1e-6 * cam.max())
+
+
+def test_the_cache_command_shows_and_clears_the_weights_files(model_path, isolated_cache, spilling):
+    from tests.cli_helpers import run
+
+    load_gradient_model(model_path, layer="a1")
+    load_gradient_model(model_path, layer="a2")
+    shown = run(["cache"])
+    assert shown.exit_code == 0 and "Entries: 2 rewritten models" in shown.output
+    assert "Weights: 1 model's weights shared by their entries" in shown.output and "unfinished" not in shown.output
+    as_json = json.loads(run(["cache", "--json"]).output)
+    weights = next(isolated_cache.rglob("*.weights")).stat().st_size
+    assert as_json["weights_files"] == 1 and as_json["weights_bytes"] == weights
+    assert as_json["bytes"] == sum(p.stat().st_size for p in isolated_cache.rglob("*") if p.is_file())
+    assert run(["cache", "--clear"]).exit_code == 0
+    assert not [p for p in isolated_cache.rglob("*") if p.is_file()]

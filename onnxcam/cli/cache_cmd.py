@@ -35,12 +35,14 @@ def cache(clear: bool, as_json: bool) -> None:
         prune(0)
         removed = len(before) - len(cached_models()[0])
     entries, others = cached_models()
-    total = sum(entry.nbytes for entry in entries)
+    weights = [stat.st_size for path, stat in others if path.suffix == ".weights"]
+    unfinished = len(others) - len(weights)
+    total = sum(entry.nbytes for entry in entries) + sum(weights)
     if as_json:
         echo_json({"folder": str(folder), "limit_bytes": budget, "bytes": total, "removed": removed,
                    "entries": [{"key": e.key, "bytes": e.nbytes, "layer": e.layer,
                                 "last_used": _when(e.last_used)} for e in reversed(entries)],
-                   "other_files": len(others)})
+                   "weights_files": len(weights), "weights_bytes": sum(weights), "other_files": unfinished})
         return
     if clear:
         click.echo(f"Deleted {removed} cached model{'s' if removed != 1 else ''} from {folder}")
@@ -49,12 +51,16 @@ def cache(clear: bool, as_json: bool) -> None:
         f" (ONNXCAM_CACHE_SIZE={given})" if given else f" (default {DEFAULT_SIZE}; ONNXCAM_CACHE_SIZE sets it)")
     click.echo(f"Folder: {folder}")
     click.echo(f"Limit: {limit}")
-    click.echo(f"Entries: {len(entries)} rewritten model{'s' if len(entries) != 1 else ''}, {_size(total)}")
+    click.echo(f"Entries: {len(entries)} rewritten model{'s' if len(entries) != 1 else ''}, "
+               f"{_size(total - sum(weights))}")
     for entry in reversed(entries):  # the most recently used first
         click.echo(f"  {entry.key[:12]}  {_size(entry.nbytes):>10}  last used {_when(entry.last_used)}  "
                    f"layer {entry.layer or '?'}")
-    if others:
-        click.echo(f"{len(others)} unfinished file{'s' if len(others) != 1 else ''} "
+    if weights:
+        owners = "1 model's" if len(weights) == 1 else f"{len(weights)} models'"
+        click.echo(f"Weights: {owners} weights shared by their entries, {_size(sum(weights))}")
+    if unfinished:
+        click.echo(f"{unfinished} unfinished file{'s' if unfinished != 1 else ''} "
                    "(writes in progress, or interrupted ones: deleted after an hour)")
 
 

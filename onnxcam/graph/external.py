@@ -220,18 +220,22 @@ def _spillable(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def spill(model: onnx.ModelProto, data_path: Path) -> None:
     """Move ``model``'s initializers over READ_IN_BYTES into ``data_path`` (written whole, each
-    at a SPILL_ALIGN boundary), in place: the model then refers to them there, its folder
+    at a SPILL_ALIGN boundary; a file of the right size there already is taken as written by an
+    earlier spill of the same model), in place: the model then refers to them there, its folder
     recorded, as if it had been exported with external data. ONNX Runtime maps the file, so the
     two or three sessions of an explanation share one copy of the weights instead of each
     holding its own (VGG-16's Smooth Grad-CAM++ peaked at 1.6 GB instead of 3.3 GB)."""
     moved = _spillable(model)
-    places = []
-    with atomic_path(data_path) as temporary, open(temporary, "wb") as stream:
-        for tensor in moved:
-            offset = -(-stream.tell() // SPILL_ALIGN) * SPILL_ALIGN
-            stream.write(bytes(offset - stream.tell()))
-            stream.write(tensor.raw_data)
-            places.append((offset, len(tensor.raw_data)))
+    places, end = [], 0
+    for tensor in moved:
+        offset = -(-end // SPILL_ALIGN) * SPILL_ALIGN
+        places.append((offset, len(tensor.raw_data)))
+        end = offset + len(tensor.raw_data)
+    if not (data_path.is_file() and data_path.stat().st_size == end):  # else: written before, the same
+        with atomic_path(data_path) as temporary, open(temporary, "wb") as stream:
+            for tensor, (offset, _) in zip(moved, places):
+                stream.write(bytes(offset - stream.tell()))
+                stream.write(tensor.raw_data)
     for tensor, (offset, length) in zip(moved, places):
         tensor.ClearField("raw_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL

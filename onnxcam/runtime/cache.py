@@ -13,9 +13,11 @@ each data file's real path, size and modification time (its weights are not in t
 the entry is the rewritten graph, whose large weights stay in those files.
 
 A model whose weights are in its own file and add up to more than ``SPILL_BYTES`` has them
-written once to the entry's ``.onnx.data`` (``external.spill``), before the rewrite: the rewritten
-graph refers to them there, and ONNX Runtime maps that file, so the sessions of an explanation
-share one copy of the weights instead of each holding its own.
+written once to ``<model sha256>.weights`` (``external.spill``), before the rewrite: the rewritten
+graphs of all its layers refer to them there, and ONNX Runtime maps that file, so the sessions of
+an explanation share one copy of the weights instead of each holding its own. A weights file
+goes when no entry refers to it any more and it has not been used for ``LEFTOVER_AGE_S`` (a
+running explainer may still make sessions from it).
 
 Size: ``$ONNXCAM_CACHE_SIZE`` (default 2G; ``0`` turns the cache off). Each entry is a whole copy
 of a model, so a new onnxcam version, layer or model adds one; after each write the least
@@ -47,7 +49,7 @@ from onnxcam.graph.rewrite import GradientModel, build_gradient_model
 log = logging.getLogger("onnxcam.cache")
 
 FORMAT = 3  # bump when the entry layout changes
-#: Weights in a model's own file above which they go to the entry's data file (see the top)
+#: Weights in a model's own file above which they go to a shared weights file (see the top)
 SPILL_BYTES = 64 << 20
 
 #: The cache's size when ``ONNXCAM_CACHE_SIZE`` is not set.
@@ -111,27 +113,29 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     comes from ``build_gradient_model`` (ModelError, LayerError...), cache or not.
     """
     budget = cache_budget() if use_cache else 0
-    key = _key_for(model, layer, score) if budget > 0 else None
-    if key is None:
+    keys = _key_for(model, layer, score) if budget > 0 else None
+    if keys is None:
         return build_gradient_model(model, layer=layer, score=score), False
+    key, model_sha = keys
     cached = _read(key)
     if cached is not None:
         return cached, True
-    model, data_path = _spilled(model, key, budget)
+    model, data_path = _spilled(model, model_sha, budget)
     try:
         built = build_gradient_model(model, layer=layer, score=score)
     except BaseException:
-        if data_path is not None:
-            _remove(data_path)
+        if data_path is not None and not _referenced().get(data_path.stem):
+            _remove(data_path)  # written for this build alone
         raise
     _write(key, built, budget, data_path)
     return built, False
 
 
-def _spilled(model, key: str, budget: int) -> tuple:
-    """(the model, with its weights moved to the entry's data file when they are large enough
-    and fit the cache; the data file or None). Models with external data already, and any
-    failure to write, keep the model as it is."""
+def _spilled(model, model_sha: str, budget: int) -> tuple:
+    """(the model, with its weights moved to the model's weights file when they are large enough
+    and fit the cache; that file or None). The file is written once per model and serves the
+    entries of all its layers. Models with external data already, and any failure to write,
+    keep the model as it is."""
     from onnxcam.graph.prepare import load_model
 
     if not isinstance(model, onnx.ModelProto) and (not Path(model).is_file()
@@ -146,17 +150,18 @@ def _spilled(model, key: str, budget: int) -> tuple:
     if isinstance(model, onnx.ModelProto):  # the caller's proto stays as it was
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
-    data_path = _paths(key)[2]
+    data_path = _weights_path(model_sha)
     try:
         data_path.parent.mkdir(parents=True, exist_ok=True)
         external.spill(proto, data_path)
     except OSError as exc:
-        log.info("could not write the weights of cache entry %s (%s)", key[:12], exc)
+        log.info("could not write the weights of model %s (%s)", model_sha[:12], exc)
         return proto, None
     return proto, data_path
 
 
-def _key_for(model, layer, score) -> str | None:
+def _key_for(model, layer, score) -> tuple[str, str] | None:
+    """(the entry's key, the model's own SHA-256), or None when the model cannot be read."""
     try:
         if isinstance(model, onnx.ModelProto):
             proto, folder = model, external.folder_of(model)
@@ -174,27 +179,33 @@ def _key_for(model, layer, score) -> str | None:
             data += stamp
     except Exception:  # noqa: BLE001 - unreadable, not ONNX (DecodeError), over 2 GB (EncodeError):
         return None    # the builder says what is wrong with it
-    return cache_key(hashlib.sha256(data).hexdigest(), layer, score)
+    model_sha = hashlib.sha256(data).hexdigest()
+    return cache_key(model_sha, layer, score), model_sha
 
 
-def _paths(key: str) -> tuple[Path, Path, Path]:
-    """The entry's rewritten graph, its JSON and its weights' data file (when spilled)."""
+def _paths(key: str) -> tuple[Path, Path]:
     folder = cache_dir() / key[:2]
-    return folder / f"{key}.onnx", folder / f"{key}.json", folder / f"{key}.onnx.data"
+    return folder / f"{key}.onnx", folder / f"{key}.json"
+
+
+def _weights_path(model_sha: str) -> Path:
+    return cache_dir() / model_sha[:2] / f"{model_sha}.weights"
 
 
 def _read(key: str) -> GradientModel | None:
-    model_path, info_path, data_path = _paths(key)
+    model_path, info_path = _paths(key)
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         data = model_path.read_bytes()
         if hashlib.sha256(data).hexdigest() != info["onnx_sha256"]:
             raise ValueError("checksum mismatch")
         model = onnx.load_from_string(data)
-        if info.get("data_bytes") is not None:  # the weights, spilled to the entry's data file
-            if data_path.stat().st_size != info["data_bytes"]:
-                raise ValueError("data file of the wrong size")
-            external.set_folder(model, str(data_path.parent))
+        if info.get("weights") is not None:  # the model's weights, in its weights file
+            weights = _weights_path(info["weights"]["model"])
+            if weights.stat().st_size != info["weights"]["bytes"]:
+                raise ValueError("weights file of the wrong size")
+            external.set_folder(model, str(weights.parent))
+            _mark_used(weights)
         _mark_used(info_path)
         return GradientModel(
             model=model,
@@ -212,16 +223,16 @@ def _read(key: str) -> GradientModel | None:
         return None
 
 
-def _write(key: str, gm: GradientModel, budget: int, data_path: Path | None = None) -> None:
-    model_path, info_path, _ = _paths(key)
+def _write(key: str, gm: GradientModel, budget: int, weights: Path | None = None) -> None:
+    """Write the entry; its model's weights file, if any, is already there (``_spilled``) and is
+    left to pruning when the entry is not written: the model in memory still needs it."""
+    model_path, info_path = _paths(key)
     try:
         data = gm.model.SerializeToString()
-        spilled = data_path.stat().st_size if data_path is not None else None
-        if len(data) + (spilled or 0) > budget:
+        spilled = None if weights is None else {"model": weights.stem, "bytes": weights.stat().st_size}
+        if len(data) + (spilled or {}).get("bytes", 0) > budget:
             log.info("not caching the rewritten model (%d MiB): larger than ONNXCAM_CACHE_SIZE",
-                     (len(data) + (spilled or 0)) >> 20)
-            if data_path is not None:  # the sessions have it mapped; on Linux they keep it
-                _remove(data_path)
+                     (len(data) + (spilled or {}).get("bytes", 0)) >> 20)
             return
         info = {
             "format": FORMAT, "onnx_sha256": hashlib.sha256(data).hexdigest(),
@@ -231,7 +242,7 @@ def _write(key: str, gm: GradientModel, budget: int, data_path: Path | None = No
             "candidates": [{"tensor": c.tensor, "node": c.node, "op": c.op, "shape": list(c.shape),
                             "layout": c.layout} for c in gm.candidates],
             "path_is_linear": gm.path_is_linear, "batch_built_in": gm.batch_built_in,
-            "layer_layout": gm.layer_layout, "data_bytes": spilled,
+            "layer_layout": gm.layer_layout, "weights": spilled,
         }
         model_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(model_path, data)
@@ -270,8 +281,8 @@ class CachedModel:
 
 def cached_models() -> tuple[list[CachedModel], list[tuple[Path, os.stat_result]]]:
     """The complete entries, least recently used first, and onnxcam's other files in the cache
-    (leftovers of interrupted writes, or writes in progress). Only files with onnxcam's own names
-    are looked at; files that vanish meanwhile are skipped."""
+    (models' shared weights files, and leftovers of interrupted writes or writes in progress).
+    Only files with onnxcam's own names are looked at; files that vanish meanwhile are skipped."""
     entries, others = [], []
     for path in sorted(cache_dir().glob("*/*")):
         if not _ours(path):  # only onnxcam's own files, whatever else the folder holds
@@ -280,46 +291,62 @@ def cached_models() -> tuple[list[CachedModel], list[tuple[Path, os.stat_result]
             stat = path.stat()
         except OSError:
             continue
-        entry = _ENTRY.fullmatch(path.name)
-        if entry is not None and path.suffix != ".json" and _paths(entry.group("key"))[1].exists():
+        if path.suffix == ".onnx" and _ENTRY.fullmatch(path.name) and path.with_suffix(".json").exists():
             continue  # counted with its JSON
         if path.suffix != ".json" or path.name.startswith("."):
             others.append((path, stat))
             continue
-        entries.append(CachedModel(path.stem, stat.st_size + sum(_size(p) for p in _paths(path.stem)[::2]),
-                                   stat.st_mtime))
+        try:
+            model_bytes = path.with_suffix(".onnx").stat().st_size
+        except OSError:
+            model_bytes = 0
+        entries.append(CachedModel(path.stem, stat.st_size + model_bytes, stat.st_mtime))
     entries.sort(key=lambda entry: entry.last_used)
     return entries, others
 
 
+def _referenced() -> dict[str, int]:
+    """How many complete entries refer to each model's weights file (by the model's SHA-256)."""
+    counts: dict[str, int] = {}
+    for entry in cached_models()[0]:
+        try:
+            weights = json.loads(_paths(entry.key)[1].read_text(encoding="utf-8")).get("weights")
+        except (OSError, ValueError):
+            continue
+        if isinstance(weights, dict) and isinstance(weights.get("model"), str):
+            counts[weights["model"]] = counts.get(weights["model"], 0) + 1
+    return counts
+
+
 def prune(budget: int, keep: str | None = None) -> int:
     """Delete the least recently used entries until the cache holds at most ``budget`` bytes
-    (never ``keep``), and leftovers of interrupted writes older than ``LEFTOVER_AGE_S``.
+    (never ``keep``); then the weights files no entry refers to and leftovers of interrupted
+    writes, once unused for ``LEFTOVER_AGE_S`` (``budget`` 0: at once).
     Returns the bytes left (``prune(0)`` empties the cache but for writes in progress)."""
     entries, others = cached_models()
-    total = sum(entry.nbytes for entry in entries)
-    now = time.time()
-    for path, stat in others:
-        if now - stat.st_mtime > LEFTOVER_AGE_S:
-            _remove(path)
-        else:
-            total += stat.st_size
+    total = sum(entry.nbytes for entry in entries) + sum(stat.st_size for _, stat in others)
     for entry in entries:
         if total <= budget:
             break
         if entry.key == keep:
             continue
-        model_path, info_path, data_path = _paths(entry.key)
+        model_path, info_path = _paths(entry.key)
         _remove(info_path)  # the JSON first: without it the entry is incomplete, never half-read
         _remove(model_path)
-        _remove(data_path)
         total -= entry.nbytes
+    referenced = _referenced() if any(path.suffix == ".weights" for path, _ in others) else {}
+    now = time.time()
+    for path, stat in others:
+        if path.suffix == ".weights" and referenced.get(path.stem):
+            continue
+        if now - stat.st_mtime > LEFTOVER_AGE_S or (budget == 0 and path.suffix == ".weights"):
+            _remove(path)
+            total -= stat.st_size
     return total
 
 
-_ENTRY = re.compile(r"(?P<key>[0-9a-f]{64})\.(?:onnx|json|onnx\.data)")
-# onnxcam.atomic's temporary files: ".<stem>.<8 hex>.tmp<suffix>"
-_TEMPORARY = re.compile(r"\.(?P<key>[0-9a-f]{64})(?:\.onnx)?\.[0-9a-f]{8}\.tmp\.(?:onnx|json|data)")
+_ENTRY = re.compile(r"(?P<key>[0-9a-f]{64})\.(?:onnx|json|weights)")
+_TEMPORARY = re.compile(r"\.(?P<key>[0-9a-f]{64})\.[0-9a-f]{8}\.tmp\.(?:onnx|json|weights)")  # onnxcam.atomic's
 
 
 def _ours(path: Path) -> bool:

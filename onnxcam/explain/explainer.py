@@ -69,11 +69,11 @@ from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.explain import passes
 from onnxcam.explain.noise import check_noise_options
 from onnxcam.explain.result import Explanation
+from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
 from onnxcam.imaging.fit import check_interpolation, check_resize
-from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model

@@ -218,20 +218,22 @@ def _spillable(model: onnx.ModelProto) -> list[onnx.TensorProto]:
             if not is_external(t) and t.HasField("raw_data") and len(t.raw_data) > READ_IN_BYTES]
 
 
-def spill(model: onnx.ModelProto, data_path: Path) -> None:
+def spill(model: onnx.ModelProto, data_path: Path) -> bool:
     """Move ``model``'s initializers over READ_IN_BYTES into ``data_path`` (written whole, each
     at a SPILL_ALIGN boundary; a file of the right size there already is taken as written by an
     earlier spill of the same model), in place: the model then refers to them there, its folder
     recorded, as if it had been exported with external data. ONNX Runtime maps the file, so the
     two or three sessions of an explanation share one copy of the weights instead of each
-    holding its own (VGG-16's Smooth Grad-CAM++ peaked at 1.6 GB instead of 3.3 GB)."""
+    holding its own (VGG-16's Smooth Grad-CAM++ peaked at 1.6 GB instead of 3.3 GB). Returns
+    whether it wrote the file."""
     moved = _spillable(model)
     places, end = [], 0
     for tensor in moved:
         offset = -(-end // SPILL_ALIGN) * SPILL_ALIGN
         places.append((offset, len(tensor.raw_data)))
         end = offset + len(tensor.raw_data)
-    if not (data_path.is_file() and data_path.stat().st_size == end):  # else: written before, the same
+    written = not (data_path.is_file() and data_path.stat().st_size == end)  # else: written before, the same
+    if written:
         with atomic_path(data_path) as temporary, open(temporary, "wb") as stream:
             for tensor, (offset, _) in zip(moved, places):
                 stream.write(bytes(offset - stream.tell()))
@@ -243,6 +245,7 @@ def spill(model: onnx.ModelProto, data_path: Path) -> None:
         for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
             tensor.external_data.add(key=key, value=value)
     set_folder(model, str(data_path.parent))
+    return written
 
 
 def tell_folder(options, folder: str, on_disk: int = 0) -> None:

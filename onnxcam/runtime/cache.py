@@ -120,11 +120,11 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     cached = _read(key)
     if cached is not None:
         return cached, True
-    model, data_path = _spilled(model, model_sha, budget)
+    model, data_path, written = _spilled(model, model_sha, budget)
     try:
         built = build_gradient_model(model, layer=layer, score=score)
     except BaseException:
-        if data_path is not None and not _referenced().get(data_path.stem):
+        if written and not _referenced().get(data_path.stem):
             _remove(data_path)  # written for this build alone
         raise
     _write(key, built, budget, data_path)
@@ -133,31 +133,31 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
 
 def _spilled(model, model_sha: str, budget: int) -> tuple:
     """(the model, with its weights moved to the model's weights file when they are large enough
-    and fit the cache; that file or None). The file is written once per model and serves the
-    entries of all its layers. Models with external data already, and any failure to write,
-    keep the model as it is."""
+    and fit the cache; that file or None; whether this call wrote it). The file is written once
+    per model and serves the entries of all its layers. Models with external data already, and
+    any failure to write, keep the model as it is."""
     from onnxcam.graph.prepare import load_model
 
     if not isinstance(model, onnx.ModelProto) and (not Path(model).is_file()
                                                    or Path(model).stat().st_size <= SPILL_BYTES):
-        return model, None
+        return model, None, False
     proto = load_model(model)  # the model's own errors, with its path
     if external.has_external_data(proto):
-        return proto, None
+        return proto, None, False
     size = external.spillable_bytes(proto)
     if size <= SPILL_BYTES or proto.ByteSize() > budget // 2:  # an entry that leaves room for others
-        return proto, None
+        return proto, None, False
     if isinstance(model, onnx.ModelProto):  # the caller's proto stays as it was
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     data_path = _weights_path(model_sha)
     try:
         data_path.parent.mkdir(parents=True, exist_ok=True)
-        external.spill(proto, data_path)
+        written = external.spill(proto, data_path)
     except OSError as exc:
         log.info("could not write the weights of model %s (%s)", model_sha[:12], exc)
-        return proto, None
-    return proto, data_path
+        return proto, None, False
+    return proto, data_path, written
 
 
 def _key_for(model, layer, score) -> tuple[str, str] | None:

@@ -18,6 +18,7 @@ from onnxcam.errors import ModelError
 from onnxcam.explain import Explainer
 from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.imaging import Preprocessor
+from onnxcam.imaging.fit import fit_image
 from tests.test_explainer import build_cnn, random_png, save_model
 
 VIT = {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
@@ -94,6 +95,15 @@ def test_timm_config_gives_crop_labels_and_the_test_size_crop(tmp_path):
     assert read_sidecar(folder_with(tmp_path, config=squash)).resize == "stretch-crop"
 
 
+def test_hugging_face_crops_split_an_odd_margin_as_transformers_does(tmp_path):
+    assert read_sidecar(folder_with(tmp_path, CLIP)).centring == "floor"
+    (tmp_path / "timm").mkdir()
+    assert read_sidecar(folder_with(tmp_path / "timm", config=TIMM)).centring == "round"
+    # a 451 x 301 image, shortest edge to 224: 335 x 224, a margin of 111 columns
+    assert fit_image((301, 451), (224, 224), "crop", 1.0, centring="floor").offset == (0, 55)
+    assert fit_image((301, 451), (224, 224), "crop", 1.0).offset == (0, 56)  # torchvision: round(55.5)
+
+
 def test_transformers_labels_and_what_is_not_ours(tmp_path):
     config = {"id2label": {"1": "dog", "0": "cat", "2": "bird"}, "model_type": "vit"}
     assert read_sidecar(folder_with(tmp_path, config=config)).labels == ["cat", "dog", "bird"]
@@ -137,7 +147,7 @@ def dynamic_cnn(tmp_path, classes: int = 3):
 
 def test_the_explainer_takes_size_preprocessing_and_labels_from_the_folder(tmp_path):
     model = dynamic_cnn(tmp_path / "export")
-    processor = dict(DEIT, size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32})
+    processor = dict(DEIT, size={"height": 35, "width": 35}, crop_size={"height": 32, "width": 32})
     folder_with(tmp_path / "export", processor, {"id2label": {"0": "cat", "1": "dog", "2": "bird"}})
     image = random_png(tmp_path / "a.png", size=(64, 48))
     explainer = Explainer(model)
@@ -146,11 +156,14 @@ def test_the_explainer_takes_size_preprocessing_and_labels_from_the_folder(tmp_p
     assert explainer.labels_source == "config.json next to the model"
     info = explainer.preprocessing_info()
     assert info["source"] == "preprocessor_config.json and config.json next to the model"
-    assert (info["resize"], info["crop_fraction"], info["interpolation"]) == ("stretch-crop", 0.8, "bicubic")
+    assert (info["resize"], info["crop_fraction"], info["interpolation"]) == ("stretch-crop", 32 / 35, "bicubic")
     assert info["mean"] == pytest.approx([0.5] * 3) and info["std"] == pytest.approx([0.5] * 3)
-    expected = Preprocessor((32, 32), mean=0.5, std=0.5, resize="stretch-crop", crop_fraction=0.8,
-                            interpolation="bicubic")(Image.open(image))
-    np.testing.assert_array_equal(explainer.preprocess(image)[0], expected)
+    # 35 -> 32: a margin of 3, split 1 + 2 as transformers does (torchvision: 2 + 1)
+    fed = explainer.preprocess(image)[0]
+    for centring, same in (("floor", True), ("round", False)):
+        expected = Preprocessor((32, 32), mean=0.5, std=0.5, resize="stretch-crop", crop_fraction=32 / 35,
+                                interpolation="bicubic", centring=centring)(Image.open(image))
+        assert np.array_equal(fed, expected) == same
     assert explainer.explain(image, method="gradcam")[0].label in {"cat", "dog", "bird"}
 
 
@@ -200,8 +213,9 @@ def test_the_pixels_are_those_of_the_transformers_processor(tmp_path, name, argu
     processor.save_pretrained(tmp_path)
     sidecar = read_sidecar(tmp_path / "model.onnx")
     ours = Preprocessor(sidecar.size, mean=sidecar.mean, std=sidecar.std, resize=sidecar.resize or "stretch",
-                        crop_fraction=sidecar.crop_fraction, interpolation=sidecar.interpolation)
-    for width, height in [(451, 300), (300, 451), (256, 256)]:
+                        crop_fraction=sidecar.crop_fraction, interpolation=sidecar.interpolation,
+                        centring=sidecar.centring)
+    for width, height in [(451, 300), (300, 451), (256, 256), (451, 301), (301, 451)]:  # odd margins too
         image = noise_image(width, height, seed=width)
         expected = processor(image, return_tensors="np")["pixel_values"][0]
         np.testing.assert_allclose(ours(image), expected, atol=1e-5)
@@ -219,8 +233,9 @@ def test_the_pixels_are_those_of_the_timm_transform(tmp_path, architecture, over
     sidecar = read_sidecar(tmp_path / "model.onnx")
     transform = create_transform(**resolve_data_config(model=model))
     ours = Preprocessor(sidecar.size, mean=sidecar.mean, std=sidecar.std, resize=sidecar.resize,
-                        crop_fraction=sidecar.crop_fraction, interpolation=sidecar.interpolation)
-    for width, height in [(451, 300), (300, 451), (256, 256)]:
+                        crop_fraction=sidecar.crop_fraction, interpolation=sidecar.interpolation,
+                        centring=sidecar.centring)
+    for width, height in [(451, 300), (300, 451), (256, 256), (451, 301), (301, 451)]:
         image = noise_image(width, height, seed=height)
         np.testing.assert_allclose(ours(image), transform(image).numpy(), atol=1e-5)
 

@@ -568,12 +568,15 @@ class Explainer:
                                  "--interpolation") from None
         else:
             self.interpolation = check_interpolation(interpolation)
+        # a crop the files next to the model describe sits where their library puts it
+        centring = self.sidecar.centring if self.sidecar is not None and self.resize == self.sidecar.resize \
+            and self.crop_fraction == self.sidecar.crop_fraction_at(self._size) else "round"
         self._preprocessor = None
         if self._size is not None:
             self._preprocessor = Preprocessor(self._size, preset=self._preset_name, mean=mean, std=std,
                                               layout=self.layout, channels=self.channels,
                                               resize=self.resize, crop_fraction=self.crop_fraction,
-                                              interpolation=self.interpolation)
+                                              interpolation=self.interpolation, centring=centring)
 
     def _preprocessor_for(self, items: list[_Item]) -> Preprocessor | None:
         if self._preprocessor is None and any(item.array is None for item in items):

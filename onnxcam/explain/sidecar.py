@@ -28,7 +28,7 @@ CONFIG_FILE = "config.json"
 #: Pillow's resampling codes, as Hugging Face's processors store them
 PIL_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 #: the settings that describe one way of fitting the image, taken from one file
-GEOMETRY = ("resize", "crop_fraction", "size", "test_size", "test_crop_fraction")
+GEOMETRY = ("resize", "crop_fraction", "size", "test_size", "test_crop_fraction", "centring")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Sidecar:
     labels: list[str] | None = field(default=None, repr=False)
     test_size: tuple[int, int] | None = None     # timm's test_input_size, with its own crop
     test_crop_fraction: float | None = None
+    centring: str = "round"                      # where a crop's margin is split: "floor" for HF
 
     def crop_fraction_at(self, size: tuple[int, int] | None) -> float | None:
         """The crop fraction for a model fed ``size``: timm's test_crop_pct at its test size."""
@@ -141,6 +142,8 @@ def _from_processor(processor: dict, path: Path) -> dict[str, Any]:
             settings.update(resize="stretch-crop", crop_fraction=crop[0] / height, size=crop)
         else:
             settings.update(resize="stretch", size=(height, width))
+    if "resize" in settings:
+        settings["centring"] = "floor"  # transformers' center_crop: (size - crop) // 2
     return settings
 
 

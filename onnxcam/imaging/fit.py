@@ -15,7 +15,8 @@ it. Three ways to fit:
 
 Sizes follow torchvision: the resized side is ``int(side * scale)`` and the crop's top-left
 ``int(round(margin / 2))``, so a crop with fraction 0.875 feeds the model the same pixels as
-``Resize(256)`` + ``CenterCrop(224)`` on a PIL image.
+``Resize(256)`` + ``CenterCrop(224)`` on a PIL image. Hugging Face's processors put the crop at
+``margin // 2`` instead (``centring="floor"``): one pixel apart where the margin is odd.
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ def check_interpolation(name: str | None) -> str:
 
 
 def fit_image(image_size: tuple[int, int], model_size: tuple[int, int], mode: str = "stretch",
-              crop_fraction: float | None = DEFAULT_CROP_FRACTION) -> Fit:
-    """The :class:`Fit` of an image of ``image_size`` (H, W) into ``model_size`` (H, W)."""
+              crop_fraction: float | None = DEFAULT_CROP_FRACTION, centring: str = "round") -> Fit:
+    """The :class:`Fit` of an image of ``image_size`` (H, W) into ``model_size`` (H, W); a crop's
+    top-left at ``round(margin / 2)`` (torchvision) or, with ``centring="floor"``, ``margin // 2``
+    (Hugging Face)."""
     height, width = (int(side) for side in image_size)
     model_h, model_w = (int(side) for side in model_size)
     if mode == "stretch":
@@ -106,7 +109,11 @@ def fit_image(image_size: tuple[int, int], model_size: tuple[int, int], mode: st
             resized = (cover_h, max(model_w, int(width * cover_h / height)))
         else:
             resized = (max(model_h, int(height * cover_w / width)), cover_w)
-        offset = (int(round((resized[0] - model_h) / 2.0)), int(round((resized[1] - model_w) / 2.0)))
+        margins = (resized[0] - model_h, resized[1] - model_w)
+        if centring == "floor":
+            offset = (margins[0] // 2, margins[1] // 2)
+        else:
+            offset = (int(round(margins[0] / 2.0)), int(round(margins[1] / 2.0)))
         return Fit((height, width), (model_h, model_w), resized, offset)
     if mode == "pad":
         if model_h / height <= model_w / width:  # the height binds

@@ -85,8 +85,10 @@ class Preprocessor:
     image), "crop" (the centre, after resizing to cover ``size / crop_fraction``), "stretch-crop"
     (the centre, after resizing to ``size / crop_fraction``) or "pad" (the whole image with its
     aspect ratio, on the mean colour); ``interpolation`` is Pillow's filter (bilinear, bicubic,
-    nearest, lanczos). ``channels`` is 3 (RGB/BGR) or 1 (grey: Pillow's "L",
-    L = 0.299 R + 0.587 G + 0.114 B); for 1 channel a 3-value preset mean/std is averaged into one.
+    nearest, lanczos, box, hamming); ``centring`` puts a crop at ``round(margin / 2)``
+    (torchvision, timm) or ``margin // 2`` ("floor": Hugging Face). ``channels`` is 3 (RGB/BGR)
+    or 1 (grey: Pillow's "L", L = 0.299 R + 0.587 G + 0.114 B); for 1 channel a 3-value preset
+    mean/std is averaged into one.
     Give it images from ``load_image`` (8-bit RGB): other modes are converted with plain
     ``Image.convert``, which clips 16-bit data and drops alpha.
     """
@@ -102,10 +104,14 @@ class Preprocessor:
         resize: str = "stretch",
         crop_fraction: float | None = None,
         interpolation: str = "bilinear",
+        centring: str = "round",
     ) -> None:
         self.size = _check_size(size)
         self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
         self.interpolation = check_interpolation(interpolation)
+        if centring not in ("round", "floor"):
+            raise OptionError(f"unknown crop centring {centring!r}; choose round (torchvision) or floor (Hugging Face)")
+        self.centring = centring
         self.preset = get_preset(preset)
         self.layout = _check_layout(layout)
         self.channels = _check_channels(channels)
@@ -124,7 +130,7 @@ class Preprocessor:
 
     def fit(self, image_size: tuple[int, int]) -> Fit:
         """How an image of ``image_size`` (H, W) is fitted to the model's size."""
-        return fit_image(image_size, self.size, self.resize, self.crop_fraction)
+        return fit_image(image_size, self.size, self.resize, self.crop_fraction, self.centring)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         mode = "L" if self.channels == 1 else "RGB"

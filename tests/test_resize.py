@@ -288,7 +288,9 @@ def test_evaluate_scores_regions_in_the_cropped_input(cnn, tmp_path):
     result = run(["evaluate", cnn, data, "--methods", "gradcam", "--resize", "crop", "--crop-fraction", "1",
                   "--steps", "4", "--tolerance", "0", "--json", "--out", tmp_path / "eval"])
     assert result.exit_code == 0, result.output
-    samples = json.loads((tmp_path / "eval" / "results.json").read_text())["samples"]
+    document = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert document["settings"]["preprocessing"]["resize"] == "crop"
+    samples = document["samples"]
     scores = {entry["sample"]: entry["methods"]["gradcam"] for entry in samples}
     assert scores["b.png"]["pointing_hit"] is False and scores["b.png"]["energy"] == 0  # never seen
     assert scores["a.png"]["pointing_hit"] is True and scores["a.png"]["energy"] == pytest.approx(1)

@@ -175,7 +175,10 @@ def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps
     click.echo(f"{dataset.describe()}; {accuracy}; {summary['multi_instance']} with several instances")
     click.echo(result.table_text())
     settings = result.settings
-    click.echo(f"Maps at {settings['map_size'][0]}x{settings['map_size'][1]} (model input); pointing tolerance "
+    fitted = settings["preprocessing"]
+    how = {"crop": f", centre crop {fitted.get('crop_fraction')}", "pad": ", padded",
+           "stretch-crop": f", stretched and cropped {fitted.get('crop_fraction')}"}.get(fitted["resize"], "")
+    click.echo(f"Maps at {settings['map_size'][0]}x{settings['map_size'][1]} (model input{how}); pointing tolerance "
                f"{tolerance:g} px; deletion to {settings['deletion_baseline']}, insertion from "
                f"{settings['insertion_baseline']}; {steps} steps; {describe(settings['device'])}, "
                f"{time.perf_counter() - started:.1f} s")

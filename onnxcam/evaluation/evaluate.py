@@ -375,7 +375,8 @@ def evaluate(explainer, dataset: Dataset, methods: str | Sequence[str | MethodSp
         "tolerance_px": tolerance, "coverage_threshold": coverage_threshold,
         "deletion_baseline": _baseline_text(deletion_baseline),
         "insertion_baseline": _baseline_text(insertion_baseline), "blur_sigma": blur_sigma,
-        "target": target, "map_size": list(input_hw), "batch_size": bs,
+        "target": target, "map_size": list(input_hw), "preprocessing": explainer.preprocessing_info(),
+        "batch_size": bs,
         "device": explainer.session.device or "cpu",
     }
     summary = {

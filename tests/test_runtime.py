@@ -679,3 +679,20 @@ def test_the_cache_command_shows_and_clears_the_weights_files(model_path, isolat
     assert as_json["bytes"] == sum(p.stat().st_size for p in isolated_cache.rglob("*") if p.is_file())
     assert run(["cache", "--clear"]).exit_code == 0
     assert not [p for p in isolated_cache.rglob("*") if p.is_file()]
+
+
+def test_making_a_session_touches_the_cache_weights_it_maps_and_nothing_else(model_path, isolated_cache,
+                                                                             spilling, tmp_path):
+    gm, _ = load_gradient_model(model_path)
+    weights = next(isolated_cache.rglob("*.weights"))
+    _age(isolated_cache, weights.stem, 2 * cache_module.LEFTOVER_AGE_S)
+    GradientSession(gm, device="cpu").warm_up()
+    assert time.time() - weights.stat().st_mtime < cache_module.LEFTOVER_AGE_S
+    # a model's own data files are the user's: never touched (their times are in the cache key)
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save_model(build_cnn(), str(folder / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.weights", size_threshold=0)
+    stamp = (folder / "m.weights").stat().st_mtime_ns
+    GradientSession(load_gradient_model(folder / "m.onnx")[0], device="cpu").warm_up()
+    assert (folder / "m.weights").stat().st_mtime_ns == stamp

@@ -253,6 +253,17 @@ def _write(key: str, gm: GradientModel, budget: int, weights: Path | None = None
     prune(budget, keep=key)
 
 
+def mark_weights_used(model: onnx.ModelProto) -> None:
+    """Touch the cache's weights file a session of ``model`` is about to map, if it has one: an
+    explainer may make a session long after it read the entry, and pruning keeps a weights file
+    that no entry refers to any more only for LEFTOVER_AGE_S after its last use."""
+    folder = external.folder_of(model)
+    if folder is None or Path(folder).resolve().parent != cache_dir().resolve():
+        return
+    for path in external.data_files(model, folder):
+        _mark_used(path)
+
+
 def _mark_used(info_path: Path) -> None:
     """A hit makes the entry the most recently used (its JSON's modification time)."""
     try:

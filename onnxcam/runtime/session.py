@@ -41,6 +41,7 @@ from onnx.utils import Extractor
 
 from onnxcam.graph import external, noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED, GradientModel
+from onnxcam.runtime.cache import mark_weights_used
 from onnxcam.runtime.providers import SILENT, check_device, create_session, resolve_device
 
 FULL, FORWARD, HEAD, NOISY, NOISY_INPUT, PICKING = "full", "forward", "head", "noisy", "noisy_input", "picking"
@@ -257,6 +258,7 @@ class GradientSession:
             model, what = self._parts[kind], f"the rewritten model's {kind} part"
         # the first session settles "auto"; later ones go straight to the same device
         device = self.device or self.requested_device
+        mark_weights_used(model)  # the cache keeps a weights file for an hour after its last use
         session, self.device = create_session(model, device, self.threads, what)
         self._sessions[kind] = session
         return session

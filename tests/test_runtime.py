@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -696,3 +698,21 @@ def test_making_a_session_touches_the_cache_weights_it_maps_and_nothing_else(mod
     stamp = (folder / "m.weights").stat().st_mtime_ns
     GradientSession(load_gradient_model(folder / "m.onnx")[0], device="cpu").warm_up()
     assert (folder / "m.weights").stat().st_mtime_ns == stamp
+
+
+def test_without_the_cache_large_weights_go_to_a_temporary_file_of_the_process(model_path, isolated_cache,
+                                                                                spilling):
+    x = random_inputs(1)
+    want = build_gradient_model(model_path)  # no spill: the weights in memory
+    built, cached = load_gradient_model(model_path, use_cache=False)
+    assert not cached and not isolated_cache.exists()
+    folder = Path(external.folder_of(built.model))
+    assert folder.name.startswith("onnxcam-weights-") and folder.parent == Path(tempfile.gettempdir())
+    files = sorted(folder.iterdir())
+    assert files and all(p.suffix == ".weights" for p in files)
+    again, _ = load_gradient_model(model_path, use_cache=False)  # the same file, not another one
+    assert sorted(folder.iterdir()) == files and external.folder_of(again.model) == str(folder)
+    got = GradientSession(built, device="cpu").run(x, np.eye(10, dtype=np.float32)[[3]])
+    expected = GradientSession(want, device="cpu").run(x, np.eye(10, dtype=np.float32)[[3]])
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)

@@ -34,6 +34,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +116,8 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     """
     budget = cache_budget() if use_cache else 0
     keys = _key_for(model, layer, score) if budget > 0 else None
-    if keys is None:
+    if keys is None:  # no cache: large weights go to a file of this process's own
+        model, _, _ = _spilled(model, None, 0)
         return build_gradient_model(model, layer=layer, score=score), False
     key, model_sha = keys
     cached = _read(key)
@@ -131,11 +134,12 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     return built, False
 
 
-def _spilled(model, model_sha: str, budget: int) -> tuple:
+def _spilled(model, model_sha: str | None, budget: int) -> tuple:
     """(the model, with its weights moved to the model's weights file when they are large enough
     and fit the cache; that file or None; whether this call wrote it). The file is written once
-    per model and serves the entries of all its layers. Models with external data already, and
-    any failure to write, keep the model as it is."""
+    per model and serves the entries of all its layers. Without a cache (``model_sha`` None) the
+    file goes to a temporary folder of this process, deleted when it exits. Models with external
+    data already, and any failure to write, keep the model as it is."""
     from onnxcam.graph.prepare import load_model
 
     if not isinstance(model, onnx.ModelProto) and (not Path(model).is_file()
@@ -145,13 +149,13 @@ def _spilled(model, model_sha: str, budget: int) -> tuple:
     if external.has_external_data(proto):
         return proto, None, False
     size = external.spillable_bytes(proto)
-    if size <= SPILL_BYTES or proto.ByteSize() > budget // 2:  # an entry that leaves room for others
-        return proto, None, False
+    if size <= SPILL_BYTES or (model_sha is not None and proto.ByteSize() > budget // 2):
+        return proto, None, False  # small, or an entry that would not leave room for others
     if isinstance(model, onnx.ModelProto):  # the caller's proto stays as it was
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
-    data_path = _weights_path(model_sha)
     try:
+        data_path = _weights_path(model_sha) if model_sha is not None else _private_weights_path(model)
         data_path.parent.mkdir(parents=True, exist_ok=True)
         written = external.spill(proto, data_path)
     except OSError as exc:
@@ -190,6 +194,22 @@ def _paths(key: str) -> tuple[Path, Path]:
 
 def _weights_path(model_sha: str) -> Path:
     return cache_dir() / model_sha[:2] / f"{model_sha}.weights"
+
+
+_private_folder: list = []  # this process's temporary folder for weights, made when first needed
+
+
+def _private_weights_path(model) -> Path:
+    """A weights file in a temporary folder that lives as long as this process: one per model
+    file (its path, size and modification time), a new one for each ModelProto."""
+    if not _private_folder:
+        _private_folder.append(tempfile.TemporaryDirectory(prefix="onnxcam-weights-"))
+    if isinstance(model, onnx.ModelProto):
+        name = secrets.token_hex(8)
+    else:
+        stat = Path(model).stat()
+        name = hashlib.sha256(f"{Path(model).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
+    return Path(_private_folder[0].name) / f"{name[:16]}.weights"
 
 
 def _read(key: str) -> GradientModel | None:

@@ -716,3 +716,17 @@ def test_without_the_cache_large_weights_go_to_a_temporary_file_of_the_process(m
     expected = GradientSession(want, device="cpu").run(x, np.eye(10, dtype=np.float32)[[3]])
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_rewrite_of_a_one_file_model_writes_one_file_though_the_cache_spilled_it(model_path, isolated_cache,
+                                                                                  spilling, tmp_path):
+    from tests.cli_helpers import run
+
+    out = tmp_path / "grad.onnx"
+    result = run(["rewrite", model_path, "-o", out])
+    assert result.exit_code == 0, result.output
+    assert list(isolated_cache.rglob("*.weights"))  # the cache did spill it
+    assert not (tmp_path / "grad.onnx.data").exists() and "its weights in" not in result.output
+    written = onnx.load(str(out))
+    assert not any(external.is_external(t) for t in written.graph.initializer)
+    onnx.checker.check_model(written)

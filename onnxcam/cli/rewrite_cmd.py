@@ -9,6 +9,7 @@ import click
 
 from onnxcam.cli.common import input_option, shape_text, value_info_rows
 from onnxcam.errors import OptionError
+from onnxcam.graph import external
 from onnxcam.graph.external import write_model
 from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
 from onnxcam.graph.prepare import load_model
@@ -52,7 +53,9 @@ def rewrite(model: Path, out: Path, layer: str | None, score: str | None, fixed_
     inputs = parse_input_options(fixed_inputs)
     source = fix_inputs(load_model(model), inputs) if inputs else model
     gm, _ = load_gradient_model(source, layer=layer, score=score)
-    data = write_model(gm.model, out)
+    # a model that came as one file goes out as one file, though the cache keeps its weights apart
+    one_file = not external.has_external_data(source) if inputs else external.data_bytes(model) == 0
+    data = write_model(gm.model, out, inline=one_file)
     weights = f", its weights in {data}" if data is not None else ""
     click.echo(f"Wrote {out} (layer {gm.layer}, score {gm.score}{weights})")
     click.echo("Inputs:")

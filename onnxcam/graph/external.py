@@ -307,12 +307,14 @@ def read_in(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def write_model(model: onnx.ModelProto, out: Path) -> Path | None:
+def write_model(model: onnx.ModelProto, out: Path, inline: bool = False) -> Path | None:
     """Write ``model`` to ``out``, whole or not at all. A model with weights left on disk gets its
-    own data file beside ``out`` (``<out>.data``, written first), which is returned."""
+    own data file beside ``out`` (``<out>.data``, written first), which is returned; with
+    ``inline`` (a model that came as one file, whose weights onnxcam moved to its cache) they are
+    read back into the one file."""
     folder = folder_of(model)
-    if folder is None:
-        atomic_write_bytes(out, serialize(model, "the rewritten model"))
+    if folder is None or inline:
+        atomic_write_bytes(out, serialize(model if folder is None else read_in(model), "the rewritten model"))
         return None
     data_path = out.parent / f"{out.name}.data"
     if data_path.resolve() in data_files(model, folder):

@@ -110,6 +110,8 @@ def test_transformers_labels_and_what_is_not_ours(tmp_path):
     placeholders = {"id2label": {"0": "LABEL_0", "1": "LABEL_1"}}
     assert read_sidecar(folder_with(tmp_path, config=placeholders)) is None
     assert read_sidecar(folder_with(tmp_path, config={"learning_rate": 0.1})) is None  # someone else's
+    (tmp_path / "config.json").write_text("// a JSON-with-comments config of another tool\n{}")
+    assert read_sidecar(tmp_path / "model.onnx") is None
     assert read_sidecar(tmp_path / "elsewhere" / "model.onnx") is None
     assert read_sidecar(onnx.ModelProto()) is None
 

@@ -8,7 +8,8 @@ model what those files say, so onnxcam reads them when the options and the model
 say otherwise: a ViT that expects mean 0.5 and std 0.5 is not fed ImageNet statistics, and a
 fine-tuned model's classes have their names.
 
-A ``config.json`` without those keys is someone else's file and is left alone.
+A ``config.json`` without those keys, or one that is not JSON at all, is someone else's file and
+is left alone; a ``preprocessor_config.json`` that cannot be read is an error naming it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def read_sidecar(model: Any) -> Sidecar | None:
         return None
     folder = Path(model).parent
     processor = _read_json(folder / PROCESSOR_FILE)
-    config = _read_json(folder / CONFIG_FILE)
+    config = _read_json(folder / CONFIG_FILE, strict=False)  # a common name: maybe not an exporter's
     settings: dict[str, Any] = {}
     files = []
     if processor is not None:
@@ -95,12 +96,14 @@ def read_sidecar(model: Any) -> Sidecar | None:
     return Sidecar(files=tuple(files), **settings) if settings else None
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path, strict: bool = True) -> dict | None:
     if not path.is_file():
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if not strict:
+            return None
         raise ModelError(f"'{path}' next to the model is not readable JSON ({exc}): fix or remove it, or "
                          "give the preprocessing and labels as options") from None
     return value if isinstance(value, dict) else None

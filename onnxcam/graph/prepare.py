@@ -270,7 +270,7 @@ FIRST_RUN = 256
 def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[str], types: dict[str, int],
                 batch: int) -> dict[str, list]:
     """The shapes of tensors ``names`` in runs of ``batch`` random images of the model's static
-    input size, on the CPU without graph optimisations, about ``MEASURE_BYTES`` of tensors a run;
+    input size, on the CPU with basic graph optimisations, about ``MEASURE_BYTES`` of tensors a run;
     empty where the model cannot run so."""
     import onnxruntime as ort
 
@@ -287,7 +287,9 @@ def _run_shapes(model: onnx.ModelProto, weights: dict[str, bytes], names: list[s
     outputs = runnable.graph.output
     listed = len(outputs)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # basic rewrites (constant folding, redundant nodes) only: the exposed tensors keep every
+    # fusion from applying, and ViT-H/14's rewrite took 12.8 s with them against 14.8 s without
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = SILENT
     external.session_options_for(runnable, options)
     shapes: dict[str, list] = {}

@@ -258,6 +258,10 @@ def test_metadata_chooses_the_resize_and_options_override_it(cnn, tmp_path):
     explainer = Explainer(path)
     assert (explainer.resize, explainer.crop_fraction) == ("crop", 0.5)
     assert Explainer(path, resize="pad").resize == "pad"
+    # the mode alone keeps the metadata's fraction for that mode, not for another one
+    assert Explainer(path, resize="crop").crop_fraction == 0.5
+    assert Explainer(path, resize="stretch-crop").crop_fraction == 0.875
+    assert Explainer(path, resize="crop", crop_fraction=0.9).crop_fraction == 0.9
     onnx.helper.set_model_props(model, {"onnxcam.resize": "squash"})
     with pytest.raises(ModelError, match="metadata onnxcam.resize.*unknown resize mode 'squash'"):
         Explainer(save_model(model, tmp_path / "bad.onnx"))

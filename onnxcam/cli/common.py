@@ -126,7 +126,8 @@ def resize_options(func):
                              "config next to the model, else bilinear).")(func)
     func = click.option("--crop-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
                         help="With --resize crop or stretch-crop: the share of the resized image the crop "
-                             "keeps (default 0.875: Resize(256) + CenterCrop(224)).")(func)
+                             "keeps (default: the model's metadata or config for that mode, else 0.875: "
+                             "Resize(256) + CenterCrop(224)).")(func)
     return click.option("--resize", type=click.Choice(RESIZE_MODES, case_sensitive=False),
                         help="How an image meets the model's size: stretch the whole image, crop its "
                              "centre keeping the aspect ratio (torchvision's Resize + CenterCrop), "

@@ -544,19 +544,7 @@ class Explainer:
             source = f"{source}, mean/std from options"
         self.preprocessing_source = source
         self._mean, self._std = mean, std
-        if resize is None and crop_fraction is None:
-            resize = metadata_value(gm.model, "onnxcam.resize")
-            fraction = _metadata_floats(gm.model, "onnxcam.crop_fraction")
-            crop_fraction = None if fraction is None else fraction[0]
-            if resize is None and crop_fraction is None and self.sidecar is not None:
-                resize, crop_fraction = self.sidecar.resize, self.sidecar.crop_fraction_at(self._size)
-            try:
-                self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
-            except OptionError as exc:
-                raise ModelError(f"the model's metadata onnxcam.resize/onnxcam.crop_fraction: {exc}; fix the "
-                                 "metadata, or pass --resize") from None
-        else:
-            self.resize, self.crop_fraction = check_resize(resize, crop_fraction)
+        self.resize, self.crop_fraction = self._fitting(gm, resize, crop_fraction)
         if interpolation is None:
             interpolation = metadata_value(gm.model, "onnxcam.interpolation")
             if interpolation is None and self.sidecar is not None:
@@ -577,6 +565,29 @@ class Explainer:
                                               layout=self.layout, channels=self.channels,
                                               resize=self.resize, crop_fraction=self.crop_fraction,
                                               interpolation=self.interpolation, centring=centring)
+
+    def _fitting(self, gm, resize, crop_fraction) -> tuple[str, float | None]:
+        """(resize mode, crop fraction): the options', else the model metadata's, else the files
+        next to the model's, else stretch. A mode given alone takes the crop fraction that the
+        metadata or the files give for that same mode."""
+        described = []  # (mode, fraction), the metadata's first
+        meta_mode = metadata_value(gm.model, "onnxcam.resize")
+        meta_fraction = _metadata_floats(gm.model, "onnxcam.crop_fraction")
+        if meta_mode is not None or meta_fraction is not None:
+            described.append((meta_mode, None if meta_fraction is None else meta_fraction[0]))
+        if self.sidecar is not None and self.sidecar.resize is not None:
+            described.append((self.sidecar.resize, self.sidecar.crop_fraction_at(self._size)))
+        if resize is None and crop_fraction is None:
+            try:
+                return check_resize(*described[0]) if described else check_resize(None)
+            except OptionError as exc:  # the files' own values are checked as they are read
+                raise ModelError(f"the model's metadata onnxcam.resize/onnxcam.crop_fraction: {exc}; fix the "
+                                 "metadata, or pass --resize") from None
+        if crop_fraction is None and resize is not None:
+            same = [fraction for mode, fraction in described
+                    if fraction is not None and str(mode).strip().lower() == str(resize).strip().lower()]
+            crop_fraction = same[0] if same else None
+        return check_resize(resize, crop_fraction)
 
     def _preprocessor_for(self, items: list[_Item]) -> Preprocessor | None:
         if self._preprocessor is None and any(item.array is None for item in items):

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcam.cli.common import comma_numbers, echo_json, input_option, shape_text, table, value_info_rows
 from onnxcam.errors import OnnxCamError
-from onnxcam.explain.explainer import has_dynamic_size, with_input_size
+from onnxcam.explain.explainer import sidecar_size, with_input_size
 from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
@@ -60,8 +60,7 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
         proto = fix_inputs(proto, inputs)
     sidecar = read_sidecar(path)
     notes = []
-    if size is None and sidecar is not None and sidecar.size is not None and has_dynamic_size(proto):
-        size = sidecar.size  # as explain does: the size the image processor next to the model makes
+    if size is None and (size := sidecar_size(proto, sidecar)) is not None:  # as explain does
         notes.append(f"the input size is dynamic: {size[0]}x{size[1]} from {sidecar.source} (--size overrides it)")
     if size is not None:
         proto = with_input_size(proto, size)

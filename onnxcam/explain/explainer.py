@@ -180,9 +180,8 @@ class Explainer:
 
             self.model_source = fix_inputs(load_model(model), inputs)
         self.sidecar = read_sidecar(model)
-        if size is None and self.sidecar is not None and self.sidecar.size is not None \
-                and has_dynamic_size(self.model_source):
-            size = self.sidecar.size  # the size the image processor next to the model makes
+        if size is None:
+            size = sidecar_size(self.model_source, self.sidecar)
         if size is not None:  # a dynamic input size becomes static before the rewrite
             self.model_source = with_input_size(self.model_source, _check_size(size))
         try:
@@ -832,6 +831,13 @@ def _input_shape(model) -> list | None:
 def has_dynamic_size(model) -> bool:
     shape = _input_shape(model)
     return shape is not None and None in detect_layout(shape)[1]
+
+
+def sidecar_size(model, sidecar) -> tuple[int, int] | None:
+    """The (H, W) the image processor next to a model with a dynamic input size makes, if any."""
+    if sidecar is None or sidecar.size is None or not has_dynamic_size(model):
+        return None
+    return sidecar.size
 
 
 def _require_static_size(model) -> None:

@@ -126,8 +126,7 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int | None:
 
 def data_bytes(path: Path) -> int:
     """How many bytes of the model file ``path``'s tensors are in external data files."""
-    proto = onnx.load(str(path), load_external_data=False)
-    return sum(tensor_bytes(t) or 0 for t in tensors(proto.graph) if is_external(t))
+    return disk_bytes(onnx.load(str(path), load_external_data=False))
 
 
 def data_files(model: onnx.ModelProto, folder: str | os.PathLike) -> set[Path]:

@@ -250,9 +250,9 @@ def _write(key: str, gm: GradientModel, budget: int, weights: Path | None = None
     try:
         data = gm.model.SerializeToString()
         spilled = None if weights is None else {"model": weights.stem, "bytes": weights.stat().st_size}
-        if len(data) + (spilled or {}).get("bytes", 0) > budget:
-            log.info("not caching the rewritten model (%d MiB): larger than ONNXCAM_CACHE_SIZE",
-                     (len(data) + (spilled or {}).get("bytes", 0)) >> 20)
+        size = len(data) + (spilled["bytes"] if spilled else 0)
+        if size > budget:
+            log.info("not caching the rewritten model (%d MiB): larger than ONNXCAM_CACHE_SIZE", size >> 20)
             return
         info = {
             "format": FORMAT, "onnx_sha256": hashlib.sha256(data).hexdigest(),
@@ -336,10 +336,11 @@ def cached_models() -> tuple[list[CachedModel], list[tuple[Path, os.stat_result]
     return entries, others
 
 
-def _referenced() -> dict[str, int]:
-    """How many complete entries refer to each model's weights file (by the model's SHA-256)."""
+def _referenced(entries: list[CachedModel] | None = None) -> dict[str, int]:
+    """How many of ``entries`` (default: every complete entry) refer to each model's weights
+    file (by the model's SHA-256)."""
     counts: dict[str, int] = {}
-    for entry in cached_models()[0]:
+    for entry in cached_models()[0] if entries is None else entries:
         try:
             weights = json.loads(_paths(entry.key)[1].read_text(encoding="utf-8")).get("weights")
         except (OSError, ValueError):
@@ -356,16 +357,16 @@ def prune(budget: int, keep: str | None = None) -> int:
     Returns the bytes left (``prune(0)`` empties the cache but for writes in progress)."""
     entries, others = cached_models()
     total = sum(entry.nbytes for entry in entries) + sum(stat.st_size for _, stat in others)
+    kept = []
     for entry in entries:
-        if total <= budget:
-            break
-        if entry.key == keep:
+        if total <= budget or entry.key == keep:
+            kept.append(entry)
             continue
         model_path, info_path = _paths(entry.key)
         _remove(info_path)  # the JSON first: without it the entry is incomplete, never half-read
         _remove(model_path)
         total -= entry.nbytes
-    referenced = _referenced() if any(path.suffix == ".weights" for path, _ in others) else {}
+    referenced = _referenced(kept) if any(path.suffix == ".weights" for path, _ in others) else {}
     now = time.time()
     for path, stat in others:
         if path.suffix == ".weights" and referenced.get(path.stem):
@@ -384,13 +385,6 @@ def _ours(path: Path) -> bool:
     """Whether ``path`` is an entry file of this cache or the temporary file of one."""
     match = _ENTRY.fullmatch(path.name) or _TEMPORARY.fullmatch(path.name)
     return match is not None and path.parent.name == match.group("key")[:2]
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def _remove(path: Path) -> None:

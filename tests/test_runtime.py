@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -326,6 +329,10 @@ def test_large_weights_go_to_one_weights_file_and_give_the_same_maps(model_path,
     other, _ = load_gradient_model(model_path, layer="a1")
     assert list(isolated_cache.rglob("*.weights")) == [weights] and weights.stat().st_mtime_ns == written
     assert external.folder_of(other.model) == str(weights.parent)
+    cache_module.prune(0)  # the entries go; the weights stay while rewritten models refer to them
+    assert [p for p in isolated_cache.rglob("*") if p.is_file()] == [weights]
+    del built, other
+    gc.collect()
     cache_module.prune(0)
     assert not [p for p in isolated_cache.rglob("*") if p.is_file()]
 
@@ -343,6 +350,47 @@ def test_a_weights_file_goes_only_when_unreferenced_and_unused(model_path, isola
     _age(isolated_cache, weights.stem, 2 * cache_module.LEFTOVER_AGE_S)
     cache_module.prune(weights.stat().st_size)
     assert not weights.exists() and entries
+
+
+def test_an_idle_explainer_keeps_its_weights_file_after_its_entries_are_pruned(model_path, isolated_cache,
+                                                                               spilling):
+    """An explainer that made only its Grad-CAM session, idle for hours while other work pruned
+    its model's entries, still makes its Smooth Grad-CAM++ sessions from the weights file."""
+    x = random_inputs(1)
+    want = Explainer(model_path, cache=False).explain(x, method="smoothgradcampp", samples=4)[0].raw_map
+    explainer = Explainer(model_path)
+    explainer.explain(x, method="gradcam")
+    weights = next(isolated_cache.rglob("*.weights"))
+    cache_module.prune(weights.stat().st_size)  # every entry goes: the budget fits only the weights
+    assert not _entries(isolated_cache)
+    _age(isolated_cache, weights.stem, 2 * cache_module.LEFTOVER_AGE_S)
+    cache_module.prune(weights.stat().st_size)
+    assert weights.exists()
+    got = explainer.explain(x, method="smoothgradcampp", samples=4)[0].raw_map
+    np.testing.assert_array_equal(got, want)
+    del explainer
+    gc.collect()
+    _age(isolated_cache, weights.stem, 2 * cache_module.LEFTOVER_AGE_S)  # making a session touched it
+    cache_module.prune(weights.stat().st_size)
+    assert not weights.exists()
+
+
+def test_a_hold_of_another_process_keeps_a_file_until_it_exits(tmp_path):
+    from onnxcam.runtime.file_hold import remove_unless_held
+
+    path = tmp_path / "m.weights"
+    path.write_bytes(b"w" * 64)
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from onnxcam.runtime.file_hold import hold; "
+        "handle = hold(Path(sys.argv[1])); print(handle is not None, flush=True); sys.stdin.read()"),
+        str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "True"
+        assert not remove_unless_held(path) and path.exists()
+    finally:
+        child.communicate("")
+    assert remove_unless_held(path) and not path.exists()
+    assert remove_unless_held(path)  # already gone
 
 
 def test_a_given_proto_is_spilled_from_a_copy(isolated_cache, spilling):
@@ -679,7 +727,15 @@ def test_the_cache_command_shows_and_clears_the_weights_files(model_path, isolat
     weights = next(isolated_cache.rglob("*.weights")).stat().st_size
     assert as_json["weights_files"] == 1 and as_json["weights_bytes"] == weights
     assert as_json["bytes"] == sum(p.stat().st_size for p in isolated_cache.rglob("*") if p.is_file())
-    assert run(["cache", "--clear"]).exit_code == 0
+    explainer = Explainer(model_path, layer="a1")  # holds the weights file
+    cleared = run(["cache", "--clear"])
+    assert cleared.exit_code == 0 and "Deleted 2 cached models" in cleared.output
+    assert "Kept 1 weights file that a running onnxcam process still uses" in cleared.output
+    assert [p.suffix for p in isolated_cache.rglob("*") if p.is_file()] == [".weights"]
+    del explainer
+    gc.collect()
+    cleared = run(["cache", "--clear"])
+    assert "Deleted 0 cached models" in cleared.output and "Kept" not in cleared.output
     assert not [p for p in isolated_cache.rglob("*") if p.is_file()]
 
 

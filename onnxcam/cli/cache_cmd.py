@@ -13,7 +13,8 @@ from onnxcam.runtime.cache import DEFAULT_SIZE, cache_budget, cache_dir, cached_
 
 @click.command("cache", short_help="Show the cache of rewritten models, or empty it.",
                context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--clear", is_flag=True, help="Delete every cached model (they are rewritten when next needed).")
+@click.option("--clear", is_flag=True, help="Delete every cached model (they are rewritten when next needed); "
+              "weights files that a running onnxcam process uses stay.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of text.")
 def cache(clear: bool, as_json: bool) -> None:
     """Show the cache of rewritten models: its folder, its size limit and its entries.
@@ -46,6 +47,9 @@ def cache(clear: bool, as_json: bool) -> None:
         return
     if clear:
         click.echo(f"Deleted {removed} cached model{'s' if removed != 1 else ''} from {folder}")
+        if weights:
+            click.echo(f"Kept {len(weights)} weights file{'s' if len(weights) != 1 else ''} that a running "
+                       "onnxcam process still uses: run --clear again once it has ended")
     given = os.environ.get("ONNXCAM_CACHE_SIZE", "").strip()
     limit = "off (ONNXCAM_CACHE_SIZE=0)" if budget == 0 else _size(budget) + (
         f" (ONNXCAM_CACHE_SIZE={given})" if given else f" (default {DEFAULT_SIZE}; ONNXCAM_CACHE_SIZE sets it)")

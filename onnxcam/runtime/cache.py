@@ -16,8 +16,9 @@ A model whose weights are in its own file and add up to more than ``SPILL_BYTES`
 written once to ``<model sha256>.weights`` (``external.spill``), before the rewrite: the rewritten
 graphs of all its layers refer to them there, and ONNX Runtime maps that file, so the sessions of
 an explanation share one copy of the weights instead of each holding its own. A weights file
-goes when no entry refers to it any more and it has not been used for ``LEFTOVER_AGE_S`` (a
-running explainer may still make sessions from it).
+goes when no entry refers to it any more, it has not been used for ``LEFTOVER_AGE_S``, and no
+rewritten model in memory, in any process, refers to it (``file_hold``: an explainer may make a
+new session from it at any time).
 
 Size: ``$ONNXCAM_CACHE_SIZE`` (default 2G; ``0`` turns the cache off). Each entry is a whole copy
 of a model, so a new onnxcam version, layer or model adds one; after each write the least
@@ -37,6 +38,7 @@ import re
 import secrets
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from onnxcam.errors import OptionError
 from onnxcam.graph import external
 from onnxcam.graph.locate import Candidate
 from onnxcam.graph.rewrite import GradientModel, build_gradient_model
+from onnxcam.runtime.file_hold import hold, remove_unless_held
 
 log = logging.getLogger("onnxcam.cache")
 
@@ -124,14 +127,25 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     if cached is not None:
         return cached, True
     model, data_path, written = _spilled(model, model_sha, budget)
+    handle = hold(data_path) if data_path is not None else None
     try:
         built = build_gradient_model(model, layer=layer, score=score)
     except BaseException:
+        if handle is not None:
+            handle.close()
         if written and not _referenced().get(data_path.stem):
-            _remove(data_path)  # written for this build alone
+            remove_unless_held(data_path)  # written for this build alone
         raise
+    _keep_held(built, handle)
     _write(key, built, budget, data_path)
     return built, False
+
+
+def _keep_held(gm: GradientModel, handle) -> None:
+    """Keep the weights file open under ``handle`` for as long as ``gm`` lives: pruning, in any
+    process, leaves it alone meanwhile."""
+    if handle is not None:
+        weakref.finalize(gm, handle.close)
 
 
 def _spilled(model, model_sha: str | None, budget: int) -> tuple:
@@ -214,6 +228,7 @@ def _private_weights_path(model) -> Path:
 
 def _read(key: str) -> GradientModel | None:
     model_path, info_path = _paths(key)
+    handle = None
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         data = model_path.read_bytes()
@@ -222,12 +237,15 @@ def _read(key: str) -> GradientModel | None:
         model = onnx.load_from_string(data)
         if info.get("weights") is not None:  # the model's weights, in its weights file
             weights = _weights_path(info["weights"]["model"])
-            if weights.stat().st_size != info["weights"]["bytes"]:
+            handle = hold(weights)
+            if handle is None:
+                raise FileNotFoundError(weights)
+            if os.fstat(handle.fileno()).st_size != info["weights"]["bytes"]:
                 raise ValueError("weights file of the wrong size")
             external.set_folder(model, str(weights.parent))
             _mark_used(weights)
         _mark_used(info_path)
-        return GradientModel(
+        gm = GradientModel(
             model=model,
             layer=info["layer"], score=info["score"], input_name=info["input_name"],
             input_shape=tuple(info["input_shape"]), activation_shape=tuple(info["activation_shape"]),
@@ -236,11 +254,14 @@ def _read(key: str) -> GradientModel | None:
                              for c in info["candidates"]),
             path_is_linear=bool(info["path_is_linear"]), batch_built_in=info["batch_built_in"],
             layer_layout=info["layer_layout"])
-    except FileNotFoundError:
+    except Exception as exc:  # noqa: BLE001 - a missing or corrupt entry is rebuilt, never fatal
+        if handle is not None:
+            handle.close()
+        if not isinstance(exc, FileNotFoundError):
+            log.info("cache entry %s is unusable (%s); rebuilding it", key[:12], exc)
         return None
-    except Exception as exc:  # noqa: BLE001 - a corrupt entry is rebuilt, never fatal
-        log.info("cache entry %s is unusable (%s); rebuilding it", key[:12], exc)
-        return None
+    _keep_held(gm, handle)
+    return gm
 
 
 def _write(key: str, gm: GradientModel, budget: int, weights: Path | None = None) -> None:
@@ -353,7 +374,8 @@ def _referenced(entries: list[CachedModel] | None = None) -> dict[str, int]:
 def prune(budget: int, keep: str | None = None) -> int:
     """Delete the least recently used entries until the cache holds at most ``budget`` bytes
     (never ``keep``); then the weights files no entry refers to and leftovers of interrupted
-    writes, once unused for ``LEFTOVER_AGE_S`` (``budget`` 0: at once).
+    writes, once unused for ``LEFTOVER_AGE_S`` (``budget`` 0: at once); a weights file that a
+    rewritten model in memory still refers to stays (``file_hold``).
     Returns the bytes left (``prune(0)`` empties the cache but for writes in progress)."""
     entries, others = cached_models()
     total = sum(entry.nbytes for entry in entries) + sum(stat.st_size for _, stat in others)
@@ -371,7 +393,10 @@ def prune(budget: int, keep: str | None = None) -> int:
     for path, stat in others:
         if path.suffix == ".weights" and referenced.get(path.stem):
             continue
-        if now - stat.st_mtime > LEFTOVER_AGE_S or (budget == 0 and path.suffix == ".weights"):
+        if path.suffix == ".weights":
+            if (budget == 0 or now - stat.st_mtime > LEFTOVER_AGE_S) and remove_unless_held(path):
+                total -= stat.st_size
+        elif now - stat.st_mtime > LEFTOVER_AGE_S:
             _remove(path)
             total -= stat.st_size
     return total

@@ -772,6 +772,13 @@ def test_without_the_cache_large_weights_go_to_a_temporary_file_of_the_process(m
     expected = GradientSession(want, device="cpu").run(x, np.eye(10, dtype=np.float32)[[3]])
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+    del built, got
+    gc.collect()
+    assert sorted(folder.iterdir()) == files  # another rewritten model still refers to the file
+    Explainer(model_path, cache=False).explain(x, method="gradcam")  # its own use, then it goes
+    del again
+    gc.collect()
+    assert not list(folder.iterdir())
 
 
 def test_rewrite_of_a_one_file_model_writes_one_file_though_the_cache_spilled_it(model_path, isolated_cache,

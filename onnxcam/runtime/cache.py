@@ -120,8 +120,17 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     budget = cache_budget() if use_cache else 0
     keys = _key_for(model, layer, score) if budget > 0 else None
     if keys is None:  # no cache: large weights go to a file of this process's own
-        model, _, _ = _spilled(model, None, 0)
-        return build_gradient_model(model, layer=layer, score=score), False
+        model, data_path, _ = _spilled(model, None, 0)
+        _private_users[data_path] = _private_users.get(data_path, 0) + 1
+        built = None
+        try:
+            built = build_gradient_model(model, layer=layer, score=score)
+        finally:
+            if built is None:
+                _release_private(data_path)
+            else:
+                weakref.finalize(built, _release_private, data_path)
+        return built, False
     key, model_sha = keys
     cached = _read(key)
     if cached is not None:
@@ -152,7 +161,7 @@ def _spilled(model, model_sha: str | None, budget: int) -> tuple:
     """(the model, with its weights moved to the model's weights file when they are large enough
     and fit the cache; that file or None; whether this call wrote it). The file is written once
     per model and serves the entries of all its layers. Without a cache (``model_sha`` None) the
-    file goes to a temporary folder of this process, deleted when it exits. Models with external
+    file goes to a temporary folder of this process (``_release_private`` deletes it). Models with external
     data already, and any failure to write, keep the model as it is."""
     from onnxcam.graph.prepare import load_model
 
@@ -211,6 +220,20 @@ def _weights_path(model_sha: str) -> Path:
 
 
 _private_folder: list = []  # this process's temporary folder for weights, made when first needed
+
+
+_private_users: dict = {}  # this process's weights files -> the rewritten models that refer to them
+
+
+def _release_private(data_path: Path | None) -> None:
+    """One rewritten model less refers to ``data_path``: delete it after the last, so a process
+    that explains many large models without the cache holds only the weights of those in use."""
+    if data_path is None:
+        return
+    _private_users[data_path] -= 1
+    if not _private_users[data_path]:
+        del _private_users[data_path]
+        _remove(data_path)
 
 
 def _private_weights_path(model) -> Path:

@@ -269,6 +269,15 @@ for mode, extra in [("nearest", {}), ("linear", {}),
     case(label + "-sizes", one_op("Resize", [1, 2, 4, 4], ["", "", "sz"], [_const("sz", [1, 2, 7, 5], np.int64)],
                                   mode=mode, **extra), normal([1, 2, 4, 4]))
 
+# sizes computed from the input's own shape, as torch exports F.interpolate(x, size=(H, W))
+case("Resize-linear-sizes-from-shape", make_model([
+    helper.make_node("Shape", ["x"], ["shape"]),
+    helper.make_node("Slice", ["shape", "zero", "two"], ["nc"]),
+    helper.make_node("Concat", ["nc", "hw"], ["sz"], axis=0),
+    helper.make_node("Resize", ["x", "", "", "sz"], ["y"], mode="linear")], [2, 3, 4, 4],
+    [_const("zero", [0], np.int64), _const("two", [2], np.int64), _const("hw", [7, 5], np.int64)]),
+    normal([2, 3, 4, 4]))
+
 
 @pytest.mark.parametrize("model, x", CASES)
 def test_rule_matches_finite_differences(model, x):

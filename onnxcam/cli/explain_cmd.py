@@ -299,6 +299,9 @@ def _summary(path: Path, explanation, overlay: Path) -> str:
         named = explanation.label and explanation.label != f"class {explanation.class_index}"
         what = (f"{explanation.label} (class {explanation.class_index})" if named else f"class {explanation.class_index}")
         what = f"{what}, p={explanation.probability:.3f}"
+        fraction = explanation.extra.get("region_fraction")
+        if fraction is not None:  # a segmentation model: p is the class's mean over its region
+            what = f"{what} over {fraction:.0%} of the pixels" if fraction else f"{what}, at no pixel"
     flat = " [flat map: no positive evidence]" if explanation.flat else ""
     return f"{display_path(path)}: {what}{flat} -> {overlay}"
 

@@ -18,7 +18,7 @@ from onnxcam.graph import external
 from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
 from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits
 from onnxcam.graph.prepare import load_model, model_opset, prepare
-from onnxcam.graph.rewrite import automatic_layer
+from onnxcam.graph.rewrite import automatic_layer, class_grid
 from onnxcam.imaging import PRESETS, detect_layout
 from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.runtime.cache import load_gradient_model
@@ -87,9 +87,11 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
                          "pre_softmax": logits.name != graph.outputs[0].name,
                          "squashed": _squashed(graph, logits)} if logits is not None else None)
-    classes = logits.shape[-1] if logits is not None and logits.shape else None
+    grid = class_grid(logits) if logits is not None else None
+    classes = (logits.shape[1] if grid else logits.shape[-1]) if logits is not None and logits.shape else None
     classes = classes if isinstance(classes, int) else None
     report["classes"] = classes
+    report["pixel_grid"] = list(grid) if grid else None  # a segmentation model: classes per pixel
     try:
         labels, source = resolve_labels(
             classes, None, proto,
@@ -109,7 +111,7 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     if logits is not None:
         tensors = graph.tensors()
         candidates = candidate_layers(graph, logits)
-        automatic = automatic_layer(graph, candidates, logits)
+        automatic = automatic_layer(graph, candidates, logits, classes if grid else None)
         for candidate in candidates:
             nodes = path_nodes(graph, tensors[candidate.tensor], logits)
             rows.append({"tensor": candidate.tensor, "node": candidate.node, "op": candidate.op,
@@ -197,7 +199,9 @@ def _text(report: dict) -> str:
         kind = ("pre-softmax input of the output's squashing" if logits["squashed"] else
                 "the output before its quantization" if logits["pre_softmax"] else "the output itself")
         lines.append(f"Logits: {logits['tensor']} {shape_text(logits['shape'])} ({kind}), "
-                     f"{report['classes'] or '?'} class{'' if report['classes'] == 1 else 'es'}")
+                     f"{report['classes'] or '?'} class{'' if report['classes'] == 1 else 'es'}"
+                     + (" per pixel (a segmentation model: a class's score is the sum of its logits over "
+                        "the pixels it is predicted at)" if report["pixel_grid"] else ""))
     labels = report.get("labels") or {}
     lines.append(f"Labels: {labels.get('source')}"
                  + (f" ({', '.join(labels['first'])}, ...)" if labels.get("first") else ""))

@@ -159,6 +159,9 @@ def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method
     paths = list(images)
     if not paths:
         raise OptionError("no images given: pass at least one image")
+    from onnxcam.evaluation.predictor import Predictor
+
+    predictor_a, predictor_b = Predictor(explainer_a), Predictor(explainer_b)  # refuse before the work
     t0 = time.perf_counter()
     options = dict(samples=samples, noise_level=noise_level, seed=seed)
     given = None if class_index is None else [class_index] * len(paths)  # an index, or a name of A's labels
@@ -167,10 +170,8 @@ def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method
     maps_b = explainer_b.explain(paths, method=method, targets=targets, **options)
     explain_s = time.perf_counter() - t0
     # B's own prediction, for the record: one batched pass through B's session
-    from onnxcam.evaluation.predictor import Predictor
-
-    probs_b = Predictor(explainer_b)(explainer_b.preprocess(paths))
-    probs_a = Predictor(explainer_a)(explainer_a.preprocess(paths))
+    probs_b = predictor_b(explainer_b.preprocess(paths))
+    probs_a = predictor_a(explainer_a.preprocess(paths))
     size = _common_size(explainer_a, explainer_b, maps_a[0])
     records = []
     for path, a, b, pa, pb in zip(paths, maps_a, maps_b, probs_a, probs_b):

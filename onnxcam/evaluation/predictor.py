@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcam.errors import DataError, OptionError
+from onnxcam.errors import DataError, ModelError, OptionError
 
 __all__ = ["Predictor", "predict_proba", "probabilities_from_logits"]
 
@@ -48,6 +48,10 @@ class Predictor:
         if explainer.score is not None:
             raise OptionError("evaluation needs class scores: create the Explainer without score= "
                               "(neuron-level maps have no class probability)")
+        if explainer.gradient_model.class_grid is not None:
+            raise ModelError(f"model '{explainer.model_name}' scores its classes per pixel (a segmentation "
+                             "model): evaluate, check and compare score classifiers' predictions; explain "
+                             "its classes' regions with onnxcam explain")
         if not explainer.num_classes:
             raise OptionError("the model's number of classes is not fixed: evaluation needs a static "
                               "class dimension")

@@ -68,6 +68,7 @@ from onnxcam.explain import targets as tg
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.explain import passes
 from onnxcam.explain.noise import check_noise_options
+from onnxcam.explain.regions import PixelClasses
 from onnxcam.explain.result import Explanation
 from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.graph import noisy
@@ -328,6 +329,8 @@ class Explainer:
                                  "re-export it with a static class dimension")
             class_lists = tg.class_targets(targets, len(items), gm.num_classes, self.labels)
             k = tg.check_top_k(top_k, gm.num_classes) if class_lists is None else 1
+        regions = (PixelClasses.of(gm.num_classes, gm.class_grid, self._squash, self.labels)
+                   if gm.class_grid is not None and not neuron_mode else None)
         noisy = [cam for cam in cams.values() if cam.needs_noise]
         samples, noise_level, seed = (check_noise_options(samples, noise_level, seed) if noisy
                                       else (samples, noise_level, seed))
@@ -351,7 +354,7 @@ class Explainer:
         in_graph_kind = self._fused_kind(session) if fused else NOISY
         plan, split_clean = (((in_graph_kind,), False) if in_graph else ((PICKING,), False) if picked else
                              passes.plan_sessions(session, class_lists, k, neuron_mode, len(items), batch,
-                                                  bool(noisy_cams)))
+                                                  bool(noisy_cams), regions=regions is not None))
         setup_start = time.perf_counter()
         session.warm_up(plan)
         setup = time.perf_counter() - setup_start + self._unreported_setup.pop(gm.layer, 0.0)
@@ -388,7 +391,7 @@ class Explainer:
                 clean = (passes.clean_pass_in_graph(session, inputs, chunk_classes, batch, need_gradient)
                          if in_graph else
                          passes.clean_pass(gm, session, inputs, chunk_classes, k, neurons, batch, split_clean,
-                                           need_gradient))
+                                           need_gradient, regions=regions))
                 t2 = time.perf_counter()
                 accumulators = {name: cam.new_accumulator(len(clean.pair_image))
                                 for name, cam in noisy_cams.items()}
@@ -418,7 +421,7 @@ class Explainer:
             t4 = time.perf_counter()
             timings.update(preprocess_s=preprocess_s, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
                            cam_s=t4 - t3, images=len(chunk))
-            probabilities = self._probabilities(clean.logits)
+            probabilities = self._probabilities(clean.logits) if regions is None else None
             per_image: dict[int, dict[str, list[Explanation]]] = {row: {} for row in range(len(chunk))}
             for name, cam in cams.items():
                 result = computed[name]
@@ -428,11 +431,16 @@ class Explainer:
                 for pair, row in enumerate(clean.pair_image.tolist()):
                     item = chunk[row]
                     cls = clean.pair_class[pair]
+                    if cls is None:
+                        score = probability = None
+                    elif regions is None:
+                        score, probability = float(clean.logits[row, cls]), float(probabilities[row, cls])
+                    else:
+                        score, probability, fraction = regions.describe(clean.logits[row], cls)
                     explanation = Explanation(
                         raw_map=result.maps[pair], method=name, options=dict(options), layer=gm.layer,
                         class_index=cls, label=None if cls is None else self.label_of(cls),
-                        score=None if cls is None else float(clean.logits[row, cls]),
-                        probability=None if cls is None else float(probabilities[row, cls]),
+                        score=score, probability=probability,
                         flat=bool(result.flat[pair]), image_index=item.index, image_size=sizes[row],
                         footprint=footprints[row],
                         source=item.path, model=self.model_name,
@@ -442,7 +450,8 @@ class Explainer:
                         extra={"preprocessing": self.preprocessing_info(preprocessor),
                                "labels": self.labels_source,
                                "target": ("neuron" if neuron_mode else
-                                          "given" if chunk_classes is not None else f"top-{k} predicted")},
+                                          "given" if chunk_classes is not None else f"top-{k} predicted"),
+                               **({} if regions is None or cls is None else {"region_fraction": round(fraction, 6)})},
                         _image=pictures[row], _array=arrays[row])
                     per_image[row].setdefault(name, []).append(explanation)
             for row in range(len(chunk)):

@@ -20,6 +20,7 @@ import numpy as np
 from onnxcam.explain import targets as tg
 from onnxcam.explain.noise import (NOISE_BANK_MEMORY, chunk_bounds, fill_noisy, noise_sigma, noisy_batches,
                                   standard_normal_stack)
+from onnxcam.explain.regions import PixelClasses
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, GradientModel
 from onnxcam.runtime.prefetch import prefetched
@@ -39,19 +40,20 @@ class CleanPass:
 
 
 def plan_sessions(session: GradientSession, class_lists, k, neuron_mode, count, batch,
-                  noisy_needed) -> tuple[tuple[str, ...], bool]:
+                  noisy_needed, regions: bool = False) -> tuple[tuple[str, ...], bool]:
     """The sessions the passes will use (created before the passes are timed), and whether
     the clean pass uses the cut model (forward part + head).
 
     The cut model serves seeds that are only known after the forward pass (predicted classes)
     and several classes per image. Exception: when the noisy passes need the whole model
     anyway and all images fit in one batch, two runs of the whole model (zero seed for the
-    logits, then the seeds) are cheaper than creating two more sessions.
+    logits, then the seeds) are cheaper than creating two more sessions. A segmentation model's
+    seeds need the whole logits: its clean pass always runs the whole model.
     """
     one_each = neuron_mode or (class_lists is not None and all(len(c) == 1 for c in class_lists))
     multi = not one_each and (class_lists is not None or k > 1)
     noisy_kinds = ([FORWARD, HEAD] if (multi and session.has_split) else [FULL]) if noisy_needed else []
-    split_clean = (not one_each and session.has_split
+    split_clean = (not one_each and not regions and session.has_split
                    and not (noisy_kinds == [FULL] and count <= batch))
     kinds = ([FORWARD, HEAD] if split_clean else [FULL]) + noisy_kinds
     return tuple(dict.fromkeys(kinds)), split_clean
@@ -59,10 +61,12 @@ def plan_sessions(session: GradientSession, class_lists, k, neuron_mode, count, 
 
 def clean_pass(gm: GradientModel, session: GradientSession, inputs: np.ndarray,
                class_lists, k: int, neurons, batch: int, split: bool,
-               need_gradient: bool = True) -> CleanPass:
+               need_gradient: bool = True, regions: PixelClasses | None = None) -> CleanPass:
     """A, g and the logits of the clean images (g is None when ``need_gradient`` is False
     and the classes are predicted: then the runs that would only give g are skipped)."""
     count = len(inputs)
+    if regions is not None:
+        return region_clean_pass(session, inputs, class_lists, k, batch, regions)
     if neurons is not None:
         row = tg.neuron_seed(neurons, gm.seed_shape)
         seeds = np.broadcast_to(row, (count, *row.shape))
@@ -104,6 +108,21 @@ def clean_pass(gm: GradientModel, session: GradientSession, inputs: np.ndarray,
     if logits is None:
         first = np.array([pair_image.tolist().index(row) for row in range(count)])
         logits = pair_logits[first]
+    return CleanPass(pair_image, pair_class, seeds, activation, gradient, logits)
+
+
+def region_clean_pass(session: GradientSession, inputs: np.ndarray, class_lists, k: int, batch: int,
+                      regions: PixelClasses) -> CleanPass:
+    """The clean pass of a segmentation model: a zero seed gives the logits, and with them the
+    classes' regions (``regions``), whose seeds the second run differentiates."""
+    count = len(inputs)
+    zero = np.zeros((count, int(np.prod(session.gradient_model.seed_shape[1:]))), dtype=np.float32)
+    _, _, logits = full_runs(session, inputs, zero, batch)
+    lists = class_lists if class_lists is not None else regions.top_classes(logits, k)
+    pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
+    pair_class = [c for cs in lists for c in cs]
+    seeds = regions.seeds(logits, pair_image, pair_class)
+    activation, gradient, _ = full_runs(session, inputs[pair_image], seeds, batch)
     return CleanPass(pair_image, pair_class, seeds, activation, gradient, logits)
 
 

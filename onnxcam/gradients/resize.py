@@ -18,6 +18,10 @@ def _constant_input(node: gs.Node, i: int):
     if len(node.inputs) <= i or node.inputs[i].name == "":
         return None
     value = constant_value(node.inputs[i])
+    if value is None and i == 3 and "axes" not in node.attrs:
+        # sizes computed in the graph, as torchvision's segmentation models upsample to the
+        # input's size (Concat(Shape(x)[:2], [H, W])): the output's static shape says them
+        return np.zeros(4, np.int64)  # a placeholder: _probe takes the sizes from that shape
     if value is None:
         raise UnsupportedOperatorError(
             f"operator Resize (node '{node.name}'): its roi/scales/sizes inputs must be constants")

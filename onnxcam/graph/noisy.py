@@ -58,8 +58,9 @@ _PREFIX = "onnxcam_noisy/"
 
 def targets_in_graph(gm: GradientModel) -> bool:
     """Whether the noisy model takes class targets (class scores with a fixed number of
-    classes); otherwise it takes the seed rows themselves (neuron scores)."""
-    return gm.is_class_score and gm.num_classes is not None
+    classes); otherwise it takes the seed rows themselves (neuron scores, and a segmentation
+    model's class regions)."""
+    return gm.is_class_score and gm.num_classes is not None and gm.class_grid is None
 
 
 def build_noisy_model(gm: GradientModel, front: str = "bank") -> onnx.ModelProto:

@@ -46,6 +46,7 @@ class GradientModel:
     path_is_linear: bool = False     # score is linear in A: the gradient does not depend on the input
     batch_built_in: str | None = None  # the node after which the batch is 1 whatever the input's
     layer_layout: str = "NCHW"       # the layer's own; A and g come out as NCHW either way
+    class_grid: tuple | None = None  # (H, W) of a segmentation model's per-pixel class scores
 
     @property
     def is_class_score(self) -> bool:
@@ -73,10 +74,12 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
 
     found = find_logits(graph)
     built_in = _batch_built_in(found, preparation)
+    pixel_grid = class_grid(found)
     logits = _expose_logits(graph, found)
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
-    source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape, logits)
+    source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape, logits,
+                           pixel_classes=found.shape[1] if pixel_grid else None)
     layer_dtype, score_dtype = float_dtype(source, dtype), float_dtype(target, dtype)  # float16 inside float32 I/O
     seed = gs.Variable(SEED, dtype=score_dtype, shape=_batched(target.shape))
     graph.inputs.append(seed)
@@ -104,8 +107,27 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         model=rewritten, layer=source.name, score=target.name,
         input_name=graph.inputs[0].name, input_shape=input_shape,
         activation_shape=tuple(activation_shape or ()), seed_shape=tuple(seed.shape or ()),
-        num_classes=_num_classes(logits), candidates=candidates, path_is_linear=linear,
-        batch_built_in=built_in, layer_layout=layout)
+        num_classes=found.shape[1] if pixel_grid else _num_classes(logits), candidates=candidates,
+        path_is_linear=linear, batch_built_in=built_in, layer_layout=layout, class_grid=pixel_grid)
+
+
+def class_grid(logits: gs.Tensor) -> tuple[int, int] | None:
+    """(H, W) when the scores are per pixel, [N, classes, H, W] (a segmentation model: FCN,
+    DeepLab, LRASPP, SegFormer's logits), else None (a classifier's [N, classes] or
+    [N, classes, 1, 1])."""
+    shape = logits.shape
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    return (shape[2], shape[3]) if shape[2] >= 2 and shape[3] >= 2 else None
+
+
+def _feature_layers(candidates, classes: int) -> tuple:
+    """A segmentation model's candidates but its per-pixel class scores (the classifier's
+    output and its upsampling, whose map of a class would be the class's own scores): the
+    automatic layer is the last feature map before them."""
+    features = tuple(c for c in candidates
+                     if (c.shape[1] if c.layout == "NCHW" else c.shape[-1]) != classes)
+    return features or candidates
 
 
 #: Integer ops of onnxruntime's operator-format and dynamic quantization, which compute on the
@@ -194,10 +216,14 @@ def _num_classes(logits: gs.Tensor) -> int | None:
     return n if isinstance(n, int) else None
 
 
-def automatic_layer(graph: gs.Graph, candidates, score: gs.Tensor) -> Candidate | None:
+def automatic_layer(graph: gs.Graph, candidates, score: gs.Tensor,
+                    pixel_classes: int | None = None) -> Candidate | None:
     """The last candidate, passing over ViT token tensors whose patch tokens reach the score only
     through the leading tokens (the class token, after the last attention block): their gradient
-    is zero on every patch, and so would be the map."""
+    is zero on every patch, and so would be the map. For a segmentation model with
+    ``pixel_classes`` classes, the last before its per-pixel class scores (``_feature_layers``)."""
+    if pixel_classes:
+        candidates = _feature_layers(candidates, pixel_classes)
     tensors, size = graph.tensors(), image_size(graph)
     for candidate in reversed(candidates):
         if candidate.layout != "NLC":
@@ -245,7 +271,8 @@ def _kept_tokens(node: gs.Node, tokens: int) -> np.ndarray | None:
     return np.arange(tokens)[slice(int(np.ravel(starts)[0]), int(np.ravel(ends)[0]), step)]
 
 
-def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape, score: gs.Tensor) -> gs.Tensor:
+def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape, score: gs.Tensor,
+                  pixel_classes: int | None = None) -> gs.Tensor:
     if layer is not None:
         return resolve_tensor(graph, layer)
     if not candidates and input_shape and not all(isinstance(d, int) for d in input_shape[1:]):
@@ -255,7 +282,7 @@ def _choose_layer(graph: gs.Graph, layer: str | None, candidates, input_shape, s
         raise LayerError("the model has no suitable target layer (a 4-D activation with spatial "
                          "size >= 2 that every path to the logits passes through): name one with "
                          "--layer")
-    return graph.tensors()[automatic_layer(graph, candidates, score).tensor]
+    return graph.tensors()[automatic_layer(graph, candidates, score, pixel_classes).tensor]
 
 
 def _nchw(shape, layout: str, grid):

@@ -53,7 +53,7 @@ from onnxcam.runtime.file_hold import hold, remove_unless_held
 
 log = logging.getLogger("onnxcam.cache")
 
-FORMAT = 3  # bump when the entry layout changes
+FORMAT = 4  # bump when the entry layout changes
 #: Weights in a model's own file above which they go to a shared weights file (see the top)
 SPILL_BYTES = 64 << 20
 
@@ -276,7 +276,8 @@ def _read(key: str) -> GradientModel | None:
             candidates=tuple(Candidate(c["tensor"], c["node"], c["op"], tuple(c["shape"]), c["layout"])
                              for c in info["candidates"]),
             path_is_linear=bool(info["path_is_linear"]), batch_built_in=info["batch_built_in"],
-            layer_layout=info["layer_layout"])
+            layer_layout=info["layer_layout"],
+            class_grid=tuple(info["class_grid"]) if info.get("class_grid") else None)
     except Exception as exc:  # noqa: BLE001 - a missing or corrupt entry is rebuilt, never fatal
         if handle is not None:
             handle.close()
@@ -307,6 +308,7 @@ def _write(key: str, gm: GradientModel, budget: int, weights: Path | None = None
                             "layout": c.layout} for c in gm.candidates],
             "path_is_linear": gm.path_is_linear, "batch_built_in": gm.batch_built_in,
             "layer_layout": gm.layer_layout, "weights": spilled,
+            "class_grid": list(gm.class_grid) if gm.class_grid else None,
         }
         model_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(model_path, data)

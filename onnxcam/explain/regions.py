@@ -1,0 +1,93 @@
+"""Class targets of a segmentation model, whose scores are per pixel ([N, classes, H, W]).
+
+A class's score is the sum of its logits over the pixels the model assigns to it (Vinogradova et
+al. 2020, "Towards interpretable semantic segmentation via gradient-weighted class activation
+mapping"), so the map says what made the model paint that region; a class that owns no pixel is
+scored over the whole image. The seed row is that region's mask on the class's plane of the
+flattened logits (``onnxcam_logits``). The region comes from the clean image and stays the same
+for every noisy sample of Smooth Grad-CAM++: it is the score being explained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Labels of the class that is "nothing": the predicted targets pass over it (the largest region
+#: of most scenes), as long as another class owns a pixel. Given explicitly it is explained.
+BACKGROUND_LABELS = {"background", "__background__", "_background_", "bg", "void", "unlabeled",
+                     "unlabelled", "others", "other"}
+
+
+@dataclass(frozen=True)
+class PixelClasses:
+    """How to read a segmentation model's flattened logits (G, classes * H * W)."""
+
+    classes: int
+    grid: tuple[int, int]
+    squash: str = "softmax"  # "sigmoid": each class is its own yes/no (its region: logit > 0)
+    background: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, classes: int, grid: Sequence[int], squash: str, labels: Sequence[str] | None) -> PixelClasses:
+        background = tuple(i for i, label in enumerate(labels or ())
+                           if label.strip().casefold() in BACKGROUND_LABELS)
+        return cls(int(classes), (int(grid[0]), int(grid[1])), squash, background)
+
+    def planes(self, logits: np.ndarray) -> np.ndarray:
+        """(G, classes, H, W) view of the flattened logits."""
+        return np.asarray(logits).reshape(len(logits), self.classes, *self.grid)
+
+    def owned(self, logits: np.ndarray) -> np.ndarray:
+        """(G, classes, H, W) bool: the pixels each class is predicted at (argmax over the
+        classes, the first of ties; with sigmoid scores, a logit above 0)."""
+        planes = self.planes(logits)
+        if self.squash == "sigmoid" or self.classes == 1:
+            return planes > 0
+        winner = np.argmax(planes, axis=1)
+        return winner[:, None] == np.arange(self.classes)[None, :, None, None]
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """(G, classes, H, W) per-pixel probabilities (softmax over the classes, or sigmoid)."""
+        planes = np.asarray(self.planes(logits), dtype=np.float64)
+        if self.squash == "sigmoid" or self.classes == 1:
+            return 1.0 / (1.0 + np.exp(-planes))
+        exp = np.exp(planes - planes.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def top_classes(self, logits: np.ndarray, k: int) -> list[list[int]]:
+        """Per image the k classes with the largest regions (ties: the more probable, then the
+        lower index), background classes last unless nothing else owns a pixel."""
+        owned = self.owned(logits).sum(axis=(2, 3))
+        mean_probability = self.probabilities(logits).mean(axis=(2, 3))
+        chosen = []
+        for pixels, probability in zip(owned, mean_probability):
+            late = np.isin(np.arange(self.classes), self.background) & (pixels[np.setdiff1d(
+                np.arange(self.classes), self.background)].sum() > 0)
+            order = np.lexsort((np.arange(self.classes), -probability, -pixels, late))
+            chosen.append([int(c) for c in order[:k]])
+        return chosen
+
+    def seeds(self, logits: np.ndarray, rows: Sequence[int], classes: Sequence[int],
+              dtype=np.float32) -> np.ndarray:
+        """(len(classes), classes * H * W): for each (image row, class), the class's region
+        (the whole plane where it owns no pixel) on its plane."""
+        owned = self.owned(logits)
+        seeds = np.zeros((len(classes), self.classes, *self.grid), dtype=dtype)
+        for i, (row, cls) in enumerate(zip(rows, classes)):
+            region = owned[row, cls]
+            seeds[i, cls] = region if region.any() else 1
+        return seeds.reshape(len(classes), -1)
+
+    def describe(self, logits_row: np.ndarray, cls: int) -> tuple[float, float, float]:
+        """(score: the logits summed over the class's region, probability: its mean there, the
+        share of the image's pixels the region covers) of one image."""
+        row = np.asarray(logits_row)[None]
+        region = self.owned(row)[0, cls]
+        fraction = float(region.mean())
+        where = region if region.any() else np.ones_like(region)
+        score = float(np.asarray(self.planes(row)[0, cls], dtype=np.float64)[where].sum())
+        probability = float(self.probabilities(row)[0, cls][where].mean())
+        return score, probability, fraction

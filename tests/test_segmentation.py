@@ -1,0 +1,238 @@
+"""Segmentation models: per-pixel class scores [N, classes, H, W].
+
+A class's score is the sum of its logits over the pixels it is predicted at. The oracle is
+analytic: with a 1x1 convolution from the layer to the logits, the gradient of that score at
+the layer is the class's weight times the region's mask, so Grad-CAM and HiResCAM can be written
+down from the layer's activation (onnx's reference evaluator) and the region.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxcam import Explainer
+from onnxcam.explain.regions import PixelClasses
+from onnxcam.graph.rewrite import build_gradient_model
+from tests.cli_helpers import run
+from tests.test_explainer import _init, reference_tensors, save_model
+
+SIZE = 16
+CLASSES = 3
+
+
+def build_segmenter(seed: int = 0, classes: int = CLASSES, sigmoid: bool = False,
+                    bias=None) -> onnx.ModelProto:
+    """x [1,3,16,16] -> Conv 3x3 (c1) -> Relu (a1) -> Conv 3x3 (c2) -> Relu (a2) -> Conv 1x1
+    (logits [N, classes, 16, 16]) [-> Sigmoid]."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("W1", rng.normal(0, 0.5, (6, 3, 3, 3))), _init("B1", rng.normal(0, 0.1, 6)),
+             _init("W2", rng.normal(0, 0.4, (5, 6, 3, 3))), _init("B2", rng.normal(0.1, 0.1, 5)),
+             _init("W3", rng.normal(0, 0.6, (classes, 5, 1, 1))),
+             _init("B3", rng.normal(0, 0.2, classes) if bias is None else bias)]
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("Conv", ["a1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["a2"]),
+             helper.make_node("Conv", ["a2", "W3", "B3"], ["logits"])]
+    out = "logits"
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["logits"], ["probs"]))
+        out = "probs"
+    graph = helper.make_graph(nodes, "segmenter",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, classes, SIZE, SIZE])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def inputs(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (count, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def oracle(model: onnx.ModelProto, x: np.ndarray, classes: list[int]):
+    """Per image: (a2, the class's region, d score / d a2) from the reference evaluator."""
+    a2, logits = reference_tensors(model, x, ["a2", "logits"])
+    w3 = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W3"))[:, :, 0, 0]
+    rows = []
+    for i, cls in enumerate(classes):
+        region = np.argmax(logits[i], axis=0) == cls if logits.shape[1] > 1 else logits[i, 0] > 0
+        where = region if region.any() else np.ones_like(region)
+        gradient = w3[cls][:, None, None] * where[None].astype(np.float64)
+        rows.append((a2[i].astype(np.float64), region, gradient, logits[i]))
+    return rows
+
+
+def test_per_pixel_scores_make_a_segmentation_model():
+    gm = build_gradient_model(build_segmenter())
+    assert gm.class_grid == (SIZE, SIZE) and gm.num_classes == CLASSES
+    assert gm.layer == "a2"  # the last layer before the class scores, not the scores themselves
+    assert gm.seed_shape[1:] == (CLASSES * SIZE * SIZE,)
+
+
+@pytest.mark.parametrize("targets", [None, 1])
+def test_grad_cam_and_hirescam_differentiate_the_region_score(targets):
+    model = build_segmenter()
+    x = inputs(3)
+    explainer = Explainer(model, cache=False)
+    results = explainer.compare(x, methods=("gradcam", "hirescam"), targets=targets)
+    _, logits = reference_tensors(model, x, ["a2", "logits"])
+    if targets is None:  # the class that owns the most pixels
+        chosen = [int(np.bincount(np.argmax(row, axis=0).ravel(), minlength=CLASSES).argmax()) for row in logits]
+    else:
+        chosen = [targets] * len(x)
+    for i, (activation, region, gradient, row_logits) in enumerate(oracle(model, x, chosen)):
+        gradcam, hirescam = results["gradcam"][i], results["hirescam"][i]
+        assert gradcam.class_index == chosen[i]
+        weights = gradient.mean(axis=(1, 2))
+        np.testing.assert_allclose(gradcam.raw_map, np.maximum((weights[:, None, None] * activation).sum(0), 0),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(hirescam.raw_map, np.maximum((gradient * activation).sum(0), 0),
+                                   rtol=1e-4, atol=1e-5)
+        where = region if region.any() else np.ones_like(region)
+        assert gradcam.score == pytest.approx(float(row_logits[chosen[i]][where].sum()), rel=1e-5)
+        probabilities = np.exp(row_logits - row_logits.max(0)) / np.exp(row_logits - row_logits.max(0)).sum(0)
+        assert gradcam.probability == pytest.approx(float(probabilities[chosen[i]][where].mean()), rel=1e-5)
+        assert gradcam.to_dict()["region_fraction"] == pytest.approx(region.mean(), abs=1e-6)
+
+
+def test_a_class_that_owns_no_pixel_is_scored_over_the_whole_image():
+    model = build_segmenter(bias=[20.0, -20.0, 0.0])  # class 0 wins everywhere
+    x = inputs(1)
+    explanation = Explainer(model, cache=False).explain(x, method="gradcam", targets=1)[0]
+    ((activation, region, gradient, _),) = oracle(model, x, [1])
+    assert not region.any() and explanation.to_dict()["region_fraction"] == 0
+    weights = gradient.mean(axis=(1, 2))
+    np.testing.assert_allclose(explanation.raw_map, np.maximum((weights[:, None, None] * activation).sum(0), 0),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_the_predicted_targets_pass_over_a_background_class():
+    model = build_segmenter(bias=[1.5, 0.0, 0.0])  # background owns most pixels, not all
+    x = inputs(2)
+    _, logits = reference_tensors(model, x, ["a2", "logits"])
+    counts = [np.bincount(np.argmax(row, axis=0).ravel(), minlength=CLASSES) for row in logits]
+    assert all(c.argmax() == 0 and c[1:].sum() > 0 for c in counts)
+    explainer = Explainer(model, cache=False, labels=["background", "road", "car"])
+    top = explainer.explain(x, method="gradcam", top_k=3)
+    for i, c in enumerate(counts):
+        got = [e.class_index for e in top[3 * i:3 * i + 3]]
+        assert got[0] == 1 + int(np.argmax(c[1:])) and got[-1] == 0  # background last
+    # without the label, the largest region comes first
+    assert Explainer(model, cache=False).explain(x, method="gradcam")[0].class_index == 0
+
+
+def test_a_sigmoid_model_scores_the_pixels_above_one_half():
+    model = build_segmenter(classes=1, sigmoid=True, bias=[0.3])
+    x = inputs(2)
+    got = Explainer(model, cache=False).explain(x, method="hirescam")
+    for explanation, (activation, region, gradient, row_logits) in zip(got, oracle(model, x, [0, 0])):
+        assert 0 < region.mean() < 1
+        np.testing.assert_allclose(explanation.raw_map, np.maximum((gradient * activation).sum(0), 0),
+                                   rtol=1e-4, atol=1e-5)
+        probability = 1 / (1 + np.exp(-row_logits[0][region].astype(np.float64)))
+        assert explanation.probability == pytest.approx(probability.mean(), rel=1e-5)
+
+
+def test_smooth_grad_cam_pp_keeps_the_clean_region_on_every_path():
+    """At a non-linear layer the noisy passes run. Whether the noisy batch is made by NumPy or in
+    the graph, one class per image or several, each class's map is the same: the seeds are the
+    clean image's regions."""
+    model = build_segmenter(seed=2)
+    x = inputs(2, seed=5)
+    options = dict(method="smoothgradcampp", samples=6, layer="a1")
+    numpy_noise = Explainer(model, cache=False, noise_in_graph=False)
+    top2 = numpy_noise.explain(x, top_k=2, **options)
+    for noise_in_graph in (False, True):
+        explainer = Explainer(model, cache=False, noise_in_graph=noise_in_graph)
+        for explanation in top2:
+            one = explainer.explain(x[explanation.image_index:explanation.image_index + 1],
+                                    targets=explanation.class_index, **options)[0]
+            np.testing.assert_allclose(one.raw_map, explanation.raw_map, rtol=1e-4, atol=1e-6)
+    assert not top2[0].noisy_passes_skipped
+    # and the noise is not a no-op here: another seed gives another map
+    other = numpy_noise.explain(x[:1], targets=top2[0].class_index, seed=1, **options)[0]
+    assert not np.allclose(other.raw_map, top2[0].raw_map)
+
+
+def test_pixel_classes_order_and_seeds():
+    regions = PixelClasses.of(3, (1, 4), "softmax", ["a", "Background", "c"])
+    assert regions.background == (1,)
+    logits = np.array([[[[2, 0, 0, 0]], [[0, 3, 3, 3]], [[0, 0, 0, 0]]]], np.float32).reshape(1, -1)
+    assert regions.top_classes(logits, 3) == [[0, 2, 1]]  # class 2 owns nothing but beats background
+    seeds = regions.seeds(logits, [0, 0], [0, 2]).reshape(2, 3, 1, 4)
+    assert seeds[0, 0].tolist() == [[1, 0, 0, 0]] and seeds[0, 1:].sum() == 0
+    assert seeds[1, 2].tolist() == [[1, 1, 1, 1]] and seeds[1, :2].sum() == 0  # no pixel: all of them
+
+
+def test_the_command_line_says_what_a_segmentation_map_explains(tmp_path):
+    path = save_model(build_segmenter(), tmp_path / "seg.onnx")
+    shown = run(["inspect", path])
+    assert shown.exit_code == 0 and "3 classes per pixel" in shown.output
+    image = tmp_path / "x.png"
+    from tests.test_explainer import random_png
+    random_png(image, size=(16, 16))
+    result = run(["explain", path, image, "--out", tmp_path / "out", "--method", "gradcam"])
+    assert result.exit_code == 0, result.output
+    assert "of the pixels" in result.output
+
+
+def test_a_torch_segmenter_that_upsamples_to_the_input_size_matches_autograd():
+    """DeepLab's pattern: class scores at 1/2 resolution, upsampled to the input's own size
+    (``F.interpolate(size=x.shape[-2:])``: a Resize whose sizes the graph computes)."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    nn = torch.nn
+
+    class Segmenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+            self.classifier = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            scores = self.classifier(self.body(x))
+            return nn.functional.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    torch.manual_seed(0)
+    model = Segmenter().eval()
+    with torch.no_grad():  # scores that vary over the image, so that the classes share it
+        model.classifier.weight.mul_(6)
+        model.classifier.bias.zero_()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, torch.zeros(1, 3, 32, 32), buffer, input_names=["input"], output_names=["out"],
+                      opset_version=17, dynamo=False, dynamic_axes={"input": {0: "N"}, "out": {0: "N"}})
+    x = np.random.default_rng(3).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    results = Explainer(onnx.load_from_string(buffer.getvalue()), cache=False).compare(
+        x, methods=("gradcam", "gradcampp"), top_k=2)
+    for explanation in results["gradcam"]:
+        activation = model.body(torch.from_numpy(x[explanation.image_index:explanation.image_index + 1]))
+        activation.retain_grad()
+        logits = nn.functional.interpolate(model.classifier(activation), size=(32, 32), mode="bilinear",
+                                           align_corners=False)
+        cls = explanation.class_index
+        region = logits.argmax(dim=1)[0] == cls
+        (logits[0, cls] * (region if region.any() else torch.ones_like(region))).sum().backward()
+        weights = activation.grad[0].mean(dim=(1, 2))
+        want = torch.relu((weights[:, None, None] * activation[0]).sum(0)).detach().numpy()
+        np.testing.assert_allclose(explanation.raw_map, want, rtol=1e-4, atol=1e-5 * want.max())
+        assert explanation.to_dict()["region_fraction"] == pytest.approx(region.float().mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("command", ["compare", "evaluate"])
+def test_the_classifier_scores_refuse_a_segmentation_model_in_one_line(tmp_path, command):
+    from tests.cli_helpers import assert_one_line_error
+    from tests.test_explainer import random_png
+
+    path = save_model(build_segmenter(), tmp_path / "seg.onnx")
+    image = random_png(tmp_path / "x.png", size=(16, 16))
+    args = ["compare", path, path, image] if command == "compare" else ["evaluate", path, tmp_path]
+    result = run(args)
+    assert result.exit_code != 0
+    assert_one_line_error(result, "scores its classes per pixel (a segmentation model)")

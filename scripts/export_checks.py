@@ -151,6 +151,26 @@ def torch_layer(model, x: np.ndarray, A: np.ndarray, module_prefix: str = ""):
     return logits, best
 
 
+def _class_score(gm, logits):
+    """(the seed onnxcam runs with, the torch score it differentiates) for the top class: its
+    logit, or for a segmentation model (per-pixel logits) its logits summed over its region."""
+    import torch
+
+    if gm.class_grid is None:
+        target = int(logits.argmax())
+        seed = np.zeros((1, logits.shape[1]), np.float32)
+        seed[0, target] = 1.0
+        return seed, lambda values: values[0, target]
+    from onnxcam.explain.regions import PixelClasses
+
+    regions = PixelClasses.of(gm.num_classes, gm.class_grid, "softmax", None)
+    flat = logits.detach().numpy().reshape(1, -1)
+    target = regions.top_classes(flat, 1)[0][0]
+    seed = regions.seeds(flat, [0], [target])
+    mask = torch.from_numpy(seed.reshape(logits.shape[1:])[target])
+    return seed, lambda values: (values[0, target] * mask).sum()
+
+
 def reason(exc: BaseException) -> str:
     """One line: the exception's type and the first line of its message, without terminal colours."""
     lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
@@ -190,9 +210,7 @@ def check(suite: Suite, name: str, exporter: str, folder: Path, tolerance: float
         session, _ = create_session(gm.model, "cpu")  # told where any external data is
         with torch.no_grad():
             logits = model(x)
-        target = int(logits.argmax())
-        seed = np.zeros((1, logits.shape[1]), np.float32)
-        seed[0, target] = 1.0
+        seed, score_of = _class_score(gm, logits)
         A, G, L = session.run([ACTIVATION, GRADIENT, LOGITS], {gm.input_name: x.numpy(), SEED: seed})
         batch = "-"
         batch_error = 0.0
@@ -217,11 +235,11 @@ def check(suite: Suite, name: str, exporter: str, folder: Path, tolerance: float
               flush=True)
         return False
     where, activation, view, activation_error = best
-    (grad,) = torch.autograd.grad(logits[0, target], activation)
+    (grad,) = torch.autograd.grad(score_of(logits), activation)
     expected = view(grad).numpy()
     scale = float(np.abs(expected).max())
     error = float(np.abs(G - expected).max()) / scale if scale > 0 else float("inf")  # a zero gradient tests nothing
-    reference = logits.detach().numpy()
+    reference = logits.detach().numpy().reshape(L.shape)  # a segmentation model's logits come flattened
     logit_error = float(np.abs(L - reference).max() / np.abs(reference).max())
     seconds = time.perf_counter() - start
     if gm.batch_built_in is None:

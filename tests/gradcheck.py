@@ -140,7 +140,7 @@ def check_gradient(model, inputs: np.ndarray, layer: str | None = None, score: s
         prepared = prepare_model(model if isinstance(model, onnx.ModelProto) else onnx.load(model))
     gm = build_gradient_model(prepared, layer=layer, score=score)
     if seed is None:
-        shape = (inputs.shape[0], gm.num_classes) if gm.is_class_score and gm.num_classes else \
+        shape = (inputs.shape[0], gm.num_classes) if gm.is_class_score and gm.num_classes and not gm.class_grid else \
             _score_shape(prepared, gm, gm.score, inputs)
         seed = rng.standard_normal(shape).astype(np.float32)
     activation, gradient = onnxcam_gradient(gm, inputs, seed)

@@ -267,3 +267,27 @@ def test_chunks_folded_expands_and_einsums_keep_the_batch(build):
     """Each once made onnxcam run the model one row at a time (the batch lost at a Slice with
     computed bounds, at an Expand to a constant with the batch folded in, at an Einsum)."""
     _assert_batches_like_single_runs(build())
+
+
+def test_sizes_of_an_upsampling_with_the_batch_of_one_written_in_follow_the_batch():
+    """Dynamo's segmentation export: the class scores upsampled to constant sizes [1, 3, 8, 8]."""
+    inits = [numpy_helper.from_array((RNG.standard_normal((4, 3, 3, 3)) * 0.4).astype(np.float32), "w1"),
+             numpy_helper.from_array((RNG.standard_normal((3, 4, 1, 1)) * 0.6).astype(np.float32), "w2"),
+             numpy_helper.from_array(_shape([1, 3, 8, 8]), "sizes")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["a"]),
+             helper.make_node("Conv", ["a", "w2"], ["scores"]),
+             helper.make_node("Resize", ["scores", "", "", "sizes"], ["logits"], mode="linear")]
+    graph = helper.make_graph(nodes, "segmenter_at_batch_one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    gm = build_gradient_model(model)
+    assert gm.batch_built_in is None and gm.class_grid == (8, 8) and gm.layer == "a"
+    x = RNG.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    seed = RNG.standard_normal((3, 3 * 8 * 8)).astype(np.float32)
+    together, alone = together_and_alone(gm, x, seed, outputs=(GRADIENT, LOGITS))
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    check_gradient(model, x, layer="a")

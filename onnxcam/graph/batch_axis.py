@@ -373,7 +373,24 @@ class _Walk:
         if scales is not None and scales.size:
             return batch if scales[batch.axis] == 1 else lost
         sizes = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        return lost if sizes is None or self.value(sizes) is not None else None
+        fixed = None if sizes is None else self.value(sizes)
+        if (fixed is not None and batch == Batch(0) and fixed.ndim == 1 and fixed.size == len(in_shape)
+                and in_shape[0] == 1 and fixed[0] == 1 and not any(a.name == "axes" for a in node.attribute)):
+            # the example's batch of 1 written into the sizes (dynamo's upsampling of a
+            # segmentation model's scores): the batch's size becomes the input's own, as the
+            # classic exporter computes it (Concat(Shape(x)[:1], the other sizes))
+            stem = f"{node.output[0]}__onnxcam_batch"
+            for name, value in ((f"{stem}_begin", [0]), (f"{stem}_end", [1]), (f"{stem}_rest", fixed[1:])):
+                self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+            self.insert_before(node,
+                               helper.make_node("Shape", [node.input[0]], [f"{stem}_shape"]),
+                               helper.make_node("Slice", [f"{stem}_shape", f"{stem}_begin", f"{stem}_end"],
+                                                [f"{stem}_size"]),
+                               helper.make_node("Concat", [f"{stem}_size", f"{stem}_rest"], [f"{stem}_sizes"], axis=0))
+            node.input[3] = f"{stem}_sizes"
+            self.guesses.append(node.name or node.output[0])
+            return batch
+        return lost if sizes is None or fixed is not None else None
 
     def insert_before(self, node, *new_nodes) -> None:
         position = list(self.graph.node).index(node)

@@ -613,7 +613,8 @@ class Explainer:
         if self._batch_option is not None:
             return self._batch_option
         per_sample = 4 * (_elements(self._item_shape(gm)) + 2 * _elements(gm.activation_shape[1:],
-                                                                          default=_elements(self._item_shape(gm))))
+                                                                          default=_elements(self._item_shape(gm)))
+                          + 2 * _pixel_scores(gm))
         cap, memory = ((CUDA_MAX_BATCH, CUDA_BATCH_MEMORY) if self._session(gm).planned_device == "cuda"
                        else (MAX_BATCH, BATCH_MEMORY))
         return int(max(1, min(cap, memory // max(per_sample, 1))))
@@ -621,7 +622,7 @@ class Explainer:
     def _group_for(self, gm: GradientModel, batch: int) -> int:
         image = _elements(self._item_shape(gm))
         activation = _elements(gm.activation_shape[1:], default=image)
-        per_image = 4 * image + 8 * activation + 24 * activation + 16 * activation
+        per_image = 4 * image + 8 * activation + 24 * activation + 16 * activation + 8 * _pixel_scores(gm)
         batches = max(1, min(MAX_GROUP_BATCHES, GROUP_MEMORY // max(batch * per_image, 1)))
         return batch * int(batches)
 
@@ -796,6 +797,12 @@ def _check_finite(values: np.ndarray, items: list[_Item], problem: str, allow_mi
         item = items[int(np.argmin(finite))]
         where = display_path(item.path) if item.path is not None else f"image {item.index}"
         raise ModelError(f"{where}: {problem}")
+
+
+def _pixel_scores(gm: GradientModel) -> int:
+    """A segmentation model's scores per image (classes x H x W: each run's logits and seed rows
+    are that large, 23 MB for DeepLab's 21 classes at 520 x 520), else 0."""
+    return _elements(gm.seed_shape[1:], default=0) if gm.class_grid is not None else 0
 
 
 def _method_key(name: str) -> str:

@@ -163,12 +163,12 @@ def _class_score(gm, logits):
         return seed, lambda values: values[0, target]
     from onnxcam.explain.regions import PixelClasses
 
-    regions = PixelClasses.of(gm.num_classes, gm.class_grid, "softmax", None)
+    regions = PixelClasses.of(gm.num_classes, gm.class_grid, "softmax", None, gm.class_axis)
     flat = logits.detach().numpy().reshape(1, -1)
     target = regions.top_classes(flat, 1)[0][0]
     seed = regions.seeds(flat, [0], [target])
-    mask = torch.from_numpy(seed.reshape(logits.shape[1:])[target])
-    return seed, lambda values: (values[0, target] * mask).sum()
+    mask = torch.from_numpy(seed.reshape(logits.shape))  # the region, on the class's plane
+    return seed, lambda values: (values * mask).sum()
 
 
 def reason(exc: BaseException) -> str:

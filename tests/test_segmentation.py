@@ -24,34 +24,44 @@ CLASSES = 3
 
 
 def build_segmenter(seed: int = 0, classes: int = CLASSES, sigmoid: bool = False,
-                    bias=None) -> onnx.ModelProto:
+                    bias=None, channels_last: bool = False) -> onnx.ModelProto:
     """x [1,3,16,16] -> Conv 3x3 (c1) -> Relu (a1) -> Conv 3x3 (c2) -> Relu (a2) -> Conv 1x1
-    (logits [N, classes, 16, 16]) [-> Sigmoid]."""
+    (logits [N, classes, 16, 16]) [-> Sigmoid]. ``channels_last``: as tf2onnx exports a Keras
+    U-Net, x [1,16,16,3] is transposed in, and the scores out ([N, 16, 16, classes])."""
     rng = np.random.default_rng(seed)
     inits = [_init("W1", rng.normal(0, 0.5, (6, 3, 3, 3))), _init("B1", rng.normal(0, 0.1, 6)),
              _init("W2", rng.normal(0, 0.4, (5, 6, 3, 3))), _init("B2", rng.normal(0.1, 0.1, 5)),
              _init("W3", rng.normal(0, 0.6, (classes, 5, 1, 1))),
              _init("B3", rng.normal(0, 0.2, classes) if bias is None else bias)]
-    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+    first = "x"
+    nodes = []
+    if channels_last:
+        nodes.append(helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2]))
+        first = "x_nchw"
+    nodes += [helper.make_node("Conv", [first, "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["a1"]),
              helper.make_node("Conv", ["a1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c2"], ["a2"]),
              helper.make_node("Conv", ["a2", "W3", "B3"], ["logits"])]
     out = "logits"
+    if channels_last:
+        nodes.append(helper.make_node("Transpose", ["logits"], ["scores"], perm=[0, 2, 3, 1]))
+        out = "scores"
     if sigmoid:
-        nodes.append(helper.make_node("Sigmoid", ["logits"], ["probs"]))
+        nodes.append(helper.make_node("Sigmoid", [out], ["probs"]))
         out = "probs"
-    graph = helper.make_graph(nodes, "segmenter",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, classes, SIZE, SIZE])],
-                              inits)
+    image, scores = ([1, SIZE, SIZE, 3], [1, SIZE, SIZE, classes]) if channels_last else \
+        ([1, 3, SIZE, SIZE], [1, classes, SIZE, SIZE])
+    graph = helper.make_graph(nodes, "segmenter", [helper.make_tensor_value_info("x", TensorProto.FLOAT, image)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, scores)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
 
 
-def inputs(count: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0, 1, (count, 3, SIZE, SIZE)).astype(np.float32)
+def inputs(count: int, seed: int = 0, channels_last: bool = False) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(0, 1, (count, 3, SIZE, SIZE)).astype(np.float32)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if channels_last else x
 
 
 def oracle(model: onnx.ModelProto, x: np.ndarray, classes: list[int]):
@@ -67,17 +77,19 @@ def oracle(model: onnx.ModelProto, x: np.ndarray, classes: list[int]):
     return rows
 
 
-def test_per_pixel_scores_make_a_segmentation_model():
-    gm = build_gradient_model(build_segmenter())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_pixel_scores_make_a_segmentation_model(channels_last):
+    gm = build_gradient_model(build_segmenter(channels_last=channels_last))
     assert gm.class_grid == (SIZE, SIZE) and gm.num_classes == CLASSES
+    assert gm.class_axis == (3 if channels_last else 1)
     assert gm.layer == "a2"  # the last layer before the class scores, not the scores themselves
     assert gm.seed_shape[1:] == (CLASSES * SIZE * SIZE,)
 
 
-@pytest.mark.parametrize("targets", [None, 1])
-def test_grad_cam_and_hirescam_differentiate_the_region_score(targets):
-    model = build_segmenter()
-    x = inputs(3)
+@pytest.mark.parametrize("targets, channels_last", [(None, False), (1, False), (None, True), (2, True)])
+def test_grad_cam_and_hirescam_differentiate_the_region_score(targets, channels_last):
+    model = build_segmenter(channels_last=channels_last)
+    x = inputs(3, channels_last=channels_last)
     explainer = Explainer(model, cache=False)
     results = explainer.compare(x, methods=("gradcam", "hirescam"), targets=targets)
     _, logits = reference_tensors(model, x, ["a2", "logits"])
@@ -126,9 +138,11 @@ def test_the_predicted_targets_pass_over_a_background_class():
     assert Explainer(model, cache=False).explain(x, method="gradcam")[0].class_index == 0
 
 
-def test_a_sigmoid_model_scores_the_pixels_above_one_half():
-    model = build_segmenter(classes=1, sigmoid=True, bias=[0.3])
-    x = inputs(2)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_sigmoid_model_scores_the_pixels_above_one_half(channels_last):
+    """A binary mask: [N, 1, H, W], or a Keras U-Net's [N, H, W, 1]."""
+    model = build_segmenter(classes=1, sigmoid=True, bias=[0.3], channels_last=channels_last)
+    x = inputs(2, channels_last=channels_last)
     got = Explainer(model, cache=False).explain(x, method="hirescam")
     for explanation, (activation, region, gradient, row_logits) in zip(got, oracle(model, x, [0, 0])):
         assert 0 < region.mean() < 1

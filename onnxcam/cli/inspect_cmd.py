@@ -16,7 +16,7 @@ from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph import external
 from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
-from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits
+from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits, image_size
 from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer, class_grid
 from onnxcam.imaging import PRESETS, detect_layout
@@ -87,8 +87,8 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
                          "pre_softmax": logits.name != graph.outputs[0].name,
                          "squashed": _squashed(graph, logits)} if logits is not None else None)
-    grid = class_grid(logits) if logits is not None else None
-    classes = (logits.shape[1] if grid else logits.shape[-1]) if logits is not None and logits.shape else None
+    grid, class_axis = (class_grid(logits, image_size(graph)) if logits is not None else None) or (None, -1)
+    classes = logits.shape[class_axis] if logits is not None and logits.shape else None
     classes = classes if isinstance(classes, int) else None
     report["classes"] = classes
     report["pixel_grid"] = list(grid) if grid else None  # a segmentation model: classes per pixel

@@ -329,7 +329,7 @@ class Explainer:
                                  "re-export it with a static class dimension")
             class_lists = tg.class_targets(targets, len(items), gm.num_classes, self.labels)
             k = tg.check_top_k(top_k, gm.num_classes) if class_lists is None else 1
-        regions = (PixelClasses.of(gm.num_classes, gm.class_grid, self._squash, self.labels)
+        regions = (PixelClasses.of(gm.num_classes, gm.class_grid, self._squash, self.labels, gm.class_axis)
                    if gm.class_grid is not None and not neuron_mode else None)
         noisy = [cam for cam in cams.values() if cam.needs_noise]
         samples, noise_level, seed = (check_noise_options(samples, noise_level, seed) if noisy

@@ -29,16 +29,21 @@ class PixelClasses:
     grid: tuple[int, int]
     squash: str = "softmax"  # "sigmoid": each class is its own yes/no (its region: logit > 0)
     background: tuple[int, ...] = ()
+    channels_last: bool = False  # the logits are [N, H, W, classes]
 
     @classmethod
-    def of(cls, classes: int, grid: Sequence[int], squash: str, labels: Sequence[str] | None) -> PixelClasses:
+    def of(cls, classes: int, grid: Sequence[int], squash: str, labels: Sequence[str] | None,
+           class_axis: int = 1) -> PixelClasses:
         background = tuple(i for i, label in enumerate(labels or ())
                            if label.strip().casefold() in BACKGROUND_LABELS)
-        return cls(int(classes), (int(grid[0]), int(grid[1])), squash, background)
+        return cls(int(classes), (int(grid[0]), int(grid[1])), squash, background, class_axis == 3)
 
     def planes(self, logits: np.ndarray) -> np.ndarray:
         """(G, classes, H, W) view of the flattened logits."""
-        return np.asarray(logits).reshape(len(logits), self.classes, *self.grid)
+        logits = np.asarray(logits)
+        if self.channels_last:
+            return logits.reshape(len(logits), *self.grid, self.classes).transpose(0, 3, 1, 2)
+        return logits.reshape(len(logits), self.classes, *self.grid)
 
     def owned(self, logits: np.ndarray) -> np.ndarray:
         """(G, classes, H, W) bool: the pixels each class is predicted at (argmax over the
@@ -79,7 +84,9 @@ class PixelClasses:
         for i, (row, cls) in enumerate(zip(rows, classes)):
             region = owned[row, cls]
             seeds[i, cls] = region if region.any() else 1
-        return seeds.reshape(len(classes), -1)
+        if self.channels_last:
+            seeds = seeds.transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(seeds).reshape(len(classes), -1)
 
     def describe(self, logits_row: np.ndarray, cls: int) -> tuple[float, float, float]:
         """(score: the logits summed over the class's region, probability: its mean there, the

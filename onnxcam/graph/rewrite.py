@@ -47,6 +47,7 @@ class GradientModel:
     batch_built_in: str | None = None  # the node after which the batch is 1 whatever the input's
     layer_layout: str = "NCHW"       # the layer's own; A and g come out as NCHW either way
     class_grid: tuple | None = None  # (H, W) of a segmentation model's per-pixel class scores
+    class_axis: int = 1              # their classes' axis: 1, or 3 for channels-last scores
 
     @property
     def is_class_score(self) -> bool:
@@ -74,12 +75,12 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
 
     found = find_logits(graph)
     built_in = _batch_built_in(found, preparation)
-    pixel_grid = class_grid(found)
+    pixel_grid, class_axis = class_grid(found, image_size(graph)) or (None, 1)
     logits = _expose_logits(graph, found)
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
     source = _choose_layer(graph, layer, candidates, graph.inputs[0].shape, logits,
-                           pixel_classes=found.shape[1] if pixel_grid else None)
+                           pixel_classes=found.shape[class_axis] if pixel_grid else None)
     layer_dtype, score_dtype = float_dtype(source, dtype), float_dtype(target, dtype)  # float16 inside float32 I/O
     seed = gs.Variable(SEED, dtype=score_dtype, shape=_batched(target.shape))
     graph.inputs.append(seed)
@@ -107,18 +108,21 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         model=rewritten, layer=source.name, score=target.name,
         input_name=graph.inputs[0].name, input_shape=input_shape,
         activation_shape=tuple(activation_shape or ()), seed_shape=tuple(seed.shape or ()),
-        num_classes=found.shape[1] if pixel_grid else _num_classes(logits), candidates=candidates,
-        path_is_linear=linear, batch_built_in=built_in, layer_layout=layout, class_grid=pixel_grid)
+        num_classes=found.shape[class_axis] if pixel_grid else _num_classes(logits), candidates=candidates,
+        path_is_linear=linear, batch_built_in=built_in, layer_layout=layout, class_grid=pixel_grid,
+        class_axis=class_axis)
 
 
-def class_grid(logits: gs.Tensor) -> tuple[int, int] | None:
-    """(H, W) when the scores are per pixel, [N, classes, H, W] (a segmentation model: FCN,
-    DeepLab, LRASPP, SegFormer's logits), else None (a classifier's [N, classes] or
-    [N, classes, 1, 1])."""
+def class_grid(logits: gs.Tensor, size: tuple) -> tuple[tuple[int, int], int] | None:
+    """((H, W), the classes' axis) when the scores are per pixel: [N, classes, H, W] (a
+    segmentation model: FCN, DeepLab, LRASPP, SegFormer's logits) or channels last,
+    [N, H, W, classes] (a Keras U-Net through tf2onnx), told apart as layers are (``layer_layout``,
+    against the input's ``size``); else None (a classifier's [N, classes] or [N, classes, 1, 1])."""
     shape = logits.shape
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
         return None
-    return (shape[2], shape[3]) if shape[2] >= 2 and shape[3] >= 2 else None
+    axis, grid = (3, (shape[1], shape[2])) if layer_layout(shape, size) == "NHWC" else (1, (shape[2], shape[3]))
+    return (grid, axis) if min(grid) >= 2 else None
 
 
 def _feature_layers(candidates, classes: int) -> tuple:

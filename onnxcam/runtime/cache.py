@@ -277,7 +277,8 @@ def _read(key: str) -> GradientModel | None:
                              for c in info["candidates"]),
             path_is_linear=bool(info["path_is_linear"]), batch_built_in=info["batch_built_in"],
             layer_layout=info["layer_layout"],
-            class_grid=tuple(info["class_grid"]) if info.get("class_grid") else None)
+            class_grid=tuple(info["class_grid"]) if info.get("class_grid") else None,
+            class_axis=info.get("class_axis", 1))
     except Exception as exc:  # noqa: BLE001 - a missing or corrupt entry is rebuilt, never fatal
         if handle is not None:
             handle.close()
@@ -308,7 +309,7 @@ def _write(key: str, gm: GradientModel, budget: int, weights: Path | None = None
                             "layout": c.layout} for c in gm.candidates],
             "path_is_linear": gm.path_is_linear, "batch_built_in": gm.batch_built_in,
             "layer_layout": gm.layer_layout, "weights": spilled,
-            "class_grid": list(gm.class_grid) if gm.class_grid else None,
+            "class_grid": list(gm.class_grid) if gm.class_grid else None, "class_axis": gm.class_axis,
         }
         model_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(model_path, data)

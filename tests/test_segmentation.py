@@ -250,3 +250,28 @@ def test_the_classifier_scores_refuse_a_segmentation_model_in_one_line(tmp_path,
     result = run(args)
     assert result.exit_code != 0
     assert_one_line_error(result, "scores its classes per pixel (a segmentation model)")
+
+
+def test_scores_neither_per_class_nor_per_pixel_are_refused_and_explained_as_neurons(tmp_path):
+    """A detector's [N, 12, 64] (boxes' values by anchor) flattened would give 'class 676'."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["a"]), helper.make_node("Conv", ["a", "W2"], ["h"]),
+             helper.make_node("Reshape", ["h", "shape"], ["out"])]
+    inits = [_init("W1", rng.normal(0, 0.5, (8, 3, 3, 3))), _init("W2", rng.normal(0, 0.5, (12, 8, 1, 1))),
+             onnx.numpy_helper.from_array(np.array([1, 12, 64], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "detector", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 12, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save_model(model, tmp_path / "det.onnx")
+    from tests.cli_helpers import assert_one_line_error
+    from tests.test_explainer import random_png
+
+    image = random_png(tmp_path / "x.png", size=(16, 16))
+    result = run(["explain", path, image, "--out", tmp_path / "out"])
+    assert_one_line_error(result, "'out' have shape ['N', 12, 64]", "--score out --neuron INDEX")
+    assert not (tmp_path / "out").exists()
+    result = run(["explain", path, image, "--out", tmp_path / "out", "--score", "out", "--neuron", "4,10",
+                  "--method", "gradcam"])
+    assert result.exit_code == 0 and "neuron (4, 10) of out" in result.output

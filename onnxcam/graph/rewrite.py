@@ -76,6 +76,8 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     found = find_logits(graph)
     built_in = _batch_built_in(found, preparation)
     pixel_grid, class_axis = class_grid(found, image_size(graph)) or (None, 1)
+    if score is None and pixel_grid is None:
+        _refuse_other_outputs(found)
     logits = _expose_logits(graph, found)
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
@@ -111,6 +113,18 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         num_classes=found.shape[class_axis] if pixel_grid else _num_classes(logits), candidates=candidates,
         path_is_linear=linear, batch_built_in=built_in, layer_layout=layout, class_grid=pixel_grid,
         class_axis=class_axis)
+
+
+def _refuse_other_outputs(logits: gs.Tensor) -> None:
+    """A ModelError for scores that are neither one per class nor one per class and pixel: a
+    detector's [N, 84, 8400] flattened would give "class 123456"."""
+    shape = list(logits.shape or [])
+    if sum(1 for d in shape[1:] if d != 1) > 1:
+        raise ModelError(
+            f"the model's scores '{logits.name}' have shape {shape}: neither one score per class "
+            "([N, classes]) nor per class and pixel ([N, classes, H, W]), as a detector's boxes: explain "
+            f"one of its values as a neuron (--score {logits.name} --neuron INDEX, the batch left out; "
+            "in Python score= and neuron=)")
 
 
 def class_grid(logits: gs.Tensor, size: tuple) -> tuple[tuple[int, int], int] | None:

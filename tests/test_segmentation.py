@@ -239,17 +239,46 @@ def test_a_torch_segmenter_that_upsamples_to_the_input_size_matches_autograd():
         assert explanation.to_dict()["region_fraction"] == pytest.approx(region.float().mean().item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("command", ["compare", "evaluate"])
-def test_the_classifier_scores_refuse_a_segmentation_model_in_one_line(tmp_path, command):
+def test_evaluate_refuses_a_segmentation_model_in_one_line(tmp_path):
     from tests.cli_helpers import assert_one_line_error
     from tests.test_explainer import random_png
 
     path = save_model(build_segmenter(), tmp_path / "seg.onnx")
-    image = random_png(tmp_path / "x.png", size=(16, 16))
-    args = ["compare", path, path, image] if command == "compare" else ["evaluate", path, tmp_path]
-    result = run(args)
-    assert result.exit_code != 0
-    assert_one_line_error(result, "scores its classes per pixel (a segmentation model)")
+    random_png(tmp_path / "x.png", size=(16, 16))
+    assert_one_line_error(run(["evaluate", path, tmp_path]), "scores its classes per pixel (a segmentation model)")
+
+
+def test_compare_and_check_predict_the_class_explain_picks(tmp_path):
+    """The predicted class of a segmentation model is its largest region, background last, and
+    its probability the mean over that region: in compare's records and check's prediction."""
+    from onnxcam.evaluation.check import load_check_config, run_checks
+    from onnxcam.evaluation.compare import compare_models
+    from tests.test_explainer import random_png
+
+    model = build_segmenter(bias=[1.5, 0.0, 0.0])
+    path = save_model(model, tmp_path / "seg.onnx")
+    (tmp_path / "labels.txt").write_text("background\nroad\ncar\n")
+    images = [random_png(tmp_path / f"{i}.png", size=(16, 16), seed=i) for i in range(3)]
+    explainer = Explainer(path, labels=tmp_path / "labels.txt")
+    explained = explainer.explain(images, method="gradcam")
+    assert {e.class_index for e in explained} <= {1, 2}  # background owns the most pixels, yet comes last
+    from onnxcam.evaluation.predictor import Predictor
+
+    logits = Predictor(explainer).logits(explainer.preprocess(images)).reshape(3, CLASSES, -1)
+    assert all(np.bincount(row.argmax(0), minlength=CLASSES).argmax() == 0 for row in logits)
+    result = compare_models(path, path, images, method="gradcam",
+                            explainers=(explainer, Explainer(path, labels=tmp_path / "labels.txt")))
+    for record, explanation in zip(result.images, explained):
+        assert record["predicted_a"] == record["predicted_b"] == explanation.class_index
+        assert record["probability_a"] == pytest.approx(explanation.probability, rel=1e-5)
+        assert record["correlation"] == pytest.approx(1.0)
+    entries = "".join(f'[[images]]\npath = "{image.name}"\nclass = {e.class_index}\n\n'
+                      for image, e in zip(images, explained))
+    (tmp_path / "check.toml").write_text(f'model = "seg.onnx"\nmethod = "gradcam"\nlabels = "labels.txt"\n'
+                                         f'[thresholds]\nprediction = true\nmax_average_drop = 100.0\n\n{entries}')
+    report = run_checks(load_check_config(tmp_path / "check.toml"))
+    assert all(r.passed for r in report.results if r.kind == "prediction")
+    assert len([r for r in report.results if r.kind == "prediction"]) == 3
 
 
 def test_scores_neither_per_class_nor_per_pixel_are_refused_and_explained_as_neurons(tmp_path):

@@ -407,12 +407,12 @@ def run_checks(config: CheckConfig, explainer=None) -> CheckReport:
     t1 = time.perf_counter()
     x = explainer.preprocess(paths)
     predictor = Predictor(explainer)
-    probabilities = predictor(x)
+    probabilities, predictions = predictor.predict(x)
     predict_s = time.perf_counter() - t1
     results: list[CheckResult] = []
     for row, (image, cls, explanation) in enumerate(zip(config.images, expected, explanations)):
         if config.prediction:
-            predicted = int(np.argmax(probabilities[row]))
+            predicted = int(predictions[row])
             results.append(CheckResult(
                 name=f"{image.shown}: prediction", kind="prediction", image=image.shown,
                 passed=predicted == cls,

@@ -162,6 +162,9 @@ def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method
     from onnxcam.evaluation.predictor import Predictor
 
     predictor_a, predictor_b = Predictor(explainer_a), Predictor(explainer_b)  # refuse before the work
+    if (predictor_a.regions is None) != (predictor_b.regions is None):
+        raise ModelError(f"model '{explainer_a.model_name}' and model '{explainer_b.model_name}' do not "
+                         "score alike (one per class, the other per pixel): compare two versions of one model")
     t0 = time.perf_counter()
     options = dict(samples=samples, noise_level=noise_level, seed=seed)
     given = None if class_index is None else [class_index] * len(paths)  # an index, or a name of A's labels
@@ -170,11 +173,11 @@ def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method
     maps_b = explainer_b.explain(paths, method=method, targets=targets, **options)
     explain_s = time.perf_counter() - t0
     # B's own prediction, for the record: one batched pass through B's session
-    probs_b = predictor_b(explainer_b.preprocess(paths))
-    probs_a = predictor_a(explainer_a.preprocess(paths))
+    probs_b, predicted_b = predictor_b.predict(explainer_b.preprocess(paths))
+    probs_a, predicted_a = predictor_a.predict(explainer_a.preprocess(paths))
     size = _common_size(explainer_a, explainer_b, maps_a[0])
     records = []
-    for path, a, b, pa, pb in zip(paths, maps_a, maps_b, probs_a, probs_b):
+    for path, a, b, pa, pb, top_a, top_b in zip(paths, maps_a, maps_b, probs_a, probs_b, predicted_a, predicted_b):
         map_a = normalize(upsample_bilinear(a.raw_map, size))
         map_b = normalize(upsample_bilinear(b.raw_map, size))
         correlation = spearman(map_a, map_b)
@@ -182,7 +185,7 @@ def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method
         passed = correlation >= threshold and (min_iou is None or iou >= min_iou)
         records.append({
             "image": str(path), "class": a.class_index, "label": a.label,
-            "predicted_a": int(np.argmax(pa)), "predicted_b": int(np.argmax(pb)),
+            "predicted_a": int(top_a), "predicted_b": int(top_b),
             "probability_a": float(pa[a.class_index]), "probability_b": float(pb[a.class_index]),
             "correlation": correlation, "iou": iou, "flat_a": bool(a.flat), "flat_b": bool(b.flat),
             "passed": bool(passed),

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from onnxcam.cams import METHODS, canonical_method_name, normalize, upsample_bilinear
-from onnxcam.errors import DataError, ImageError, OptionError
+from onnxcam.errors import DataError, ImageError, ModelError, OptionError
 from onnxcam.evaluation.datasets import Dataset, Sample
 from onnxcam.evaluation.predictor import Predictor
 from onnxcam.explain.result import METHOD_TITLES
@@ -254,6 +254,10 @@ def evaluate(explainer, dataset: Dataset, methods: str | Sequence[str | MethodSp
     _check_number("tolerance", tolerance, low=0)
     _check_number("coverage threshold", coverage_threshold, low=0, high=1, open_low=True)
     _check_steps(steps)
+    if explainer.gradient_model.class_grid is not None:
+        raise ModelError(f"model '{explainer.model_name}' scores its classes per pixel (a segmentation model): "
+                         "evaluate's localization and faithfulness metrics score classifiers; use onnxcam "
+                         "check (its regions and pointing) or compare for such a model")
     predictor = Predictor(explainer, batch_size)
     bs = predictor.batch_size
     progress = progress or (lambda stage, done, total: None)

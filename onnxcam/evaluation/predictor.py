@@ -8,13 +8,18 @@ the gradient outputs zero and leaves the logits exactly those of the plain forwa
 the logits into probabilities the way the Explainer does for ``Explanation.probability`` (softmax;
 sigmoid for a model whose output is a Sigmoid of its logits). Inputs are cut into chunks of
 ``batch_size`` rows: one ``InferenceSession.run`` per chunk, never one per image.
+
+A segmentation model's class probability is, as for its explanations, the class's mean
+probability over the pixels it is predicted at (``onnxcam.explain.regions``), and its predicted
+class the one with the largest region (``Predictor.predict``), not the argmax of those means.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from onnxcam.errors import DataError, ModelError, OptionError
+from onnxcam.errors import DataError, OptionError
+from onnxcam.explain.regions import PixelClasses
 
 __all__ = ["Predictor", "predict_proba", "probabilities_from_logits"]
 
@@ -48,10 +53,6 @@ class Predictor:
         if explainer.score is not None:
             raise OptionError("evaluation needs class scores: create the Explainer without score= "
                               "(neuron-level maps have no class probability)")
-        if explainer.gradient_model.class_grid is not None:
-            raise ModelError(f"model '{explainer.model_name}' scores its classes per pixel (a segmentation "
-                             "model): evaluate, check and compare score classifiers' predictions; explain "
-                             "its classes' regions with onnxcam explain")
         if not explainer.num_classes:
             raise OptionError("the model's number of classes is not fixed: evaluation needs a static "
                               "class dimension")
@@ -63,6 +64,9 @@ class Predictor:
         self.seed_shape = tuple(explainer.gradient_model.seed_shape[1:])
         self.batch_size = int(batch_size) if batch_size is not None else int(explainer.batch_size)
         self.squash = _squash_of(explainer)
+        gm = explainer.gradient_model
+        self.regions = (PixelClasses.of(gm.num_classes, gm.class_grid, self.squash, explainer.labels, gm.class_axis)
+                        if gm.class_grid is not None else None)
         self.runs = 0
         self.rows = 0
 
@@ -86,7 +90,18 @@ class Predictor:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        return probabilities_from_logits(self.logits(inputs), self.squash)
+        return self.predict(inputs)[0]
+
+    def predict(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, classes) probabilities and (N,) predicted classes, the targets ``explain`` picks."""
+        logits = self.logits(inputs)
+        if self.regions is None:
+            probabilities = probabilities_from_logits(logits, self.squash)
+            return probabilities, probabilities.argmax(axis=1)
+        owned = self.regions.owned(logits)
+        where = np.where(owned.any(axis=(2, 3), keepdims=True), owned, True)  # no pixel: all of them
+        probabilities = (self.regions.probabilities(logits) * where).sum(axis=(2, 3)) / where.sum(axis=(2, 3))
+        return probabilities, np.array([row[0] for row in self.regions.top_classes(logits, 1)])
 
 
 def predict_proba(explainer, inputs: np.ndarray, batch_size: int | None = None) -> np.ndarray:

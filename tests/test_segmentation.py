@@ -304,3 +304,32 @@ def test_scores_neither_per_class_nor_per_pixel_are_refused_and_explained_as_neu
     result = run(["explain", path, image, "--out", tmp_path / "out", "--score", "out", "--neuron", "4,10",
                   "--method", "gradcam"])
     assert result.exit_code == 0 and "neuron (4, 10) of out" in result.output
+
+
+def test_the_overlay_outlines_the_region_the_map_explains():
+    from PIL import Image
+
+    from onnxcam.imaging import outline
+
+    region = np.zeros((4, 4), bool)
+    region[1:3, 1:3] = True  # a square, stretched over a 40 x 40 picture: rows and columns 10-29
+    drawn = np.asarray(outline(Image.new("RGB", (40, 40)), region))
+    white = (drawn == 255).all(axis=2)
+    square = np.zeros((40, 40), bool)
+    square[10:30, 10:30] = True
+    border = square & ~np.pad(square, 1)[2:, 1:-1] | square & ~np.pad(square, 1)[:-2, 1:-1] \
+        | square & ~np.pad(square, 1)[1:-1, 2:] | square & ~np.pad(square, 1)[1:-1, :-2]
+    np.testing.assert_array_equal(white, border)
+    # on an explanation: the class's region at the scores' grid, on the image through the footprint
+    model = build_segmenter(bias=[1.5, 0.0, 0.0])
+    x = inputs(1)
+    explanation = Explainer(model, cache=False).explain(x, method="gradcam", targets=0)[0]
+    ((_, region, _, _),) = oracle(model, x, [0])
+    np.testing.assert_array_equal(explanation.region, region)
+    assert 0 < region.mean() < 1 and explanation.region_on_image.shape == (SIZE, SIZE)
+    on_image = explanation.region_on_image
+    np.testing.assert_array_equal(on_image, region)  # an array input: the map is at the scores' size
+    inner = on_image & np.pad(on_image, 1, mode="edge")[2:, 1:-1] & np.pad(on_image, 1, mode="edge")[:-2, 1:-1] \
+        & np.pad(on_image, 1, mode="edge")[1:-1, 2:] & np.pad(on_image, 1, mode="edge")[1:-1, :-2]
+    white = (np.asarray(explanation.overlay()) == 255).all(axis=2)
+    assert white[on_image & ~inner].all() and (on_image & ~inner).any()

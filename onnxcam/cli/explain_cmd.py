@@ -320,7 +320,7 @@ def _write_compare(per_method, out: Path, stem: str, alpha: float, colormap: str
         title = first.label if first.label is not None else f"neuron {first.target_tag[1:]}"
         panels = [(METHOD_TITLES[m], per_method[m][position].map) for m in COMPARE_METHODS]
         figure = compare_grid(first.image(), panels, alpha=alpha, colormap=colormap,
-                              image_title=f"Input: {title}", seen=first.seen)
+                              image_title=f"Input: {title}", seen=first.seen, region=first.region_on_image)
         with atomic_path(path) as temporary:
             figure.save(temporary, **PNG_SAVE_OPTIONS)
         written.append(path)

@@ -437,10 +437,12 @@ class Explainer:
                         score, probability = float(clean.logits[row, cls]), float(probabilities[row, cls])
                     else:
                         score, probability, fraction = regions.describe(clean.logits[row], cls)
+                        region = regions.owned(clean.logits[row:row + 1])[0, cls]
                     explanation = Explanation(
                         raw_map=result.maps[pair], method=name, options=dict(options), layer=gm.layer,
                         class_index=cls, label=None if cls is None else self.label_of(cls),
                         score=score, probability=probability,
+                        region=region if regions is not None and cls is not None else None,
                         flat=bool(result.flat[pair]), image_index=item.index, image_size=sizes[row],
                         footprint=footprints[row],
                         source=item.path, model=self.model_name,

@@ -18,7 +18,7 @@ from onnxcam.atomic import atomic_path
 from onnxcam.imaging.io import OVERLAY_PNG_OPTIONS
 from onnxcam.cams import footprint_mask, normalize, upsample_bilinear
 from onnxcam.errors import OptionError
-from onnxcam.imaging import load_image, overlay as blend
+from onnxcam.imaging import load_image, outline, overlay as blend
 from onnxcam.jsonable import to_jsonable
 
 METHOD_TITLES = {
@@ -35,7 +35,9 @@ class Explanation:
     map's pixels (None: the whole image, stretched); a centre crop leaves the map 0 outside it.
 
     ``class_index``/``label``/``score`` (the pre-softmax logit)/``probability`` describe the class
-    explained; for a neuron-level map they are None and ``neuron`` holds the index tuples.
+    explained; for a neuron-level map they are None and ``neuron`` holds the index tuples. For a
+    segmentation model ``region`` (h, w) bool holds the pixels of the model's scores the class is
+    predicted at (the score is its logits summed there), outlined on the overlay.
     ``flat`` is True when the map is identically zero (no positive evidence). ``timings`` are the
     seconds spent on the group of images this result was computed with.
     """
@@ -61,6 +63,7 @@ class Explanation:
     noisy_passes_skipped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    region: np.ndarray | None = None            # a segmentation class's pixels, at the scores' grid
     _image: Image.Image | None = field(default=None, repr=False)
     _array: np.ndarray | None = field(default=None, repr=False)   # (H, W, C) input for array inputs
     _map: np.ndarray | None = field(default=None, repr=False)
@@ -85,6 +88,16 @@ class Explanation:
             return None
         seen = footprint_mask(self.image_size, self.footprint)
         return None if seen.all() else seen
+
+    @property
+    def region_on_image(self) -> np.ndarray | None:
+        """(H, W) bool: ``region`` on the map's pixels (through the footprint); None for a
+        classifier."""
+        if self.region is None:
+            return None
+        on_image = upsample_bilinear(np.asarray(self.region, dtype=np.float32), self.image_size, self.footprint) >= 0.5
+        seen = self.seen
+        return on_image if seen is None else on_image & seen
 
     @property
     def method_title(self) -> str:
@@ -117,7 +130,8 @@ class Explanation:
 
     def overlay(self, alpha: float = 0.5, colormap: str = "turbo") -> Image.Image:
         """The map coloured with ``colormap`` and blended over the image (``alpha`` = map weight)."""
-        return blend(self.image(), self.map, alpha=alpha, colormap=colormap, seen=self.seen)
+        picture = blend(self.image(), self.map, alpha=alpha, colormap=colormap, seen=self.seen)
+        return picture if self.region is None else outline(picture, self.region_on_image)
 
     # -- records and files -----------------------------------------------------------------
     def file_stem(self, stem: str | None = None) -> str:

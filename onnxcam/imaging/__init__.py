@@ -3,7 +3,7 @@
 from onnxcam.imaging.colormap import COLORMAPS, apply_colormap, get_colormap
 from onnxcam.imaging.grid import compare_grid
 from onnxcam.imaging.io import ALPHA_BACKGROUND, display_path, find_images, load_image, readable_suffixes
-from onnxcam.imaging.overlay import check_alpha, overlay, resize_map
+from onnxcam.imaging.overlay import check_alpha, outline, overlay, resize_map
 from onnxcam.imaging.preprocess import LAYOUTS, PRESETS, Preprocessor, Preset, detect_layout, get_preset
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "get_colormap",
     "get_preset",
     "load_image",
+    "outline",
     "overlay",
     "readable_suffixes",
     "resize_map",

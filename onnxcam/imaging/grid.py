@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from onnxcam.errors import OptionError
 from onnxcam.imaging.colormap import get_colormap
-from onnxcam.imaging.overlay import check_alpha, overlay
+from onnxcam.imaging.overlay import check_alpha, outline, overlay
 
 BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (34, 34, 34)
@@ -31,6 +31,7 @@ def compare_grid(
     image_title: str = "Input",
     colorbar: bool = False,
     seen: np.ndarray | None = None,
+    region: np.ndarray | None = None,
 ) -> Image.Image:
     """Return an RGB figure: ``image`` then, for each (title, map01) in ``panels``, its overlay.
 
@@ -38,7 +39,8 @@ def compare_grid(
     tiles have the same size. Maps can be at any resolution (they are stretched over the image).
     With ``colorbar`` a vertical low-to-high bar of the colormap is added at the right. ``seen``
     (H, W) bool at the image's size marks what the model saw (a centre crop); the rest is left
-    uncoloured in every overlay.
+    uncoloured in every overlay. ``region`` (H, W) bool: a segmentation class's pixels, outlined
+    on every overlay.
     """
     weight = check_alpha(alpha)
     get_colormap(colormap)  # fail on a bad name before drawing anything
@@ -54,6 +56,8 @@ def compare_grid(
         mask = Image.fromarray(np.asarray(seen, dtype=np.uint8) * 255).resize(tile_size, Image.Resampling.NEAREST)
         seen = np.asarray(mask) > 127
     tiles += [(title, overlay(thumbnail, map01, weight, colormap, seen=seen)) for title, map01 in panels]
+    if region is not None:
+        tiles[1:] = [(title, outline(picture, region)) for title, picture in tiles[1:]]
 
     margin = max(6, tile // 28)
     font = _font(max(11, round(tile * 0.068)))

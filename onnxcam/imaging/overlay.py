@@ -59,3 +59,24 @@ def overlay(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, colormap:
     np.rint(blended, out=blended)
     np.clip(blended, 0, 255, out=blended)
     return Image.fromarray(blended.astype(np.uint8))
+
+
+#: The colour of a segmentation region's outline on an overlay.
+OUTLINE_COLOUR = (255, 255, 255)
+
+
+def outline(picture: Image.Image, region: np.ndarray) -> Image.Image:
+    """``picture`` with the border of ``region`` ((H, W) bool at any resolution, stretched over
+    it) drawn in white, about a two-hundredth of the picture's shorter side thick: the pixels a
+    segmentation map explains."""
+    width, height = picture.size
+    mask = Image.fromarray(np.asarray(region, dtype=np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+    inside = np.asarray(mask) > 127
+    padded = np.pad(inside, 1, mode="edge")
+    edge = inside & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    for _ in range(max(1, round(min(width, height) / 200)) - 1):  # thicker on large pictures
+        grown = np.pad(edge, 1)
+        edge = edge | grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
+    pixels = np.array(picture.convert("RGB"))
+    pixels[edge & inside] = OUTLINE_COLOUR
+    return Image.fromarray(pixels)

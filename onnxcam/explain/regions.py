@@ -67,11 +67,12 @@ class PixelClasses:
         lower index), background classes last unless nothing else owns a pixel."""
         owned = self.owned(logits).sum(axis=(2, 3))
         mean_probability = self.probabilities(logits).mean(axis=(2, 3))
+        index = np.arange(self.classes)
+        background = np.isin(index, self.background)
         chosen = []
         for pixels, probability in zip(owned, mean_probability):
-            late = np.isin(np.arange(self.classes), self.background) & (pixels[np.setdiff1d(
-                np.arange(self.classes), self.background)].sum() > 0)
-            order = np.lexsort((np.arange(self.classes), -probability, -pixels, late))
+            late = background & (pixels[~background].sum() > 0)
+            order = np.lexsort((index, -probability, -pixels, late))  # the last key sorts first
             chosen.append([int(c) for c in order[:k]])
         return chosen
 

@@ -421,7 +421,7 @@ class Explainer:
             t4 = time.perf_counter()
             timings.update(preprocess_s=preprocess_s, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
                            cam_s=t4 - t3, images=len(chunk))
-            probabilities = self._probabilities(clean.logits) if regions is None else None
+            facts = self._target_facts(clean, regions)
             per_image: dict[int, dict[str, list[Explanation]]] = {row: {} for row in range(len(chunk))}
             for name, cam in cams.items():
                 result = computed[name]
@@ -431,18 +431,11 @@ class Explainer:
                 for pair, row in enumerate(clean.pair_image.tolist()):
                     item = chunk[row]
                     cls = clean.pair_class[pair]
-                    if cls is None:
-                        score = probability = None
-                    elif regions is None:
-                        score, probability = float(clean.logits[row, cls]), float(probabilities[row, cls])
-                    else:
-                        score, probability, fraction = regions.describe(clean.logits[row], cls)
-                        region = regions.owned(clean.logits[row:row + 1])[0, cls]
+                    score, probability, region, fraction = facts[pair]
                     explanation = Explanation(
                         raw_map=result.maps[pair], method=name, options=dict(options), layer=gm.layer,
                         class_index=cls, label=None if cls is None else self.label_of(cls),
-                        score=score, probability=probability,
-                        region=region if regions is not None and cls is not None else None,
+                        score=score, probability=probability, region=region,
                         flat=bool(result.flat[pair]), image_index=item.index, image_size=sizes[row],
                         footprint=footprints[row],
                         source=item.path, model=self.model_name,
@@ -453,7 +446,7 @@ class Explainer:
                                "labels": self.labels_source,
                                "target": ("neuron" if neuron_mode else
                                           "given" if chunk_classes is not None else f"top-{k} predicted"),
-                               **({} if regions is None or cls is None else {"region_fraction": round(fraction, 6)})},
+                               **({} if fraction is None else {"region_fraction": round(fraction, 6)})},
                         _image=pictures[row], _array=arrays[row])
                     per_image[row].setdefault(name, []).append(explanation)
             for row in range(len(chunk)):
@@ -748,6 +741,22 @@ class Explainer:
     @property
     def session_dtype(self) -> np.dtype:
         return self._session(self.gradient_model).input_dtype
+
+    def _target_facts(self, clean: passes.CleanPass, regions: PixelClasses | None) -> list[tuple]:
+        """Per (image, target) pair of ``clean``: (score, probability, region, region's share of
+        the pixels). A class's logit and probability; a segmentation class's logits summed over
+        its region, their mean probability there, the region and its share; Nones for a neuron."""
+        probabilities = self._probabilities(clean.logits) if regions is None else None
+        facts = []
+        for row, cls in zip(clean.pair_image.tolist(), clean.pair_class):
+            if cls is None:
+                facts.append((None, None, None, None))
+            elif regions is None:
+                facts.append((float(clean.logits[row, cls]), float(probabilities[row, cls]), None, None))
+            else:
+                score, probability, fraction = regions.describe(clean.logits[row], cls)
+                facts.append((score, probability, regions.owned(clean.logits[row:row + 1])[0, cls], fraction))
+        return facts
 
     def _probabilities(self, logits: np.ndarray) -> np.ndarray:
         values = np.asarray(logits, dtype=np.float64)

@@ -333,3 +333,29 @@ def test_the_overlay_outlines_the_region_the_map_explains():
         & np.pad(on_image, 1, mode="edge")[1:-1, 2:] & np.pad(on_image, 1, mode="edge")[1:-1, :-2]
     white = (np.asarray(explanation.overlay()) == 255).all(axis=2)
     assert white[on_image & ~inner].all() and (on_image & ~inner).any()
+
+
+@pytest.mark.parametrize("kind", ["segmenter", "classifier"])
+def test_a_model_that_outputs_class_indices_is_explained_from_the_scores_behind_its_argmax(kind, tmp_path):
+    """Deployed models often end in ArgMax (the label per image or per pixel): the indices have no
+    gradient, the scores before them do."""
+    from tests.test_explainer import build_cnn
+
+    plain = build_segmenter() if kind == "segmenter" else build_cnn(softmax=True)
+    indexed = onnx.ModelProto()
+    indexed.CopyFrom(plain)
+    scores = indexed.graph.output[0].name
+    indexed.graph.node.append(helper.make_node("ArgMax", [scores], ["argmax"], axis=1, keepdims=0))
+    indexed.graph.node.append(helper.make_node("Cast", ["argmax"], ["labels"], to=TensorProto.INT32))
+    del indexed.graph.output[:]
+    shape = [1, SIZE, SIZE] if kind == "segmenter" else [1]
+    indexed.graph.output.append(helper.make_tensor_value_info("labels", TensorProto.INT32, shape))
+    x = inputs(2) if kind == "segmenter" else np.random.default_rng(0).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    want = Explainer(plain, cache=False).explain(x, method="gradcampp")
+    got = Explainer(indexed, cache=False).explain(x, method="gradcampp")
+    for a, b in zip(got, want):
+        assert a.class_index == b.class_index and a.layer == b.layer
+        np.testing.assert_allclose(a.raw_map, b.raw_map, rtol=1e-5, atol=1e-7)
+        assert a.probability == pytest.approx(b.probability, rel=1e-6)
+    path = save_model(indexed, tmp_path / "indexed.onnx")
+    assert "the scores the output's ArgMax picks from" in run(["inspect", path]).output

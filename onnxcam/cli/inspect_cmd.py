@@ -86,7 +86,8 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     logits = find_logits(graph) if graph.outputs else None
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
                          "pre_softmax": logits.name != graph.outputs[0].name,
-                         "squashed": _squashed(graph, logits)} if logits is not None else None)
+                         "squashed": _squashed(graph, logits),
+                         "argmax": "ArgMax" in _ops_after(graph, logits)} if logits is not None else None)
     grid, class_axis = (class_grid(logits, image_size(graph)) if logits is not None else None) or (None, -1)
     classes = logits.shape[class_axis] if logits is not None and logits.shape else None
     classes = classes if isinstance(classes, int) else None
@@ -153,12 +154,17 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
 
 def _squashed(graph: gs.Graph, logits: gs.Tensor) -> bool:
     """Whether a Softmax, LogSoftmax or Sigmoid lies between the logits and the output."""
+    return any(op in SQUASHING for op in _ops_after(graph, logits))
+
+
+def _ops_after(graph: gs.Graph, logits: gs.Tensor) -> list[str]:
+    """The ops from the logits to the model's first output."""
     tensor = graph.outputs[0]
     seen = []
     while tensor is not logits and len(tensor.inputs) == 1:
         seen.append(tensor.inputs[0].op)
         tensor = tensor.inputs[0].inputs[0]
-    return any(op in SQUASHING for op in seen)
+    return seen
 
 
 def _preprocessing_text(metadata: dict, scaling, sidecar=None) -> str:
@@ -196,7 +202,9 @@ def _text(report: dict) -> str:
     lines += [f"  {r['name']}  {shape_text(r['shape'])}  {r['dtype']}" for r in report["outputs"]]
     logits = report["logits"]
     if logits:
-        kind = ("pre-softmax input of the output's squashing" if logits["squashed"] else
+        kind = ("the scores the output's ArgMax picks from" + (", before their squashing" if logits["squashed"] else "")
+                if logits["argmax"] else
+                "pre-softmax input of the output's squashing" if logits["squashed"] else
                 "the output before its quantization" if logits["pre_softmax"] else "the output itself")
         lines.append(f"Logits: {logits['tensor']} {shape_text(logits['shape'])} ({kind}), "
                      f"{report['classes'] or '?'} class{'' if report['classes'] == 1 else 'es'}"

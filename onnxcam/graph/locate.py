@@ -36,7 +36,8 @@ def find_logits(graph: gs.Graph) -> gs.Tensor:
     calibrated range, and the gradient of a clipped score is 0)."""
     if not graph.outputs:
         raise LayerError("the model has no outputs: nothing to explain")
-    tensor = _before_quantization(graph.outputs[0])
+    output = _before_argmax(_before_quantization(graph.outputs[0]))
+    tensor = output
     while len(tensor.inputs) == 1:
         producer = tensor.inputs[0]
         if producer.op in SQUASHING:
@@ -44,7 +45,18 @@ def find_logits(graph: gs.Graph) -> gs.Tensor:
         if producer.op not in PASS_THROUGH:
             break
         tensor = _before_quantization(producer.inputs[0])
-    return _before_quantization(graph.outputs[0])
+    return output
+
+
+def _before_argmax(tensor: gs.Tensor) -> gs.Tensor:
+    """The scores an ArgMax at the end picks from (a deployed model that outputs class indices,
+    per image or per pixel), else ``tensor``: the indices themselves have no gradient."""
+    walked = tensor
+    while len(walked.inputs) == 1 and walked.inputs[0].op in PASS_THROUGH | {"Cast"}:
+        walked = walked.inputs[0].inputs[0]
+    if len(walked.inputs) == 1 and walked.inputs[0].op == "ArgMax":
+        return _before_quantization(walked.inputs[0].inputs[0])
+    return tensor
 
 
 def _before_quantization(tensor: gs.Tensor) -> gs.Tensor:

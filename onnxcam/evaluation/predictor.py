@@ -98,9 +98,7 @@ class Predictor:
         if self.regions is None:
             probabilities = probabilities_from_logits(logits, self.squash)
             return probabilities, probabilities.argmax(axis=1)
-        owned = self.regions.owned(logits)
-        where = np.where(owned.any(axis=(2, 3), keepdims=True), owned, True)  # no pixel: all of them
-        probabilities = (self.regions.probabilities(logits) * where).sum(axis=(2, 3)) / where.sum(axis=(2, 3))
+        probabilities = self.regions.summary(logits)[1]
         return probabilities, np.array([row[0] for row in self.regions.top_classes(logits, 1)])
 
 

@@ -746,16 +746,17 @@ class Explainer:
         """Per (image, target) pair of ``clean``: (score, probability, region, region's share of
         the pixels). A class's logit and probability; a segmentation class's logits summed over
         its region, their mean probability there, the region and its share; Nones for a neuron."""
-        probabilities = self._probabilities(clean.logits) if regions is None else None
+        if regions is None:
+            scores, probabilities = clean.logits, self._probabilities(clean.logits)
+        else:
+            scores, probabilities, fractions, owned = regions.summary(clean.logits)
         facts = []
         for row, cls in zip(clean.pair_image.tolist(), clean.pair_class):
             if cls is None:
                 facts.append((None, None, None, None))
-            elif regions is None:
-                facts.append((float(clean.logits[row, cls]), float(probabilities[row, cls]), None, None))
             else:
-                score, probability, fraction = regions.describe(clean.logits[row], cls)
-                facts.append((score, probability, regions.owned(clean.logits[row:row + 1])[0, cls], fraction))
+                region, fraction = (None, None) if regions is None else (owned[row, cls], float(fractions[row, cls]))
+                facts.append((float(scores[row, cls]), float(probabilities[row, cls]), region, fraction))
         return facts
 
     def _probabilities(self, logits: np.ndarray) -> np.ndarray:

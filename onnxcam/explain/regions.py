@@ -89,13 +89,13 @@ class PixelClasses:
             seeds = seeds.transpose(0, 2, 3, 1)
         return np.ascontiguousarray(seeds).reshape(len(classes), -1)
 
-    def describe(self, logits_row: np.ndarray, cls: int) -> tuple[float, float, float]:
-        """(score: the logits summed over the class's region, probability: its mean there, the
-        share of the image's pixels the region covers) of one image."""
-        row = np.asarray(logits_row)[None]
-        region = self.owned(row)[0, cls]
-        fraction = float(region.mean())
-        where = region if region.any() else np.ones_like(region)
-        score = float(np.asarray(self.planes(row)[0, cls], dtype=np.float64)[where].sum())
-        probability = float(self.probabilities(row)[0, cls][where].mean())
-        return score, probability, fraction
+    def summary(self, logits: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per image and class, (G, classes) each: the score (the logits summed over the class's
+        region, or over the image where it owns no pixel), the probability (their mean there),
+        the share of the pixels the region covers; and the regions (G, classes, H, W)."""
+        owned = self.owned(logits)
+        where = np.where(owned.any(axis=(2, 3), keepdims=True), owned, True)
+        counts = where.sum(axis=(2, 3))
+        scores = (np.asarray(self.planes(logits), dtype=np.float64) * where).sum(axis=(2, 3))
+        probabilities = (self.probabilities(logits) * where).sum(axis=(2, 3)) / counts
+        return scores, probabilities, owned.mean(axis=(2, 3)), owned

@@ -121,15 +121,15 @@ def load_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str |
     keys = _key_for(model, layer, score) if budget > 0 else None
     if keys is None:  # no cache: large weights go to a file of this process's own
         model, data_path, _ = _spilled(model, None, 0)
+        if data_path is None:
+            return build_gradient_model(model, layer=layer, score=score), False
         _private_users[data_path] = _private_users.get(data_path, 0) + 1
-        built = None
         try:
             built = build_gradient_model(model, layer=layer, score=score)
-        finally:
-            if built is None:
-                _release_private(data_path)
-            else:
-                weakref.finalize(built, _release_private, data_path)
+        except BaseException:
+            _release_private(data_path)
+            raise
+        weakref.finalize(built, _release_private, data_path)
         return built, False
     key, model_sha = keys
     cached = _read(key)
@@ -225,11 +225,9 @@ _private_folder: list = []  # this process's temporary folder for weights, made 
 _private_users: dict = {}  # this process's weights files -> the rewritten models that refer to them
 
 
-def _release_private(data_path: Path | None) -> None:
+def _release_private(data_path: Path) -> None:
     """One rewritten model less refers to ``data_path``: delete it after the last, so a process
     that explains many large models without the cache holds only the weights of those in use."""
-    if data_path is None:
-        return
     _private_users[data_path] -= 1
     if not _private_users[data_path]:
         del _private_users[data_path]

@@ -152,3 +152,20 @@ def test_cuda_explains_a_model_whose_weights_stay_in_external_files(tmp_path, mo
     got = gpu.explain(inputs, samples=4, seed=5)
     assert gpu.session.device == "cuda"
     close_maps(got, expected)
+
+
+def test_cuda_segmentation_maps_match_the_cpu():
+    """A segmentation model's seeds are its classes' regions, fed to the noisy model as seed rows
+    (no classes picked in the graph): CUDA's maps, top-2 regions, match the CPU's."""
+    from tests.test_segmentation import build_segmenter, inputs
+
+    model = build_segmenter(seed=2)
+    x = inputs(2, seed=5)
+    options = dict(methods=("gradcam", "smoothgradcampp"), top_k=2, samples=6, layer="a1")
+    expected = Explainer(model, device="cpu", cache=False).compare(x, **options)
+    got = Explainer(model, device="cuda", cache=False).compare(x, **options)
+    for method in options["methods"]:
+        assert got[method][0].device == "cuda"
+        close_maps(got[method], expected[method])
+        for a, b in zip(expected[method], got[method]):
+            np.testing.assert_array_equal(a.region, b.region)

@@ -124,8 +124,11 @@ def _object_colour(rng: np.random.Generator, local_bg: np.ndarray) -> np.ndarray
     return best
 
 
-def make_sample(rng: np.random.Generator, label: int, n_instances: int) -> tuple[np.ndarray, list[list[int]]]:
-    """One image (SIZE, SIZE, 3) uint8 with ``n_instances`` of class ``label`` and their boxes."""
+def make_sample(rng: np.random.Generator, label: int, n_instances: int,
+                masks_out: list | None = None) -> tuple[np.ndarray, list[list[int]]]:
+    """One image (SIZE, SIZE, 3) uint8 with ``n_instances`` of class ``label`` and their boxes;
+    each instance's pixel mask is appended to ``masks_out`` when given (the segmenter's labels;
+    the random draws are the same either way)."""
     field, img = _background(rng)
     canvas = np.asarray(img, dtype=np.float32).copy()
     lo, hi = MULTI_SIZE if n_instances > 1 else SINGLE_SIZE
@@ -158,6 +161,8 @@ def make_sample(rng: np.random.Generator, label: int, n_instances: int) -> tuple
         shade = rng.uniform(0.85, 1.0, size=(SIZE, SIZE, 1)).astype(np.float32)  # mild texture
         canvas = np.where(mask[:, :, None], np.clip(col[None, None, :] * shade, 0, 255), canvas)
     canvas = canvas + rng.normal(0, 3.0, size=canvas.shape).astype(np.float32)
+    if masks_out is not None:
+        masks_out.extend(masks)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), boxes
 
 
@@ -173,14 +178,14 @@ def eval_plan(count: int) -> list[tuple[int, int]]:
 
 
 def random_sample(
-    seed: int, split: int, index: int, multi_fraction: float = 0.4
+    seed: int, split: int, index: int, multi_fraction: float = 0.4, masks_out: list | None = None
 ) -> tuple[np.ndarray, int, list[list[int]]]:
     """Image ``index`` of a drawn split (training, validation): label and instance count (one,
     or two to three with probability ``multi_fraction``) drawn from its own generator."""
     rng = sample_rng(seed, split, index)
     label = int(rng.integers(len(CLASSES)))
     n = 1 if rng.uniform() >= multi_fraction else int(rng.integers(2, 4))
-    img, boxes = make_sample(rng, label, n)
+    img, boxes = make_sample(rng, label, n, masks_out)
     return img, label, boxes
 
 

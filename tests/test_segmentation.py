@@ -359,3 +359,25 @@ def test_a_model_that_outputs_class_indices_is_explained_from_the_scores_behind_
         assert a.probability == pytest.approx(b.probability, rel=1e-6)
     path = save_model(indexed, tmp_path / "indexed.onnx")
     assert "the scores the output's ArgMax picks from" in run(["inspect", path]).output
+
+
+def test_the_bundled_shapes_segmenter_explains_the_shapes_it_paints():
+    """models/shapes_segmenter.onnx (scripts/train_shapes_segmenter.py) on the 120 images of the
+    localization set: the largest non-background region is the image's class, and each method's
+    map peaks inside one of its instances' boxes (120, 119 and 119 of 120 when it was trained)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "models"
+    manifest = json.loads((root / "localization" / "manifest.json").read_text(encoding="utf-8"))
+    explainer = Explainer(root / "shapes_segmenter.onnx")
+    assert explainer.gradient_model.class_grid == (96, 96) and explainer.labels[0] == "background"
+    paths = [root / "localization" / entry["image"] for entry in manifest["images"]]
+    results = explainer.compare(paths, methods=("gradcam", "gradcampp", "smoothgradcampp"))
+    for method, explanations in results.items():
+        hits = 0
+        for explanation, entry in zip(explanations, manifest["images"]):
+            assert explanation.class_index == entry["label"] + 1, (method, entry["image"])
+            y, x = np.unravel_index(np.argmax(explanation.map), explanation.map.shape)
+            hits += any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in entry["boxes"])
+        assert hits >= 114, (method, hits)

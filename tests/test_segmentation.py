@@ -381,3 +381,14 @@ def test_the_bundled_shapes_segmenter_explains_the_shapes_it_paints():
             y, x = np.unravel_index(np.argmax(explanation.map), explanation.map.shape)
             hits += any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in entry["boxes"])
         assert hits >= 114, (method, hits)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_the_axis_of_a_softmax_over_square_scores_says_where_the_classes_are(axis):
+    """[N, 16, 16, 16] scores of a 16x16 image read alike either way; the Softmax's axis decides."""
+    model = build_segmenter(classes=SIZE, channels_last=axis == -1)
+    output = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Softmax", [output], ["probs"], axis=axis))
+    model.graph.output[0].name = "probs"
+    gm = build_gradient_model(model)
+    assert gm.class_axis == (3 if axis == -1 else 1) and gm.num_classes == SIZE and gm.class_grid == (SIZE, SIZE)

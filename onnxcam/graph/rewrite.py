@@ -135,8 +135,20 @@ def class_grid(logits: gs.Tensor, size: tuple) -> tuple[tuple[int, int], int] | 
     shape = logits.shape
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
         return None
-    axis, grid = (3, (shape[1], shape[2])) if layer_layout(shape, size) == "NHWC" else (1, (shape[2], shape[3]))
+    axis = _class_axis_said(logits) or (3 if layer_layout(shape, size) == "NHWC" else 1)
+    grid = (shape[1], shape[2]) if axis == 3 else (shape[2], shape[3])
     return (grid, axis) if min(grid) >= 2 else None
+
+
+def _class_axis_said(logits: gs.Tensor) -> int | None:
+    """The axis (1 or 3) that the ArgMax or Softmax taking the 4-D scores names, where one does:
+    it settles a square output whose two readings fit the image alike."""
+    for node in logits.outputs:
+        if node.op in ("ArgMax", "Softmax", "LogSoftmax") and "axis" in node.attrs:
+            axis = int(node.attrs["axis"]) % 4
+            if axis in (1, 3):
+                return axis
+    return None
 
 
 def _feature_layers(candidates, classes: int) -> tuple:

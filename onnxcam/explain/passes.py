@@ -48,13 +48,13 @@ def plan_sessions(session: GradientSession, class_lists, k, neuron_mode, count, 
     and several classes per image. Exception: when the noisy passes need the whole model
     anyway and all images fit in one batch, two runs of the whole model (zero seed for the
     logits, then the seeds) are cheaper than creating two more sessions. A segmentation model's
-    seeds need the whole logits: its clean pass always runs the whole model.
+    seeds need its logits: its clean pass is cut wherever the model can be
+    (``region_clean_pass``).
     """
     one_each = neuron_mode or (class_lists is not None and all(len(c) == 1 for c in class_lists))
     multi = not one_each and (class_lists is not None or k > 1)
     noisy_kinds = ([FORWARD, HEAD] if (multi and session.has_split) else [FULL]) if noisy_needed else []
-    split_clean = (not one_each and not regions and session.has_split
-                   and not (noisy_kinds == [FULL] and count <= batch))
+    split_clean = session.has_split and (regions or (not one_each and not (noisy_kinds == [FULL] and count <= batch)))
     kinds = ([FORWARD, HEAD] if split_clean else [FULL]) + noisy_kinds
     return tuple(dict.fromkeys(kinds)), split_clean
 
@@ -66,7 +66,7 @@ def clean_pass(gm: GradientModel, session: GradientSession, inputs: np.ndarray,
     and the classes are predicted: then the runs that would only give g are skipped)."""
     count = len(inputs)
     if regions is not None:
-        return region_clean_pass(session, inputs, class_lists, k, batch, regions)
+        return region_clean_pass(session, inputs, class_lists, k, batch, regions, split, need_gradient)
     if neurons is not None:
         row = tg.neuron_seed(neurons, gm.seed_shape)
         seeds = np.broadcast_to(row, (count, *row.shape))
@@ -112,18 +112,29 @@ def clean_pass(gm: GradientModel, session: GradientSession, inputs: np.ndarray,
 
 
 def region_clean_pass(session: GradientSession, inputs: np.ndarray, class_lists, k: int, batch: int,
-                      regions: PixelClasses) -> CleanPass:
-    """The clean pass of a segmentation model: a zero seed gives the logits, and with them the
-    classes' regions (``regions``), whose seeds the second run differentiates."""
+                      regions: PixelClasses, split: bool, need_gradient: bool = True) -> CleanPass:
+    """The clean pass of a segmentation model: the forward pass gives A and the logits, and with
+    them the classes' regions (``regions``), whose seeds the head then differentiates (``split``;
+    else a zero-seed run of the whole model, then one with the seeds). A whole run costs the
+    backward even with a zero seed, and the backward from a layer early in the network (LRASPP's
+    automatic layer, before its two branches) costs more than the forward."""
     count = len(inputs)
-    zero = np.zeros((count, int(np.prod(session.gradient_model.seed_shape[1:]))), dtype=np.float32)
-    _, _, logits = full_runs(session, inputs, zero, batch)
+    if split:
+        activation, logits = chunked(lambda s: session.forward(inputs[s]), count, batch)
+    else:
+        zero = np.zeros((count, int(np.prod(session.gradient_model.seed_shape[1:]))), dtype=np.float32)
+        activation, _, logits = full_runs(session, inputs, zero, batch)
     lists = class_lists if class_lists is not None else regions.top_classes(logits, k)
     pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
     pair_class = [c for cs in lists for c in cs]
     seeds = regions.seeds(logits, pair_image, pair_class)
-    activation, gradient, _ = full_runs(session, inputs[pair_image], seeds, batch)
-    return CleanPass(pair_image, pair_class, seeds, activation, gradient, logits)
+    pair_activation = activation[pair_image]
+    gradient = None
+    if need_gradient and split:
+        (gradient,) = chunked(lambda s: (session.head(pair_activation[s], seeds[s]),), len(pair_image), batch)
+    elif need_gradient:
+        pair_activation, gradient, _ = full_runs(session, inputs[pair_image], seeds, batch)
+    return CleanPass(pair_image, pair_class, seeds, pair_activation, gradient, logits)
 
 
 def noisy_passes(session: GradientSession, inputs: np.ndarray, clean: CleanPass,

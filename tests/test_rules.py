@@ -64,6 +64,7 @@ def case(name, model, x):
 # -- elementwise -----------------------------------------------------------------------------
 for op, attrs, gen in [
     ("Relu", {}, distinct), ("LeakyRelu", {"alpha": 0.1}, distinct), ("LeakyRelu", {}, distinct),
+    ("LeakyRelu", {"alpha": 1.5}, distinct), ("LeakyRelu", {"alpha": -0.2}, distinct),
     ("Elu", {"alpha": 0.7}, distinct), ("Sigmoid", {}, normal), ("HardSigmoid", {}, distinct),
     ("HardSigmoid", {"alpha": 0.25, "beta": 0.45}, distinct), ("HardSwish", {}, lambda s: distinct(s) * 2.5),
     ("Tanh", {}, normal), ("Softplus", {}, normal), ("Erf", {}, normal), ("Gelu", {}, normal),

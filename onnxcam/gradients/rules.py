@@ -241,17 +241,27 @@ def _relu(em, node, dy):
 
 @rule("LeakyRelu")
 def _leaky_relu(em, node, dy):
+    """dy * max(Cast(x > 0), alpha), exact for 0 <= alpha <= 1 (the usual slopes) and twice as
+    fast as a Where (ONNX Runtime's CPU Where runs on one thread); other slopes take the Where."""
     alpha = node.attrs.get("alpha", 0.01)
-    return [em.where(em.op("Greater", _x(node), em.const(0.0)), dy[0],
-                     em.op("Mul", dy[0], em.const(alpha)))]
+    positive = em.op("Greater", _x(node), em.const(0.0))
+    if 0.0 <= alpha <= 1.0:
+        dtype = int(onnx.helper.np_dtype_to_tensor_dtype(em.dtype))
+        return [em.op("Mul", dy[0], em.op("Max", em.op("Cast", positive, to=dtype), em.const(alpha)))]
+    return [em.where(positive, dy[0], em.op("Mul", dy[0], em.const(alpha)))]
 
 
 @rule("PRelu")
 def _prelu(em, node, dy):
+    """dy * (slope + Cast(x > 0) * (1 - slope)): no Where (see LeakyRelu); 1 - slope is the
+    size of the slope, per channel."""
     x, slope = node.inputs
     if em.wants(slope):
         _unsupported(node, "the gradient with respect to the slope is not supported")
-    return [em.where(em.op("Greater", x, em.const(0.0)), dy[0], em.op("Mul", dy[0], slope)), None]
+    dtype = int(onnx.helper.np_dtype_to_tensor_dtype(em.dtype))
+    positive = em.op("Cast", em.op("Greater", x, em.const(0.0)), to=dtype)
+    local = em.op("Add", em.op("Mul", positive, em.op("Sub", em.const(1.0), slope)), slope)
+    return [em.op("Mul", dy[0], local), None]
 
 
 @rule("Elu")

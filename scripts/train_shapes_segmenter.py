@@ -20,9 +20,7 @@ validation pixel accuracy and the intersection over union of every class.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -34,18 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
+import make_localization_set as gen  # scripts/ is on sys.path when run as python scripts/NAME.py
 
-
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_localization_set", HERE / "make_localization_set.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_localization_set"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
 LABELS = ["background", *gen.CLASSES]
 
 

@@ -195,6 +195,36 @@ def test_the_command_line_says_what_a_segmentation_map_explains(tmp_path):
     assert "of the pixels" in result.output
 
 
+def test_inspect_says_why_the_automatic_layer_is_not_the_class_scores(tmp_path):
+    path = save_model(build_segmenter(), tmp_path / "seg.onnx")
+    shown = run(["inspect", path])
+    assert shown.exit_code == 0, shown.output
+    assert "the automatic layer is a2, the last feature map: the later layers have 3 channels, one per class" \
+        in shown.output
+    assert "token" not in shown.output
+
+
+def test_a_segmentation_export_with_a_dynamic_size_asks_for_the_size(tmp_path):
+    """torch.onnx.export with dynamic height and width: the scores' [N, classes, h, w] are per
+    pixel once the size is fixed, so the error asks for --size, not the detectors' --neuron."""
+    model = build_segmenter()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        dims[0].dim_param, dims[2].dim_param, dims[3].dim_param = "n", "h", "w"
+    path = save_model(model, tmp_path / "seg.onnx")
+    from tests.cli_helpers import assert_one_line_error
+    from tests.test_explainer import random_png
+
+    image = random_png(tmp_path / "x.png", size=(20, 20))
+    result = run(["explain", path, image, "--out", tmp_path / "out"])
+    assert_one_line_error(result, "input size is dynamic", "--size H,W")
+    assert "--neuron" not in result.output and not (tmp_path / "out").exists()
+    shown = run(["inspect", path])
+    assert shown.exit_code == 0 and "(--size H,W)" in shown.output and "--neuron" not in shown.output
+    result = run(["explain", path, image, "--out", tmp_path / "out", "--size", "16,16", "--method", "gradcam"])
+    assert result.exit_code == 0 and "of the pixels" in result.output, result.output
+
+
 def test_a_torch_segmenter_that_upsamples_to_the_input_size_matches_autograd():
     """DeepLab's pattern: class scores at 1/2 resolution, upsampled to the input's own size
     (``F.interpolate(size=x.shape[-2:])``: a Resize whose sizes the graph computes)."""

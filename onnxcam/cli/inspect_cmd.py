@@ -18,7 +18,7 @@ from onnxcam.graph import external
 from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
 from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits, image_size
 from onnxcam.graph.prepare import load_model, model_opset, prepare
-from onnxcam.graph.rewrite import automatic_layer, class_grid
+from onnxcam.graph.rewrite import automatic_layer, class_grid, is_class_score_layer
 from onnxcam.imaging import PRESETS, detect_layout
 from onnxcam.imaging.input_scaling import input_scaling
 from onnxcam.runtime.cache import load_gradient_model
@@ -122,9 +122,7 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     report["candidates"] = rows
     report["automatic_layer"] = automatic.tensor if automatic else None
     if rows and automatic is not None and rows[-1]["tensor"] != automatic.tensor:
-        report["notes"].append(
-            f"the automatic layer is {automatic.tensor}, not a later token layer: after the last attention "
-            "only the class token reaches the score, so every patch's gradient there is 0 and so would be the map.")
+        report["notes"].append(_why_not_later(automatic, candidates, classes if grid else None))
 
     try:
         gm, _ = load_gradient_model(path if size is None and not inputs else proto, use_cache=use_cache)
@@ -165,6 +163,18 @@ def _ops_after(graph: gs.Graph, logits: gs.Tensor) -> list[str]:
         seen.append(tensor.inputs[0].op)
         tensor = tensor.inputs[0].inputs[0]
     return seen
+
+
+def _why_not_later(automatic, candidates, pixel_classes: int | None) -> str:
+    """Why the automatic layer is not the last candidate: a segmentation model's later layers are
+    its class scores per pixel; a ViT's later token layers reach the score through the class token."""
+    later = candidates[candidates.index(automatic) + 1:]
+    if pixel_classes and all(is_class_score_layer(c, pixel_classes) for c in later):
+        return (f"the automatic layer is {automatic.tensor}, the last feature map: the later layers have "
+                f"{pixel_classes} channels, one per class, the class scores themselves (the head's output and "
+                "its upsampling), whose map of a class would be that class's own scores.")
+    return (f"the automatic layer is {automatic.tensor}, not a later token layer: after the last attention "
+            "only the class token reaches the score, so every patch's gradient there is 0 and so would be the map.")
 
 
 def _preprocessing_text(metadata: dict, scaling, sidecar=None) -> str:

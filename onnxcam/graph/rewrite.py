@@ -77,7 +77,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     built_in = _batch_built_in(found, preparation)
     pixel_grid, class_axis = class_grid(found, image_size(graph)) or (None, 1)
     if score is None and pixel_grid is None:
-        _refuse_other_outputs(found)
+        _refuse_other_outputs(found, image_size(graph))
     logits = _expose_logits(graph, found)
     candidates = tuple(candidate_layers(graph, logits))
     target = logits if score is None else resolve_tensor(graph, score, what="score tensor")
@@ -115,11 +115,16 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
         class_axis=class_axis)
 
 
-def _refuse_other_outputs(logits: gs.Tensor) -> None:
+def _refuse_other_outputs(logits: gs.Tensor, size: tuple) -> None:
     """A ModelError for scores that are neither one per class nor one per class and pixel: a
-    detector's [N, 84, 8400] flattened would give "class 123456"."""
+    detector's [N, 84, 8400] flattened would give "class 123456". A LayerError asking for the
+    size where the scores' shape is unknown only because the input size is (a segmentation
+    export with dynamic height and width: its classes per pixel show once the size is fixed)."""
     shape = list(logits.shape or [])
     if sum(1 for d in shape[1:] if d != 1) > 1:
+        if None in size and not all(isinstance(d, int) for d in shape[1:]):
+            raise LayerError(f"the model's input size is dynamic, and so is the shape of its scores "
+                             f"'{logits.name}' {shape}: give the input size to feed (--size H,W)")
         raise ModelError(
             f"the model's scores '{logits.name}' have shape {shape}: neither one score per class "
             "([N, classes]) nor per class and pixel ([N, classes, H, W]), as a detector's boxes: explain "
@@ -155,9 +160,13 @@ def _feature_layers(candidates, classes: int) -> tuple:
     """A segmentation model's candidates but its per-pixel class scores (the classifier's
     output and its upsampling, whose map of a class would be the class's own scores): the
     automatic layer is the last feature map before them."""
-    features = tuple(c for c in candidates
-                     if (c.shape[1] if c.layout == "NCHW" else c.shape[-1]) != classes)
+    features = tuple(c for c in candidates if not is_class_score_layer(c, classes))
     return features or candidates
+
+
+def is_class_score_layer(candidate: Candidate, classes: int) -> bool:
+    """A segmentation model's layer with one channel per class: its class scores per pixel."""
+    return (candidate.shape[1] if candidate.layout == "NCHW" else candidate.shape[-1]) == classes
 
 
 #: Integer ops of onnxruntime's operator-format and dynamic quantization, which compute on the

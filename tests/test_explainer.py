@@ -687,19 +687,19 @@ def test_files_are_read_on_the_decoding_threads_and_the_first_bad_one_in_order_r
                                                                                       monkeypatch):
     import threading
 
-    import onnxcam.explain.explainer as explainer_module
+    import onnxcam.explain.images as images_module
 
     paths = [random_png(tmp_path / f"{i}.png", seed=i) for i in range(4)]
     explainer = Explainer(linear_model, preprocess="unit")
     sequential = explainer.explain(paths[:1] + [Image.open(p) for p in paths[1:]], method="gradcam")
     threads = []
-    original = explainer_module.load_image
+    original = images_module.load_image
 
     def recording_load(path):
         threads.append(threading.current_thread().name)
         return original(path)
 
-    monkeypatch.setattr(explainer_module, "load_image", recording_load)
+    monkeypatch.setattr(images_module, "load_image", recording_load)
     parallel = explainer.explain(paths, method="gradcam")
     assert len(threads) == 4 and all(name.startswith("onnxcam-decode") for name in threads)
     assert all(np.array_equal(a.raw_map, b.raw_map) for a, b in zip(sequential, parallel))

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcam.cli.common import comma_numbers, echo_json, input_option, shape_text, table, value_info_rows
 from onnxcam.errors import OnnxCamError
-from onnxcam.explain.explainer import sidecar_size, with_input_size
+from onnxcam.graph.input_size import sidecar_size, with_input_size
 from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes

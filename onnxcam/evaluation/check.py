@@ -201,7 +201,6 @@ def load_check_config(path: str | os.PathLike) -> CheckConfig:
     model = _string(raw, "model", name, required=True)
     method_text = _string(raw, "method", name) or "smoothgradcampp"
     from onnxcam.cams import METHODS, canonical_method_name
-    from onnxcam.errors import OptionError
 
     try:
         method = canonical_method_name(method_text)

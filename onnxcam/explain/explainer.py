@@ -48,39 +48,35 @@ in sample order, and give the same bits for any batch size.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
-from PIL import Image
 
 from onnxcam.cams import CamMethod, GradientMoments, get_method
 from onnxcam.errors import ImageError, LayerError, ModelError, OptionError, TargetError
 from onnxcam.explain import targets as tg
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.explain import passes
+from onnxcam.explain.images import ImageReader, Item
 from onnxcam.explain.noise import check_noise_options
 from onnxcam.explain.regions import PixelClasses
 from onnxcam.explain.result import Explanation
 from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.graph import noisy
+from onnxcam.graph.input_size import check_size, require_static_size, sidecar_size, with_input_size
 from onnxcam.graph.rewrite import GradientModel
-from onnxcam.imaging import Preprocessor, detect_layout, get_preset, load_image
+from onnxcam.imaging import Preprocessor, detect_layout, get_preset
 from onnxcam.imaging.fit import check_interpolation, check_resize
 from onnxcam.imaging.input_scaling import input_scaling
-from onnxcam.imaging.io import display_path
 from onnxcam.runtime.cache import load_gradient_model
 from onnxcam.runtime.prefetch import prefetched
-from onnxcam.runtime.providers import check_device, usable_cpus
-from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientSession, as_input_dtype
+from onnxcam.runtime.providers import check_device
+from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientSession
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
@@ -98,25 +94,6 @@ GROUP_MEMORY = 256 * 2**20
 MAX_GROUP_BATCHES = 8
 
 COMPARE_METHODS = ("gradcam", "gradcampp", "smoothgradcampp")
-#: Threads that read and preprocess a group's image files (Pillow and NumPy release the GIL): on
-#: 2 cores, two read 64 PNGs at 5.3 ms each against 11 ms for one. On a GPU, reading the images
-#: is most of the CPU's share of the work, and a group can be 64 images.
-DECODE_THREADS = 8
-
-
-@functools.lru_cache(maxsize=1)
-def _decoders() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(DECODE_THREADS, usable_cpus()), thread_name_prefix="onnxcam-decode")
-
-
-@dataclass
-class _Item:
-    """One image of a call: a path, a PIL image or one array item (already preprocessed)."""
-
-    index: int
-    path: str | None = None
-    pil: Image.Image | None = None
-    array: np.ndarray | None = None
 
 
 class Explainer:
@@ -184,12 +161,12 @@ class Explainer:
         if size is None:
             size = sidecar_size(self.model_source, self.sidecar)
         if size is not None:  # a dynamic input size becomes static before the rewrite
-            self.model_source = with_input_size(self.model_source, _check_size(size))
+            self.model_source = with_input_size(self.model_source, check_size(size))
         try:
             gm = self._gradient_model(layer, score)
         except LayerError:
             if size is None:
-                _require_static_size(model)
+                require_static_size(model)
             raise
         self.gradient_model = gm
         self.from_cache = self.setup_timings.get("from_cache", False)
@@ -312,7 +289,7 @@ class Explainer:
         session = self._session(gm)
         method_options = {_method_key(k): dict(v) for k, v in (method_options or {}).items()}
         cams = self._methods(methods, feature_maps, method_options)
-        items = self._items(images)
+        items = self._images.items(images)
         neuron_mode = not gm.is_class_score
         neurons = None
         if neuron_mode:
@@ -359,7 +336,8 @@ class Explainer:
         session.warm_up(plan)
         setup = time.perf_counter() - setup_start + self._unreported_setup.pop(gm.layer, 0.0)
 
-        groups = self._loaded_groups(items, group, preprocessor, skip_unreadable=on_unreadable is not None)
+        groups = self._images.groups(items, group, preprocessor, self.session_dtype,
+                                     skip_unreadable=on_unreadable is not None)
         if len(items) > group:  # decode the next group's images while this one runs
             groups = prefetched(groups)
         for start, chunk, (inputs, pictures, sizes, arrays, unreadable), preprocess_s in groups:
@@ -454,9 +432,8 @@ class Explainer:
 
     def preprocess(self, images) -> np.ndarray:
         """The batch the model is fed for ``images`` (paths, PIL images or an array)."""
-        items = self._items(images)
-        inputs, _, _, _, _ = self._load(items, self._preprocessor_for(items))
-        return inputs
+        items = self._images.items(images)
+        return self._images.load(items, self._preprocessor_for(items), self.session_dtype).inputs
 
     def preprocessing_info(self, preprocessor: Preprocessor | None = None) -> dict[str, Any]:
         """What the images are turned into: preset, mean, std, layout, size, where it came from."""
@@ -512,10 +489,11 @@ class Explainer:
     def _setup_preprocessing(self, gm, preprocess, mean, std, size, resize=None, crop_fraction=None,
                              interpolation=None) -> None:
         self.layout, model_size, self.channels = detect_layout(gm.input_shape, name=f"model input '{gm.input_name}'")
+        self._images = ImageReader(gm.input_shape, self.layout)
         self.model_size = model_size
         self._size = None
         if size is not None:
-            parsed = _check_size(size)
+            parsed = check_size(size)
             if all(d is not None for d in model_size) and tuple(model_size) != parsed:
                 raise OptionError(f"the model's input size is fixed at {model_size[0]}x{model_size[1]}: "
                                   "size only applies to models with a dynamic input size")
@@ -592,7 +570,7 @@ class Explainer:
             crop_fraction = same[0] if same else None
         return check_resize(resize, crop_fraction)
 
-    def _preprocessor_for(self, items: list[_Item]) -> Preprocessor | None:
+    def _preprocessor_for(self, items: list[Item]) -> Preprocessor | None:
         if self._preprocessor is None and any(item.array is None for item in items):
             raise OptionError(f"the model's input size is dynamic ({list(self.input_shape)}): give the "
                               "image size to feed, size=(H, W) (--size H,W)")
@@ -639,104 +617,6 @@ class Explainer:
             raise OptionError("no method given: choose one of gradcam, gradcampp, smoothgradcampp, "
                               "xgradcam, layercam, hirescam")
         return cams
-
-    def _items(self, images) -> list[_Item]:
-        if isinstance(images, (str, os.PathLike, Image.Image)):
-            images = [images]
-        if isinstance(images, np.ndarray):
-            return self._array_items(images)
-        if not isinstance(images, Iterable):
-            raise ImageError(f"images must be paths, PIL images or a NumPy batch, not {type(images).__name__}")
-        items: list[_Item] = []
-        for value in images:
-            index = len(items)
-            if isinstance(value, (str, os.PathLike)):
-                path = Path(value)
-                if not path.is_file():
-                    name = display_path(path)
-                    raise ImageError(f"{name}: no such file; check the path" if not path.exists()
-                                     else f"{name}: not a regular file; give an image file")
-                items.append(_Item(index, path=os.fspath(value)))
-            elif isinstance(value, Image.Image):
-                items.append(_Item(index, pil=value))
-            elif isinstance(value, np.ndarray) and value.ndim == 3:
-                items.append(_Item(index, array=self._array_items(value[None])[0].array))
-            else:
-                raise ImageError(f"image {index} is a {type(value).__name__}: give paths, PIL images or arrays")
-        if not items:
-            raise ImageError("no images given: pass at least one image")
-        return items
-
-    def _array_items(self, array: np.ndarray) -> list[_Item]:
-        if array.ndim == 3:
-            array = array[None]
-        if array.ndim != 4 or len(array) == 0:
-            raise ImageError(f"an image array must be (N,C,H,W) or (N,H,W,C) with N >= 1, got shape {array.shape}")
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise ImageError(f"an image array must hold numbers, got dtype {array.dtype}")
-        expected = [d if isinstance(d, int) else None for d in self.input_shape[1:]]
-        other = ([expected[1], expected[2], expected[0]] if self.layout == "NCHW"
-                 else [expected[2], expected[0], expected[1]])
-        shape = list(array.shape[1:])
-        if _matches(shape, expected):
-            pass
-        elif _matches(shape, other) and not _matches(shape, expected):
-            array = array.transpose(0, 3, 1, 2) if self.layout == "NCHW" else array.transpose(0, 2, 3, 1)
-        else:
-            want = "x".join("?" if d is None else str(d) for d in expected)
-            raise ImageError(f"image array of shape {tuple(array.shape)} does not match the model input "
-                             f"(N x {want}, {self.layout}); preprocess to that shape or pass image files")
-        if not np.all(np.isfinite(array)):
-            raise ImageError("the image array contains NaN or infinite values")
-        return [_Item(i, array=array[i]) for i in range(len(array))]
-
-    def _loaded_groups(self, items: list[_Item], group: int, preprocessor: Preprocessor | None,
-                       skip_unreadable: bool = False):
-        """(start, items, loaded batch, seconds spent loading) for each group of ``group`` items."""
-        for start in range(0, len(items), group):
-            chunk = items[start:start + group]
-            began = time.perf_counter()
-            loaded = self._load(chunk, preprocessor, skip_unreadable)
-            yield start, chunk, loaded, time.perf_counter() - began
-
-    def _load(self, items: list[_Item], preprocessor: Preprocessor | None, skip_unreadable: bool = False):
-        """Preprocessed batch, PIL images (for overlays), map sizes (H, W), array inputs (H,W,C),
-        and the [(position, ImageError)] of the files skipped as unreadable. Image files are read
-        on the decoding threads (PIL images given, which may share a lazily loaded object, are
-        not); without ``skip_unreadable`` the first bad file in order raises. The batch holds the
-        readable items only (None when there is none)."""
-        read = functools.partial(self._read, preprocessor=preprocessor)
-        files = [position for position, item in enumerate(items) if item.path is not None]
-        reading = ({position: _decoders().submit(read, items[position]) for position in files}
-                   if len(files) > 1 else {})
-        loaded, unreadable = [], []
-        try:
-            for position, item in enumerate(items):
-                try:
-                    loaded.append(reading[position].result() if position in reading else read(item))
-                except ImageError as error:
-                    if not (skip_unreadable and item.path is not None):
-                        raise
-                    unreadable.append((position, error))
-        finally:
-            for future in reading.values():  # after an error: read no more
-                future.cancel()
-        if not loaded:
-            return None, [], [], [], unreadable
-        rows, pictures, sizes, arrays = (list(column) for column in zip(*loaded))
-        shapes = {row.shape for row in rows}
-        if len(shapes) > 1:
-            raise ImageError(f"image arrays of different shapes {sorted(shapes)} in one call: give one shape")
-        return as_input_dtype(np.stack(rows), self.session_dtype), pictures, sizes, arrays, unreadable
-
-    def _read(self, item: _Item, preprocessor: Preprocessor | None) -> tuple:
-        """(model input row, PIL image or None, map size (H, W), array input (H,W,C) or None)."""
-        if item.array is not None:
-            hw = item.array.shape[1:3] if self.layout == "NCHW" else item.array.shape[0:2]
-            return (item.array, None, (int(hw[0]), int(hw[1])),
-                    np.moveaxis(item.array, 0, -1) if self.layout == "NCHW" else item.array)
-        picture = item.pil if item.pil is not None else load_image(item.path)
-        return preprocessor(picture), picture, (picture.height, picture.width), None  # type: ignore[misc]
 
     @property
     def session_dtype(self) -> np.dtype:
@@ -798,7 +678,7 @@ class Explainer:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _check_finite(values: np.ndarray, items: list[_Item], problem: str, allow_minus_inf: bool = False) -> None:
+def _check_finite(values: np.ndarray, items: list[Item], problem: str, allow_minus_inf: bool = False) -> None:
     """ModelError naming the first image whose row of ``values`` holds a NaN or an infinity:
     an overflowing model would otherwise give a class picked from NaN logits, or a NaN map."""
     if values.size == 0:
@@ -807,8 +687,7 @@ def _check_finite(values: np.ndarray, items: list[_Item], problem: str, allow_mi
     finite = (~(np.isnan(rows) | np.isposinf(rows)) if allow_minus_inf else np.isfinite(rows)).all(axis=1)
     if not finite.all():
         item = items[int(np.argmin(finite))]
-        where = display_path(item.path) if item.path is not None else f"image {item.index}"
-        raise ModelError(f"{where}: {problem}")
+        raise ModelError(f"{item.where()}: {problem}")
 
 
 def _pixel_scores(gm: GradientModel) -> int:
@@ -831,85 +710,11 @@ def _check_batch_size(batch_size) -> int | None:
     return int(batch_size)
 
 
-def _check_size(size) -> tuple[int, int]:
-    try:
-        height, width = size
-    except (TypeError, ValueError):
-        raise OptionError(f"size {size!r} is not a (height, width) pair: give e.g. 224,224") from None
-    for value in (height, width):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise OptionError(f"size {size!r} must be two whole numbers >= 1 (height, width)")
-    return int(height), int(width)
-
-
-def _input_shape(model) -> list | None:
-    """The 4-D shape of the model's image input (None where a dim is symbolic); None otherwise."""
-    from onnxcam.graph.prepare import load_model
-
-    proto = load_model(model)
-    initializers = {init.name for init in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initializers]
-    if not inputs:
-        return None
-    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-             for d in inputs[0].type.tensor_type.shape.dim]
-    return shape if len(shape) == 4 else None
-
-
-def has_dynamic_size(model) -> bool:
-    shape = _input_shape(model)
-    return shape is not None and None in detect_layout(shape)[1]
-
-
-def sidecar_size(model, sidecar) -> tuple[int, int] | None:
-    """The (H, W) the image processor next to a model with a dynamic input size makes, if any."""
-    if sidecar is None or sidecar.size is None or not has_dynamic_size(model):
-        return None
-    return sidecar.size
-
-
-def _require_static_size(model) -> None:
-    """OptionError when the model's input has a symbolic height or width (then no layer has the
-    static spatial size the rewrite needs, which would otherwise read as "no suitable layer")."""
-    if has_dynamic_size(model):
-        raise OptionError(f"the model's input size is dynamic ({_input_shape(model)}): give the size to feed, "
-                          "size=(H, W) (--size H,W)")
-
-
-def with_input_size(model, size: tuple[int, int]) -> onnx.ModelProto:
-    """A copy of the model whose input has spatial size ``size`` = (H, W) where it was symbolic
-    (the gradient rules need static spatial sizes); OptionError when it is fixed to another size."""
-    from onnxcam.graph.prepare import load_model
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(load_model(model))
-    initializers = {init.name for init in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initializers]
-    if not inputs:
-        raise ModelError("the model has no inputs: nothing to explain")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
-    layout, current, _ = detect_layout(shape, name=f"model input '{inputs[0].name}'")
-    if all(d is not None for d in current):
-        if tuple(current) != size:
-            raise OptionError(f"the model's input size is fixed at {current[0]}x{current[1]}: "
-                              "size only applies to models with a dynamic input size")
-        return proto
-    for axis, value in zip((2, 3) if layout == "NCHW" else (1, 2), size):
-        dims[axis].Clear()
-        dims[axis].dim_value = value
-    return proto
-
-
 def _elements(shape, default: int = 1) -> int:
     dims = list(shape)
     if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
         return default
     return int(math.prod(dims))
-
-
-def _matches(shape: list, expected: list) -> bool:
-    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
 
 
 def _metadata_floats(model: onnx.ModelProto, key: str) -> list[float] | None:

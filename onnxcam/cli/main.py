@@ -53,8 +53,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Explain ONNX image models with gradient class activation maps.
 
     Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, XGrad-CAM, LayerCAM and HiResCAM for any exported
-    ONNX classifier, with no deep-learning framework: the gradient is appended to the model as
-    standard ONNX operators and ONNX Runtime computes it.
+    ONNX classifier or segmentation model, with no deep-learning framework: the gradient is
+    appended to the model as standard ONNX operators and ONNX Runtime computes it.
 
     \b
     Examples:

@@ -181,6 +181,11 @@ def test_pixel_classes_order_and_seeds():
     seeds = regions.seeds(logits, [0, 0], [0, 2]).reshape(2, 3, 1, 4)
     assert seeds[0, 0].tolist() == [[1, 0, 0, 0]] and seeds[0, 1:].sum() == 0
     assert seeds[1, 2].tolist() == [[1, 1, 1, 1]] and seeds[1, :2].sum() == 0  # no pixel: all of them
+    probabilities, top = regions.predicted(logits)
+    assert top.tolist() == [0] and np.array_equal(probabilities, regions.summary(logits)[1])
+    softmax = np.exp(regions.planes(logits)[0]) / np.exp(regions.planes(logits)[0]).sum(axis=0)
+    assert np.isclose(probabilities[0, 0], softmax[0, 0, 0])  # its one pixel
+    assert np.isclose(probabilities[0, 2], softmax[2].mean())  # no pixel: the whole image
 
 
 def test_the_command_line_says_what_a_segmentation_map_explains(tmp_path):

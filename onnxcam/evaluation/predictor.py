@@ -98,8 +98,7 @@ class Predictor:
         if self.regions is None:
             probabilities = probabilities_from_logits(logits, self.squash)
             return probabilities, probabilities.argmax(axis=1)
-        probabilities = self.regions.summary(logits)[1]
-        return probabilities, np.array([row[0] for row in self.regions.top_classes(logits, 1)])
+        return self.regions.predicted(logits)
 
 
 def predict_proba(explainer, inputs: np.ndarray, batch_size: int | None = None) -> np.ndarray:

@@ -65,8 +65,19 @@ class PixelClasses:
     def top_classes(self, logits: np.ndarray, k: int) -> list[list[int]]:
         """Per image the k classes with the largest regions (ties: the more probable, then the
         lower index), background classes last unless nothing else owns a pixel."""
-        owned = self.owned(logits).sum(axis=(2, 3))
-        mean_probability = self.probabilities(logits).mean(axis=(2, 3))
+        return self._ranked(self.owned(logits), self.probabilities(logits), k)
+
+    def predicted(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(G, classes) each class's mean probability over its region and (G,) the top class:
+        what ``compare`` and ``check`` predict, the regions and probabilities made once."""
+        owned, probabilities = self.owned(logits), self.probabilities(logits)
+        where = _region_or_image(owned)
+        mean = (probabilities * where).sum(axis=(2, 3)) / where.sum(axis=(2, 3))
+        return mean, np.array([row[0] for row in self._ranked(owned, probabilities, 1)])
+
+    def _ranked(self, owned: np.ndarray, probabilities: np.ndarray, k: int) -> list[list[int]]:
+        owned = owned.sum(axis=(2, 3))
+        mean_probability = probabilities.mean(axis=(2, 3))
         index = np.arange(self.classes)
         background = np.isin(index, self.background)
         chosen = []
@@ -94,8 +105,13 @@ class PixelClasses:
         region, or over the image where it owns no pixel), the probability (their mean there),
         the share of the pixels the region covers; and the regions (G, classes, H, W)."""
         owned = self.owned(logits)
-        where = np.where(owned.any(axis=(2, 3), keepdims=True), owned, True)
+        where = _region_or_image(owned)
         counts = where.sum(axis=(2, 3))
         scores = (np.asarray(self.planes(logits), dtype=np.float64) * where).sum(axis=(2, 3))
         probabilities = (self.probabilities(logits) * where).sum(axis=(2, 3)) / counts
         return scores, probabilities, owned.mean(axis=(2, 3)), owned
+
+
+def _region_or_image(owned: np.ndarray) -> np.ndarray:
+    """Each class's region, or the whole image where it owns no pixel: where its score is summed."""
+    return np.where(owned.any(axis=(2, 3), keepdims=True), owned, True)

@@ -59,6 +59,10 @@ def _bad_model(folder: Path, kind: str) -> Path:
         path.write_bytes(np.random.default_rng(0).bytes(4096))
     elif kind == "mlp":
         save_model(build_mlp(), path)
+    elif kind == "unchecked":  # parses, but a node reads a tensor nothing makes
+        model = build_cnn()
+        model.graph.node[1].input[0] = "nowhere"
+        save_model(model, path)
     elif kind == "overflow":  # float32 overflow in the first convolution: NaN logits
         model = build_cnn()
         weights = next(init for init in model.graph.initializer if init.name == "W1")
@@ -70,6 +74,7 @@ def _bad_model(folder: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind,fragment", [
     ("missing", "does not exist"), ("empty", "empty file"), ("truncated", "not a valid ONNX file"),
     ("random", "not a valid ONNX file"), ("mlp", "no suitable target layer"),
+    ("unchecked", "unchecked.onnx' fails the ONNX checker"),
     ("overflow", "a.png: the model's logits hold NaN or +inf"),
 ])
 def test_bad_model_is_a_one_line_error(work, kind, fragment):

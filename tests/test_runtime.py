@@ -425,6 +425,18 @@ def test_a_failed_rewrite_leaves_no_weights_file(model_path, isolated_cache, spi
     assert list(isolated_cache.rglob("*.weights"))
 
 
+def test_a_tensor_longer_than_its_shape_is_not_spilled(tmp_path, spilling):
+    """Spill plans the file from the tensors' dims (reading raw_data copies it); a tensor whose
+    raw_data is longer (the checker lets that pass) stops the spill before any file is left."""
+    proto = build_cnn(seed=4)
+    big = max(proto.graph.initializer, key=external.tensor_bytes)
+    assert external.spillable_bytes(proto) >= external.tensor_bytes(big) > 100
+    big.raw_data = big.raw_data + bytes(8)
+    with pytest.raises(OSError, match=big.name):
+        external.spill(proto, tmp_path / "m.weights")
+    assert not list(tmp_path.iterdir())
+
+
 def test_small_models_are_not_spilled(model_path, isolated_cache):
     load_gradient_model(model_path)  # a few KB: below SPILL_BYTES
     assert not list(isolated_cache.rglob("*.weights"))

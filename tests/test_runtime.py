@@ -425,6 +425,16 @@ def test_a_failed_rewrite_leaves_no_weights_file(model_path, isolated_cache, spi
     assert list(isolated_cache.rglob("*.weights"))
 
 
+def test_weights_over_half_the_cache_are_not_spilled_into_it(model_path, isolated_cache, spilling, monkeypatch):
+    weights = external.spillable_bytes(onnx.load(str(model_path)))
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", f"{(2 * weights - 8) / 1024:.3f}K")  # half: 4 bytes short
+    load_gradient_model(model_path)
+    assert not list(isolated_cache.rglob("*.weights"))
+    monkeypatch.setenv("ONNXCAM_CACHE_SIZE", f"{(2 * weights + 8) / 1024:.3f}K")
+    load_gradient_model(model_path, layer="a1")
+    assert list(isolated_cache.rglob("*.weights"))
+
+
 def test_a_tensor_longer_than_its_shape_is_not_spilled(tmp_path, spilling):
     """Spill plans the file from the tensors' dims (reading raw_data copies it); a tensor whose
     raw_data is longer (the checker lets that pass) stops the spill before any file is left."""
@@ -749,6 +759,49 @@ def test_the_cache_command_shows_and_clears_the_weights_files(model_path, isolat
     cleared = run(["cache", "--clear"])
     assert "Deleted 0 cached models" in cleared.output and "Kept" not in cleared.output
     assert not [p for p in isolated_cache.rglob("*") if p.is_file()]
+
+
+def _settled(path: Path) -> Path:
+    """As if the file had been written a minute ago."""
+    then = time.time() - 60
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_large_model_files_hash_is_remembered_until_the_file_changes(model_path, isolated_cache, monkeypatch):
+    """A second run of a large model need not read and hash its file (VGG-16: 1.4 s)."""
+    import hashlib
+
+    from tests.cli_helpers import run
+
+    monkeypatch.setattr(cache_module, "REMEMBER_BYTES", 1)
+    sha = hashlib.sha256(_settled(model_path).read_bytes()).hexdigest()
+    key, got = cache_module._key_for(model_path, None, None)
+    assert got == sha and key == cache_module.cache_key(sha, None, None)
+    [digest] = isolated_cache.rglob("*.sha256")
+    assert digest.read_text() == sha
+    digest.write_text("f" * 64)  # a hit reads the remembered hash, not the file
+    assert cache_module._key_for(model_path, None, None)[1] == "f" * 64
+    model_path.write_bytes(model_path.read_bytes())  # any write changes the stat: hashed again
+    assert cache_module._key_for(_settled(model_path), None, None)[1] == sha
+    assert len(list(isolated_cache.rglob("*.sha256"))) == 2
+    gm, cached = load_gradient_model(model_path)
+    assert not cached and load_gradient_model(model_path)[1]
+    shown = run(["cache"])
+    assert "Hashes: the SHA-256 of 2 large model files" in shown.output and "unfinished" not in shown.output
+    assert json.loads(run(["cache", "--json"]).output)["remembered_hashes"] == 2
+    run(["cache", "--clear"])
+    assert not list(isolated_cache.rglob("*.sha256"))
+
+
+def test_a_small_or_just_written_model_files_hash_is_not_remembered(model_path, isolated_cache, monkeypatch):
+    cache_module._key_for(_settled(model_path), None, None)  # a few KB: below REMEMBER_BYTES
+    monkeypatch.setattr(cache_module, "REMEMBER_BYTES", 1)
+    model_path.write_bytes(model_path.read_bytes())  # written just now: a write in the same
+    cache_module._key_for(model_path, None, None)     # timestamp tick could keep its stat
+    assert not list(isolated_cache.rglob("*.sha256"))
+    cache_module._key_for(_settled(model_path), None, None)
+    assert list(isolated_cache.rglob("*.sha256"))
 
 
 def test_making_a_session_touches_the_cache_weights_it_maps_and_nothing_else(model_path, isolated_cache,

@@ -37,13 +37,15 @@ def cache(clear: bool, as_json: bool) -> None:
         removed = len(before) - len(cached_models()[0])
     entries, others = cached_models()
     weights = [stat.st_size for path, stat in others if path.suffix == ".weights"]
-    unfinished = len(others) - len(weights)
+    digests = sum(1 for path, _ in others if path.suffix == ".sha256" and not path.name.startswith("."))
+    unfinished = len(others) - len(weights) - digests
     total = sum(entry.nbytes for entry in entries) + sum(weights)
     if as_json:
         echo_json({"folder": str(folder), "limit_bytes": budget, "bytes": total, "removed": removed,
                    "entries": [{"key": e.key, "bytes": e.nbytes, "layer": e.layer,
                                 "last_used": _when(e.last_used)} for e in reversed(entries)],
-                   "weights_files": len(weights), "weights_bytes": sum(weights), "other_files": unfinished})
+                   "weights_files": len(weights), "weights_bytes": sum(weights), "remembered_hashes": digests,
+                   "other_files": unfinished})
         return
     if clear:
         click.echo(f"Deleted {removed} cached model{'s' if removed != 1 else ''} from {folder}")
@@ -63,6 +65,9 @@ def cache(clear: bool, as_json: bool) -> None:
     if weights:
         owners = "1 model's" if len(weights) == 1 else f"{len(weights)} models'"
         click.echo(f"Weights: {owners} weights shared by their entries, {_size(sum(weights))}")
+    if digests:
+        click.echo(f"Hashes: the SHA-256 of {digests} large model file{'s' if digests != 1 else ''}, "
+                   "remembered until the file changes")
     if unfinished:
         click.echo(f"{unfinished} unfinished file{'s' if unfinished != 1 else ''} "
                    "(writes in progress, or interrupted ones: deleted after an hour)")

@@ -100,7 +100,9 @@ def _node_dtype(node: gs.Node, default) -> np.dtype:
 
 
 def unsupported_nodes(nodes: list[gs.Node]) -> list[gs.Node]:
-    return [node for node in nodes if node.op not in RULES]
+    """The nodes no rule covers: the rules are for the standard operators, so a node of another
+    domain (ONNX Runtime's nchwc "Conv", say) is not one of them whatever its name."""
+    return [node for node in nodes if node.op not in RULES or node.domain not in (None, "", "ai.onnx")]
 
 
 def backward(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor, seed: gs.Tensor,
@@ -111,9 +113,11 @@ def backward(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor, seed: gs.Ten
         raise LayerError(f"score tensor '{target.name}' does not depend on layer '{source.name}': "
                          "choose a layer before the score")
     for node in unsupported_nodes(nodes):
+        domain = f" of domain {node.domain}" if node.domain not in (None, "", "ai.onnx") else ""
         raise UnsupportedOperatorError(
-            f"no gradient rule for operator {node.op} (node '{node.name}') on the path from "
-            f"'{source.name}' to '{target.name}': choose a layer after it")
+            f"no gradient rule for operator {node.op}{domain} (node '{node.name}') on the path from "
+            f"'{source.name}' to '{target.name}': choose a layer after it"
+            + (", or explain the model as exported, before ONNX Runtime's optimizations" if domain else ""))
     wanted = {source.name}
     for node in nodes:
         wanted.update(t.name for t in node.outputs)

@@ -19,6 +19,7 @@ from onnx import helper, shape_inference, version_converter
 from onnxcam.errors import ModelError
 from onnxcam.graph import external
 from onnxcam.graph.batch_axis import Batch, Followed, free_the_batch
+from onnxcam.graph.contrib import decompose_fused_ops
 
 #: The opset the rules are written for: ScatterElements(reduction="add") needs 16,
 #: LayerNormalization 17. Newer models keep their own opset.
@@ -107,6 +108,7 @@ def prepare(model: onnx.ModelProto, dynamic_batch: bool = True) -> Prepared:
     _drop_initializer_inputs(model)
     if model_opset(model) < OPSET_FLOOR:
         model = _upgrade_opset(model)
+    decompose_fused_ops(model)
     _fold_index_arithmetic(model)
     followed, per_image = _make_batch_dynamic(model, weights) if dynamic_batch else (None, {})
     model = infer_shapes(model)

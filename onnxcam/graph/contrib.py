@@ -1,0 +1,305 @@
+"""ONNX Runtime's own fused operators (the com.microsoft domain) rewritten as standard ONNX.
+
+A model saved after ONNX Runtime's graph optimizations (``optimized_model_filepath``, its
+transformers optimizer, Olive) holds fused operators -- FusedConv, FusedGemm,
+SkipLayerNormalization, BiasGelu, Attention... -- that ONNX shape inference does not know and no
+gradient rule covers. Each is replaced by the standard operators it fuses, so the rest of onnxcam
+sees an ordinary export: the candidate layers, the gradient rules and their finite-difference
+tests all apply. One table, one small function per operator; each is checked against ONNX
+Runtime's own kernel (``tests/test_contrib.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxcam.errors import ModelError
+
+MICROSOFT = "com.microsoft"
+NCHWC = "com.microsoft.nchwc"
+
+
+class Emitter:
+    """Standard nodes standing in for one fused node: unique names from the node's own, and
+    constants as initializers of the graph."""
+
+    def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto, taken: set[str], opset: int):
+        self.graph, self.node, self.taken, self.opset = graph, node, taken, opset
+        self.nodes: list[onnx.NodeProto] = []
+
+    def fresh(self, hint: str) -> str:
+        base = f"{self.node.name or self.node.op_type}/{hint}"
+        name, count = base, 1
+        while name in self.taken:
+            name, count = f"{base}_{count}", count + 1
+        self.taken.add(name)
+        return name
+
+    def __call__(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        out = output or self.fresh(op)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.fresh(f"{op}_node"), **attrs))
+        return out
+
+    def multi(self, op: str, inputs: list[str], outputs: list[str], **attrs) -> list[str]:
+        outs = [name or self.fresh(f"{op}_{i}") for i, name in enumerate(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(f"{op}_node"), **attrs))
+        return outs
+
+    def constant(self, value, dtype=np.float32) -> str:
+        name = self.fresh("const")
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def attr(self, name: str, default=None):
+        for attribute in self.node.attribute:
+            if attribute.name == name:
+                value = helper.get_attribute_value(attribute)
+                return value.decode() if isinstance(value, bytes) else value
+        return default
+
+    def input(self, index: int) -> str | None:
+        """The node's input ``index``, None where it is absent or left empty."""
+        return self.node.input[index] if len(self.node.input) > index and self.node.input[index] else None
+
+    def output(self, index: int) -> str | None:
+        return self.node.output[index] if len(self.node.output) > index and self.node.output[index] else None
+
+    def refuse(self, why: str) -> ModelError:
+        return ModelError(f"node '{self.node.name}' ({self.node.op_type}, ONNX Runtime's fused operator) {why}: "
+                          "explain the model as exported, before ONNX Runtime's optimizations")
+
+
+Decomposition = Callable[[Emitter], None]
+DECOMPOSITIONS: dict[str, Decomposition] = {}
+
+
+def decomposition(*ops: str):
+    def register(fn: Decomposition) -> Decomposition:
+        for op in ops:
+            DECOMPOSITIONS[op] = fn
+        return fn
+    return register
+
+
+def decompose_fused_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (changed in place) with every com.microsoft node of ``DECOMPOSITIONS`` replaced
+    by standard operators; others are left for the gradient rules to name. Needs opset >= 17."""
+    graph = model.graph
+    blocked = next((node for node in graph.node if node.domain == NCHWC), None)
+    if blocked is not None:
+        raise ModelError(f"the model holds ONNX Runtime's NCHWc operators (node '{blocked.name}', "
+                         f"{blocked.op_type} of domain {NCHWC}), a layout of the machine it was optimized on: "
+                         "save it at ORT_ENABLE_EXTENDED or below, or explain the model as exported")
+    if not any(node.domain == MICROSOFT and node.op_type in DECOMPOSITIONS for node in graph.node):
+        return model
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
+    taken = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
+    taken |= {init.name for init in graph.initializer} | {value.name for value in graph.input}
+    nodes = []
+    for node in graph.node:
+        if node.domain != MICROSOFT or node.op_type not in DECOMPOSITIONS:
+            nodes.append(node)
+            continue
+        emit = Emitter(graph, node, taken, opset)
+        DECOMPOSITIONS[node.op_type](emit)
+        nodes.extend(emit.nodes)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(node.domain == MICROSOFT for node in graph.node):
+        kept = [entry for entry in model.opset_import if entry.domain != MICROSOFT]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    return model
+
+
+# -- activations fused into convolutions and matrix products ---------------------------------
+def _activation(emit: Emitter, kind: str | None, params: list[float], x: str, y: str) -> None:
+    """``y = kind(x)`` with ONNX Runtime's fused-activation parameters."""
+    if not kind:
+        emit("Identity", [x], y)
+    elif kind in ("Relu", "Tanh", "Sigmoid"):
+        emit(kind, [x], y)
+    elif kind == "LeakyRelu":
+        emit("LeakyRelu", [x], y, alpha=float(params[0]) if params else 0.01)
+    elif kind == "HardSigmoid":
+        emit("HardSigmoid", [x], y, alpha=float(params[0]), beta=float(params[1]))
+    elif kind == "Clip":
+        emit("Clip", [x, emit.constant(params[0]), emit.constant(params[1])], y)
+    else:
+        raise emit.refuse(f"has the fused activation {kind!r}, which onnxcam does not know")
+
+
+@decomposition("FusedConv")
+def _fused_conv(emit: Emitter) -> None:
+    """act(Conv(X, W, B) + Z)."""
+    conv_attrs = {a.name: helper.get_attribute_value(a) for a in emit.node.attribute
+                  if a.name in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
+    inputs = [emit.input(0), emit.input(1)] + ([emit.input(2)] if emit.input(2) else [])
+    y = emit("Conv", inputs, **conv_attrs)
+    if emit.input(3):
+        y = emit("Add", [y, emit.input(3)])
+    _activation(emit, emit.attr("activation"), list(emit.attr("activation_params", [])), y, emit.output(0))
+
+
+@decomposition("FusedGemm")
+def _fused_gemm(emit: Emitter) -> None:
+    """act(Gemm(A, B, C)), the activation's parameters in activation_alpha, _beta."""
+    gemm_attrs = {a.name: helper.get_attribute_value(a) for a in emit.node.attribute
+                  if a.name in ("alpha", "beta", "transA", "transB")}
+    inputs = [emit.input(0), emit.input(1)] + ([emit.input(2)] if emit.input(2) else [])
+    y = emit("Gemm", inputs, **gemm_attrs)
+    params = [emit.attr("activation_alpha", 0.01), emit.attr("activation_beta", 0.5)]
+    kind = emit.attr("activation")
+    if kind == "HardSigmoid":
+        params = [emit.attr("activation_alpha", 0.2), emit.attr("activation_beta", 0.5)]
+    _activation(emit, kind, params, y, emit.output(0))
+
+
+# -- GELU and its approximations -------------------------------------------------------------
+def _gelu(emit: Emitter, x: str, y: str) -> None:
+    """0.5 x (1 + erf(x / sqrt 2))."""
+    erf = emit("Erf", [emit("Mul", [x, emit.constant(1 / math.sqrt(2))])])
+    half_x = emit("Mul", [x, emit.constant(0.5)])
+    emit("Mul", [half_x, emit("Add", [erf, emit.constant(1.0)])], y)
+
+
+def _tanh_gelu(emit: Emitter, x: str, y: str) -> None:
+    """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    cube = emit("Mul", [emit("Mul", [x, x]), x])
+    inner = emit("Add", [x, emit("Mul", [cube, emit.constant(0.044715)])])
+    tanh = emit("Tanh", [emit("Mul", [inner, emit.constant(math.sqrt(2 / math.pi))])])
+    half_x = emit("Mul", [x, emit.constant(0.5)])
+    emit("Mul", [half_x, emit("Add", [tanh, emit.constant(1.0)])], y)
+
+
+def _with_bias(emit: Emitter, index: int = 1) -> str:
+    bias = emit.input(index)
+    return emit("Add", [emit.input(0), bias]) if bias else emit.input(0)
+
+
+@decomposition("Gelu")
+def _gelu_node(emit: Emitter) -> None:
+    _gelu(emit, emit.input(0), emit.output(0))
+
+
+@decomposition("BiasGelu")
+def _bias_gelu(emit: Emitter) -> None:
+    _gelu(emit, _with_bias(emit), emit.output(0))
+
+
+@decomposition("FastGelu")
+def _fast_gelu(emit: Emitter) -> None:
+    _tanh_gelu(emit, _with_bias(emit), emit.output(0))
+
+
+@decomposition("QuickGelu")
+def _quick_gelu(emit: Emitter) -> None:
+    """x sigmoid(alpha x)."""
+    x = emit.input(0)
+    gate = emit("Sigmoid", [emit("Mul", [x, emit.constant(emit.attr("alpha", 1.702))])])
+    emit("Mul", [x, gate], emit.output(0))
+
+
+# -- normalizations --------------------------------------------------------------------------
+def _unsupported_statistics(emit: Emitter, *indices: int) -> None:
+    if any(emit.output(i) for i in indices):
+        raise emit.refuse("has its mean or inverse standard deviation read by other nodes")
+
+
+@decomposition("SkipLayerNormalization")
+def _skip_layer_norm(emit: Emitter) -> None:
+    """s = input + skip (+ bias); LayerNormalization(s, gamma, beta) on the last axis; output 3 is s."""
+    _unsupported_statistics(emit, 1, 2)
+    total = _skip_sum(emit, bias=4)
+    gamma, beta = emit.input(2), emit.input(3)
+    emit("LayerNormalization", [total, gamma] + ([beta] if beta else []), emit.output(0),
+         axis=-1, epsilon=float(emit.attr("epsilon", 1e-12)))
+
+
+def _skip_sum(emit: Emitter, bias: int) -> str:
+    """input + skip (+ the input ``bias``), under the name of the node's output 3 where it has one:
+    the residual stream, a ViT block's input, keeps the name the optimizer gave it."""
+    if not emit.input(bias):
+        return emit("Add", [emit.input(0), emit.input(1)], emit.output(3))
+    return emit("Add", [emit("Add", [emit.input(0), emit.input(1)]), emit.input(bias)], emit.output(3))
+
+
+def _rms_norm(emit: Emitter, x: str, scale: str, y: str, axis: int, epsilon: float) -> None:
+    """x / sqrt(mean(x^2 over the axes from ``axis`` on) + epsilon) * scale."""
+    rank = _rank(emit, x)
+    if axis == -1 or (rank is not None and axis % rank == rank - 1):
+        axes = [-1]
+    elif rank is not None:
+        axes = list(range(axis % rank, rank))
+    else:
+        raise emit.refuse(f"normalizes from axis {axis} of an input of unknown rank")
+    square = emit("Mul", [x, x])
+    mean = (emit("ReduceMean", [square, emit.constant(axes, np.int64)], keepdims=1) if emit.opset >= 18
+            else emit("ReduceMean", [square], axes=axes, keepdims=1))
+    norm = emit("Div", [x, emit("Sqrt", [emit("Add", [mean, emit.constant(epsilon)])])])
+    emit("Mul", [norm, scale], y)
+
+
+def _rank(emit: Emitter, name: str) -> int | None:
+    for value in (*emit.graph.input, *emit.graph.value_info, *emit.graph.output):
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    return None
+
+
+@decomposition("SkipSimplifiedLayerNormalization")
+def _skip_rms_norm(emit: Emitter) -> None:
+    _unsupported_statistics(emit, 1, 2)
+    total = _skip_sum(emit, bias=3)
+    _rms_norm(emit, total, emit.input(2), emit.output(0), -1, float(emit.attr("epsilon", 1e-12)))
+
+
+@decomposition("SimplifiedLayerNormalization")
+def _rms_norm_node(emit: Emitter) -> None:
+    _unsupported_statistics(emit, 1)
+    _rms_norm(emit, emit.input(0), emit.input(1), emit.output(0), int(emit.attr("axis", -1)),
+              float(emit.attr("epsilon", 1e-5)))
+
+
+# -- attention -------------------------------------------------------------------------------
+@decomposition("Attention")
+def _attention(emit: Emitter) -> None:
+    """softmax(Q K^T * scale) V per head, Q, K, V from one MatMul of the input with the packed
+    weights plus bias: ViT's self-attention as the transformers optimizer fuses it (no mask, no
+    past state, not causal)."""
+    extra = [i for i in range(3, len(emit.node.input)) if emit.input(i)]
+    if extra or emit.attr("unidirectional", 0) or emit.attr("do_rotary", 0) or emit.output(1):
+        raise emit.refuse("has a mask, past state, rotary embedding or causal masking, which onnxcam does not "
+                          "rewrite")
+    heads = int(emit.attr("num_heads"))
+    weights = _initializer_dims(emit, emit.input(1))
+    if weights is None or len(weights) != 2:
+        raise emit.refuse("has weights that are not a constant matrix")
+    sizes = list(emit.attr("qkv_hidden_sizes", [])) or [weights[1] // 3] * 3
+    head = sizes[0] // heads
+    scale = emit.attr("scale", None) or 1 / math.sqrt(head)
+    qkv = emit("MatMul", [emit.input(0), emit.input(1)])
+    if emit.input(2):
+        qkv = emit("Add", [qkv, emit.input(2)])
+    q, k, v = emit.multi("Split", [qkv, emit.constant(sizes, np.int64)], ["", "", ""], axis=-1)
+
+    def heads_first(t: str, perm: list[int]) -> str:
+        split = emit("Reshape", [t, emit.constant([0, 0, heads, -1], np.int64)])
+        return emit("Transpose", [split], perm=perm)
+
+    scores = emit("MatMul", [heads_first(q, [0, 2, 1, 3]), heads_first(k, [0, 2, 3, 1])])
+    probabilities = emit("Softmax", [emit("Mul", [scores, emit.constant(scale)])], axis=-1)
+    context = emit("Transpose", [emit("MatMul", [probabilities, heads_first(v, [0, 2, 1, 3])])], perm=[0, 2, 1, 3])
+    emit("Reshape", [context, emit.constant([0, 0, -1], np.int64)], emit.output(0))
+
+
+def _initializer_dims(emit: Emitter, name: str | None) -> list[int] | None:
+    for init in emit.graph.initializer:
+        if init.name == name:
+            return list(init.dims)
+    return None

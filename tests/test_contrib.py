@@ -1,0 +1,214 @@
+"""ONNX Runtime's fused operators, rewritten as standard ONNX (``onnxcam.graph.contrib``).
+
+Each decomposition is checked against ONNX Runtime's own kernel for the fused operator (the same
+inputs through both graphs), and gradients through the decomposed graph against finite
+differences (``tests.gradcheck``). Models that ONNX Runtime optimized and saved explain as the
+models they came from did.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam import Explainer
+from onnxcam.errors import ModelError
+from onnxcam.graph.contrib import MICROSOFT, decompose_fused_ops
+from onnxcam.graph.prepare import prepare_model
+from tests.gradcheck import check_gradient
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs: dict[str, list], initializers: dict[str, np.ndarray], outputs: list[str],
+           output_shape=None, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "fused",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, output_shape) for name in outputs],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MICROSOFT, 1)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _agrees_with_onnxruntime(model: onnx.ModelProto, feeds: dict, rtol: float = 1e-5) -> None:
+    want = _run(model, feeds)
+    standard = decompose_fused_ops(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert not [n.op_type for n in standard.graph.node if n.domain], "fused nodes left"
+    got = _run(standard, feeds)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(np.abs(b).max())))
+
+
+ACTIVATIONS = [(None, []), ("Relu", []), ("Tanh", []), ("Sigmoid", []), ("LeakyRelu", [0.2]),
+               ("Clip", [0.0, 6.0]), ("Clip", [-0.5, 0.5]), ("HardSigmoid", [0.3, 0.4])]
+
+
+def _activation_attrs(kind, params, prefix="activation_params") -> dict:
+    attrs = {} if kind is None else {"activation": kind}
+    if params and prefix == "activation_params":
+        attrs[prefix] = params
+    elif params:
+        attrs.update(activation_alpha=params[0], **({"activation_beta": params[1]} if len(params) > 1 else {}))
+    return attrs
+
+
+@pytest.mark.parametrize("kind,params", ACTIVATIONS)
+@pytest.mark.parametrize("extra", ["bias", "none", "sum"])
+def test_fused_conv_is_its_convolution_and_activation(kind, params, extra):
+    inputs = ["x", "W"] + {"bias": ["B"], "none": [], "sum": ["B", "z"]}[extra]
+    node = helper.make_node("FusedConv", inputs, ["y"], domain=MICROSOFT, pads=[1, 1, 1, 1], strides=[2, 1],
+                            **_activation_attrs(kind, params))
+    model = _model([node], {"x": [2, 3, 9, 8], **({"z": [2, 4, 5, 8]} if extra == "sum" else {})},
+                   {"W": RNG.normal(0, 0.5, (4, 3, 3, 3)), "B": RNG.normal(0, 0.3, 4)}, ["y"])
+    feeds = {"x": RNG.normal(0, 1, (2, 3, 9, 8)).astype(np.float32)}
+    if extra == "sum":
+        feeds["z"] = RNG.normal(0, 1, (2, 4, 5, 8)).astype(np.float32)
+    _agrees_with_onnxruntime(model, feeds)
+
+
+@pytest.mark.parametrize("kind,params", [("Relu", []), ("LeakyRelu", [0.3]), ("Sigmoid", []), ("Tanh", [])])
+def test_fused_gemm_is_its_product_and_activation(kind, params):
+    node = helper.make_node("FusedGemm", ["a", "B", "C"], ["y"], domain=MICROSOFT, transB=1, alpha=0.7, beta=1.3,
+                            **_activation_attrs(kind, params, prefix="alpha"))
+    model = _model([node], {"a": [3, 5]}, {"B": RNG.normal(0, 1, (4, 5)), "C": RNG.normal(0, 1, 4)}, ["y"])
+    _agrees_with_onnxruntime(model, {"a": RNG.normal(0, 1, (3, 5)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("op,inputs,attrs", [
+    ("Gelu", ["x"], {}), ("BiasGelu", ["x", "b"], {}), ("FastGelu", ["x"], {}), ("FastGelu", ["x", "b"], {}),
+    ("QuickGelu", ["x"], {}), ("QuickGelu", ["x"], {"alpha": 1.5}),
+])
+def test_gelu_and_its_approximations(op, inputs, attrs):
+    node = helper.make_node(op, inputs, ["y"], domain=MICROSOFT, **attrs)
+    model = _model([node], {"x": [2, 3, 8]}, {"b": RNG.normal(0, 1, 8)} if "b" in inputs else {}, ["y"])
+    _agrees_with_onnxruntime(model, {"x": RNG.normal(0, 2, (2, 3, 8)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("bias,beta,sum_out", [(True, True, True), (False, True, False), (False, False, True)])
+def test_skip_layer_normalization_is_the_residual_sum_normalized(bias, beta, sum_out):
+    inputs = ["x", "s", "gamma", "beta" if beta else "", "bias" if bias else ""]
+    outputs = ["y", "", "", "total"] if sum_out else ["y"]
+    node = helper.make_node("SkipLayerNormalization", inputs, outputs, domain=MICROSOFT, epsilon=1e-5)
+    inits = {"gamma": RNG.normal(1, 0.2, 8), "beta": RNG.normal(0, 0.2, 8), "bias": RNG.normal(0, 0.5, 8)}
+    model = _model([node], {"x": [2, 3, 8], "s": [2, 3, 8]}, inits, [o for o in outputs if o])
+    feeds = {"x": RNG.normal(0, 1, (2, 3, 8)).astype(np.float32), "s": RNG.normal(0, 1, (2, 3, 8)).astype(np.float32)}
+    _agrees_with_onnxruntime(model, feeds)
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMean's axes: an attribute, then an input
+def test_simplified_layer_normalizations_are_rms_norms(opset):
+    skip = helper.make_node("SkipSimplifiedLayerNormalization", ["x", "s", "gamma", "bias"], ["y", "", "", "total"],
+                            domain=MICROSOFT, epsilon=1e-5)
+    plain = helper.make_node("SimplifiedLayerNormalization", ["total", "gamma"], ["z"], axis=-1, epsilon=1e-4)
+    model = _model([skip, plain], {"x": [2, 3, 8], "s": [2, 3, 8]},
+                   {"gamma": RNG.normal(1, 0.2, 8), "bias": RNG.normal(0, 0.5, 8)}, ["y", "total", "z"], opset=opset)
+    plain.domain = MICROSOFT  # the transformers optimizer writes it in ONNX Runtime's domain
+    feeds = {"x": RNG.normal(0, 1, (2, 3, 8)).astype(np.float32), "s": RNG.normal(0, 1, (2, 3, 8)).astype(np.float32)}
+    _agrees_with_onnxruntime(model, feeds)
+
+
+@pytest.mark.parametrize("attrs", [{}, {"scale": 0.2}, {"qkv_hidden_sizes": [8, 8, 12]}])
+def test_attention_is_softmax_of_scaled_query_key_products_times_values(attrs):
+    sizes = attrs.get("qkv_hidden_sizes", [8, 8, 8])
+    node = helper.make_node("Attention", ["x", "W", "b"], ["y"], domain=MICROSOFT, num_heads=2, **attrs)
+    model = _model([node], {"x": [2, 5, 6]}, {"W": RNG.normal(0, 0.5, (6, sum(sizes))),
+                                              "b": RNG.normal(0, 0.2, sum(sizes))}, ["y"])
+    _agrees_with_onnxruntime(model, {"x": RNG.normal(0, 1, (2, 5, 6)).astype(np.float32)})
+
+
+def test_a_fused_node_that_cannot_be_rewritten_is_a_one_line_model_error():
+    node = helper.make_node("Attention", ["x", "W", "b", "mask"], ["y"], domain=MICROSOFT, num_heads=2, name="att")
+    model = _model([node], {"x": [2, 5, 6]}, {"W": RNG.normal(0, 0.5, (6, 24)), "b": RNG.normal(0, 0.2, 24)}, ["y"])
+    model.graph.input.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [2]))
+    with pytest.raises(ModelError, match=r"node 'att' \(Attention, ONNX Runtime's fused operator\) has a mask"):
+        decompose_fused_ops(model)
+
+
+def _fused_cnn() -> onnx.ModelProto:
+    """x -> FusedConv(Relu) -> FusedConv(Clip, + the first's output) -> GlobalAveragePool ->
+    Flatten -> FusedGemm(LeakyRelu) -> Gemm: the logits."""
+    nodes = [
+        helper.make_node("FusedConv", ["x", "W1", "B1"], ["a1"], domain=MICROSOFT, pads=[1, 1, 1, 1],
+                         activation="Relu"),
+        helper.make_node("FusedConv", ["a1", "W2", "B2", "a1"], ["a2"], domain=MICROSOFT, pads=[1, 1, 1, 1],
+                         activation="Clip", activation_params=[0.0, 2.0]),
+        helper.make_node("GlobalAveragePool", ["a2"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("FusedGemm", ["flat", "W3", "B3"], ["hidden"], domain=MICROSOFT, transB=1,
+                         activation="LeakyRelu", activation_alpha=0.1),
+        helper.make_node("Gemm", ["hidden", "W4", "B4"], ["logits"], transB=1)]
+    inits = {"W1": RNG.normal(0, 0.5, (6, 3, 3, 3)), "B1": RNG.normal(0, 0.1, 6),
+             "W2": RNG.normal(0, 0.4, (6, 6, 3, 3)), "B2": RNG.normal(0.2, 0.1, 6),
+             "W3": RNG.normal(0, 0.5, (8, 6)), "B3": RNG.normal(0, 0.1, 8),
+             "W4": RNG.normal(0, 0.5, (5, 8)), "B4": RNG.normal(0, 0.1, 5)}
+    return _model(nodes, {"x": [1, 3, 12, 12]}, inits, ["logits"], output_shape=[1, 5])
+
+
+def test_gradients_through_fused_operators_match_finite_differences():
+    model = _fused_cnn()
+    x = RNG.normal(0, 1, (2, 3, 12, 12)).astype(np.float32)
+    assert check_gradient(model, x, layer="a1") < 1e-4
+    prepared = prepare_model(model)
+    assert not [n for n in prepared.graph.node if n.domain]
+    assert Explainer(model, cache=False).layer == "a2"  # the fused outputs are candidate layers
+
+
+@pytest.mark.parametrize("name", ["shapes_cnn", "shapes_segmenter"])
+def test_a_model_onnxruntime_optimized_and_saved_explains_as_the_original(name, tmp_path):
+    """``optimized_model_filepath`` at the extended level fuses every Conv + Relu into FusedConv."""
+    from pathlib import Path
+
+    original = Path(__file__).resolve().parent.parent / "models" / f"{name}.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(original), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert any(node.op_type == "FusedConv" for node in optimized.graph.node)
+    image = Path(__file__).resolve().parent.parent / "models" / "localization" / "0001.png"
+    want_explainer, got_explainer = Explainer(original, cache=False), Explainer(tmp_path / "optimized.onnx", cache=False)
+    assert got_explainer.layer == want_explainer.layer
+    for method in ("gradcam", "smoothgradcampp"):
+        want = want_explainer.explain(image, method=method, samples=8)[0]
+        got = got_explainer.explain(image, method=method, samples=8)[0]
+        assert got.class_index == want.class_index
+        np.testing.assert_allclose(got.raw_map, want.raw_map, rtol=1e-5, atol=1e-6 * np.abs(want.raw_map).max())
+
+
+def test_a_node_of_another_domain_never_takes_the_rule_of_its_namesake():
+    import onnx_graphsurgeon as gs
+
+    from onnxcam.gradients.backward import unsupported_nodes
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"], domain="com.microsoft.nchwc"), helper.make_node("Relu", ["y"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])])
+    imported = gs.import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [node.domain for node in unsupported_nodes(imported.nodes)] == ["com.microsoft.nchwc"]
+
+
+def test_a_model_saved_in_onnxruntimes_nchwc_layout_is_refused_in_one_line(tmp_path):
+    from pathlib import Path
+
+    from tests.cli_helpers import assert_one_line_error, run
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "nchwc.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(models / "shapes_cnn.onnx"), options, providers=["CPUExecutionProvider"])
+    if not any(node.domain == "com.microsoft.nchwc" for node in onnx.load(str(tmp_path / "nchwc.onnx")).graph.node):
+        pytest.skip("ONNX Runtime used no NCHWc operators on this CPU")
+    result = run(["explain", tmp_path / "nchwc.onnx", models / "localization" / "0001.png", "--out", tmp_path / "out"])
+    assert_one_line_error(result, "NCHWc operators", "ORT_ENABLE_EXTENDED")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 
 import numpy as np
@@ -409,6 +410,22 @@ def test_overlay_stretches_a_small_map_over_the_image(pattern):
     gradient = np.asarray(overlay(Image.new("RGB", (64, 8)), np.array([[0.0, 1.0]]), alpha=1.0, colormap="gray"))
     assert gradient[0, 0, 0] < 10 and gradient[0, -1, 0] > 245
     assert len(np.unique(gradient[0, :, 0])) > 30  # interpolated in float, not blocky
+
+
+def test_overlay_blends_in_strips_as_it_would_whole(monkeypatch):
+    """A large photo is coloured and blended a few rows at a time; the strips' edges do not show."""
+    overlay_module = importlib.import_module("onnxcam.imaging.overlay")  # the package exports the function
+
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8))
+    heat, seen = rng.random((5, 4)), rng.random((37, 23)) > 0.2
+    whole = np.asarray(overlay(picture, heat, alpha=0.4, seen=seen))
+    monkeypatch.setattr(overlay_module, "STRIP_ROWS", 7)
+    strips = np.asarray(overlay(picture, heat, alpha=0.4, seen=seen))
+    np.testing.assert_array_equal(strips, whole)
+    colours = apply_colormap(overlay_module.resize_map(heat, picture.size)).astype(np.float64)
+    expected = np.rint(np.asarray(picture) * 0.6 + np.where(seen[..., None], colours, 0) * 0.4)
+    assert np.abs(strips - expected).max() <= 1
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), "half"])

@@ -39,6 +39,11 @@ def resize_map(map01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+#: Rows of the image coloured and blended at a time: the float32 colours and blend of a whole
+#: large photo would take 16 bytes a pixel on top of it.
+STRIP_ROWS = 256
+
+
 def overlay(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, colormap: str = "turbo",
             seen: np.ndarray | None = None) -> Image.Image:
     """Return ``(1 - alpha) * image + alpha * colormap(map)`` as an RGB image of the image's size.
@@ -49,16 +54,23 @@ def overlay(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, colormap:
     """
     weight = check_alpha(alpha)
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    colours = apply_colormap(resize_map(map01, rgb.size), colormap).astype(np.float32)
-    if seen is not None:
-        colours[~np.asarray(seen, dtype=bool)] = 0.0
-    blended = np.asarray(rgb, dtype=np.float32)  # a new array, blended in place (same float32 steps)
-    blended *= 1.0 - weight
-    colours *= weight
-    blended += colours
-    np.rint(blended, out=blended)
-    np.clip(blended, 0, 255, out=blended)
-    return Image.fromarray(blended.astype(np.uint8))
+    stretched = resize_map(map01, rgb.size)
+    pixels = np.asarray(rgb)
+    unseen = None if seen is None else ~np.asarray(seen, dtype=bool)
+    out = np.empty_like(pixels)
+    for top in range(0, pixels.shape[0], STRIP_ROWS):  # a 24-megapixel photo: 0.2 GB, not 1 GB, at a time
+        rows = slice(top, top + STRIP_ROWS)
+        colours = apply_colormap(stretched[rows], colormap).astype(np.float32)
+        if unseen is not None:
+            colours[unseen[rows]] = 0.0
+        blended = pixels[rows].astype(np.float32)
+        blended *= 1.0 - weight
+        colours *= weight
+        blended += colours
+        np.rint(blended, out=blended)
+        np.clip(blended, 0, 255, out=blended)
+        out[rows] = blended
+    return Image.fromarray(out)
 
 
 #: The colour of a segmentation region's outline on an overlay.

@@ -683,6 +683,30 @@ def test_groups_of_files_are_decoded_ahead_and_a_bad_file_stops_where_it_is_met(
     assert seen == [0, 1]
 
 
+def test_large_pictures_make_smaller_groups_with_the_same_maps(mlp_head_model, tmp_path, monkeypatch):
+    """The pictures of a group stay in memory until their overlays are written: a folder of phone
+    photos (36 MB of pixels each) is read a few at a time, whatever the model's batch."""
+    import onnxcam.explain.images as images_module
+
+    paths = [random_png(tmp_path / f"{i}.png", size=(40 + i, 30), seed=i) for i in range(5)]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    explainer = Explainer(mlp_head_model, preprocess="unit")
+    targets = [3, 1, 4, 1, 5]
+    want = explainer.explain(paths, method="smoothgradcampp", targets=targets, samples=4)
+    reader = explainer._images
+    items = reader.items(paths + [tmp_path / "bad.png"])
+    monkeypatch.setattr(images_module, "PICTURE_MEMORY", 3 * 41 * 30 + 3 * 42 * 30)  # room for two of the smaller
+    sizes = [len(chunk) for _, chunk, _, _ in reader.groups(items, 8, explainer._preprocessor, np.float32,
+                                                             skip_unreadable=True)]
+    assert sizes == [2, 1, 1, 2]  # 40 + 41 fit, 42 + 43 do not; the unreadable file counts nothing
+    assert [len(chunk) for _, chunk, _, _ in reader.groups(items, 1, explainer._preprocessor, np.float32,
+                                                           skip_unreadable=True)] == [1] * 6
+    got = explainer.explain(paths, method="smoothgradcampp", targets=targets, samples=4)
+    assert [e.class_index for e in got] == targets
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.raw_map, b.raw_map)
+
+
 def test_files_are_read_on_the_decoding_threads_and_the_first_bad_one_in_order_raises(linear_model, tmp_path,
                                                                                       monkeypatch):
     import threading

@@ -338,10 +338,10 @@ class Explainer:
 
         groups = self._images.groups(items, group, preprocessor, self.session_dtype,
                                      skip_unreadable=on_unreadable is not None)
-        if len(items) > group:  # decode the next group's images while this one runs
+        if len(items) > 1:  # decode the next group's images while this one runs
             groups = prefetched(groups)
         for start, chunk, (inputs, pictures, sizes, arrays, unreadable), preprocess_s in groups:
-            chunk_classes = class_lists[start:start + group] if class_lists is not None else None
+            chunk_classes = class_lists[start:start + len(chunk)] if class_lists is not None else None
             if unreadable:
                 for position, error in unreadable:
                     on_unreadable(chunk[position].index, error)  # type: ignore[misc]

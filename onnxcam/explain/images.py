@@ -29,6 +29,8 @@ from onnxcam.runtime.session import as_input_dtype
 #: 2 cores, two read 64 PNGs at 5.3 ms each against 11 ms for one. On a GPU, reading the images
 #: is most of the CPU's share of the work, and a group can be 64 images.
 DECODE_THREADS = 8
+#: The decoded pictures of one group of image files at most (a group holds one picture at least)
+PICTURE_MEMORY = 128 * 2**20
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,12 +127,17 @@ class ImageReader:
 
     def groups(self, items: list[Item], group: int, preprocessor: Preprocessor | None, dtype: np.dtype,
                skip_unreadable: bool = False) -> Iterator[tuple[int, list[Item], Loaded, float]]:
-        """(start, items, loaded, seconds spent loading) for each group of ``group`` items."""
-        for start in range(0, len(items), group):
-            chunk = items[start:start + group]
+        """(start, items, loaded, seconds spent loading) for each group of at most ``group``
+        items whose pictures fit ``PICTURE_MEMORY`` (one at least): the pictures stay in memory
+        until their overlays are written, and a phone photo is 36 MB of pixels."""
+        start = 0
+        while start < len(items):
+            stop = _group_stop(items, start, group)
+            chunk = items[start:stop]
             began = time.perf_counter()
             loaded = self.load(chunk, preprocessor, dtype, skip_unreadable)
             yield start, chunk, loaded, time.perf_counter() - began
+            start = stop
 
     def load(self, items: list[Item], preprocessor: Preprocessor | None, dtype: np.dtype,
              skip_unreadable: bool = False) -> Loaded:
@@ -169,6 +176,35 @@ class ImageReader:
                     np.moveaxis(item.array, 0, -1) if self.layout == "NCHW" else item.array)
         picture = item.pil if item.pil is not None else load_image(item.path)
         return preprocessor(picture), picture, (picture.height, picture.width), None  # type: ignore[misc]
+
+
+def _group_stop(items: list[Item], start: int, most: int) -> int:
+    """Where the group that begins at ``start`` ends: ``most`` items, fewer where their pictures'
+    pixels would pass PICTURE_MEMORY, one at least."""
+    budget, stop, end = PICTURE_MEMORY, start, min(len(items), start + most)
+    while stop < end:
+        budget -= _picture_bytes(items[stop])
+        if budget < 0 and stop > start:
+            break
+        stop += 1
+    return stop
+
+
+def _picture_bytes(item: Item) -> int:
+    """The RGB pixels an item's picture will take: from an image file's header (Pillow reads no
+    more to open it), 0 for arrays (they keep no picture) and for files that cannot be opened (the
+    read says why)."""
+    if item.pil is not None:
+        width, height = item.pil.size
+    elif item.path is not None:
+        try:
+            with Image.open(item.path) as picture:
+                width, height = picture.size
+        except Exception:  # noqa: BLE001 - reported when the file is read
+            return 0
+    else:
+        return 0
+    return 3 * width * height
 
 
 def _matches(shape: list, expected: list) -> bool:

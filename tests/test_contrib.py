@@ -126,6 +126,21 @@ def test_attention_is_softmax_of_scaled_query_key_products_times_values(attrs):
     _agrees_with_onnxruntime(model, {"x": RNG.normal(0, 1, (2, 5, 6)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("form", ["bias", "weights", "scale"])
+def test_multi_head_attention_of_separate_query_key_and_value(form):
+    """With a bias [3 hidden], the head size from it; without, from the query's weights, or the
+    scale given."""
+    nodes = [helper.make_node("MatMul", ["x", f"W{t}"], [t]) for t in "qkv"]
+    inputs = ["q", "k", "v"] + (["b"] if form == "bias" else [])
+    nodes.append(helper.make_node("MultiHeadAttention", inputs, ["y"], domain=MICROSOFT, num_heads=2,
+                                  **({"scale": 0.3} if form == "scale" else {})))
+    inits = {f"W{t}": RNG.normal(0, 0.5, (6, 8)) for t in "qkv"}
+    if form == "bias":
+        inits["b"] = RNG.normal(0, 0.2, 24)
+    model = _model(nodes, {"x": [2, 5, 6]}, inits, ["y"])
+    _agrees_with_onnxruntime(model, {"x": RNG.normal(0, 1, (2, 5, 6)).astype(np.float32)})
+
+
 def test_a_fused_node_that_cannot_be_rewritten_is_a_one_line_model_error():
     node = helper.make_node("Attention", ["x", "W", "b", "mask"], ["y"], domain=MICROSOFT, num_heads=2, name="att")
     model = _model([node], {"x": [2, 5, 6]}, {"W": RNG.normal(0, 0.5, (6, 24)), "b": RNG.normal(0, 0.2, 24)}, ["y"])

@@ -281,13 +281,51 @@ def _attention(emit: Emitter) -> None:
     if weights is None or len(weights) != 2:
         raise emit.refuse("has weights that are not a constant matrix")
     sizes = list(emit.attr("qkv_hidden_sizes", [])) or [weights[1] // 3] * 3
-    head = sizes[0] // heads
-    scale = emit.attr("scale", None) or 1 / math.sqrt(head)
+    scale = emit.attr("scale", None) or 1 / math.sqrt(sizes[0] // heads)
     qkv = emit("MatMul", [emit.input(0), emit.input(1)])
     if emit.input(2):
         qkv = emit("Add", [qkv, emit.input(2)])
     q, k, v = emit.multi("Split", [qkv, emit.constant(sizes, np.int64)], ["", "", ""], axis=-1)
+    _scaled_dot_product(emit, q, k, v, heads, scale)
 
+
+@decomposition("MultiHeadAttention")
+def _multi_head_attention(emit: Emitter) -> None:
+    """The same with query, key and value given apart ([N, tokens, hidden] each), and an optional
+    bias [3 hidden] added to them: no packed inputs, masks, past state or causal masking."""
+    extra = [i for i in range(4, len(emit.node.input)) if emit.input(i)]
+    if extra or not (emit.input(1) and emit.input(2)) or emit.attr("unidirectional", 0) or \
+            any(emit.output(i) for i in (1, 2, 3)):
+        raise emit.refuse("has packed inputs, a mask, past state or causal masking, which onnxcam does not "
+                          "rewrite")
+    q, k, v = emit.input(0), emit.input(1), emit.input(2)
+    heads, hidden = int(emit.attr("num_heads")), _hidden_size(emit, q)
+    if emit.input(3):
+        sizes = _initializer_dims(emit, emit.input(3))
+        if sizes is None or len(sizes) != 1 or sizes[0] % 3:
+            raise emit.refuse("has a bias that is not a constant vector of three equal parts")
+        hidden = sizes[0] // 3
+        parts = emit.constant([hidden] * 3, np.int64)
+        q, k, v = (emit("Add", [t, b]) for t, b in zip((q, k, v), emit.multi("Split", [emit.input(3), parts],
+                                                                               ["", "", ""], axis=0)))
+    scale = emit.attr("scale", None)
+    if not scale and not hidden:
+        raise emit.refuse("has no scale, and its query's size is not known from a bias or weights")
+    _scaled_dot_product(emit, q, k, v, heads, scale or 1 / math.sqrt(hidden // heads))
+
+
+def _hidden_size(emit: Emitter, name: str) -> int | None:
+    """The last dim of ``name`` where a MatMul by constant weights makes it (through an Add)."""
+    producers = {out: node for node in emit.graph.node for out in node.output}
+    node = producers.get(name)
+    if node is not None and node.op_type == "Add":
+        node = next((producers[i] for i in node.input if i in producers and producers[i].op_type == "MatMul"), None)
+    dims = _initializer_dims(emit, node.input[1]) if node is not None and node.op_type == "MatMul" else None
+    return dims[-1] if dims else None
+
+
+def _scaled_dot_product(emit: Emitter, q: str, k: str, v: str, heads: int, scale: float) -> None:
+    """Node output 0 = softmax(Q K^T scale) V over ``heads`` heads of [N, tokens, hidden] Q, K, V."""
     def heads_first(t: str, perm: list[int]) -> str:
         split = emit("Reshape", [t, emit.constant([0, 0, heads, -1], np.int64)])
         return emit("Transpose", [split], perm=perm)

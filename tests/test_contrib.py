@@ -227,3 +227,31 @@ def test_a_model_saved_in_onnxruntimes_nchwc_layout_is_refused_in_one_line(tmp_p
         pytest.skip("ONNX Runtime used no NCHWc operators on this CPU")
     result = run(["explain", tmp_path / "nchwc.onnx", models / "localization" / "0001.png", "--out", tmp_path / "out"])
     assert_one_line_error(result, "NCHWc operators", "ORT_ENABLE_EXTENDED")
+
+
+def test_a_vit_through_the_transformers_optimizer_explains_as_exported(tmp_path):
+    """onnxruntime.transformers' ViT optimizer fuses the blocks' residual sums and layer norms
+    (SkipLayerNormalization) and their GELUs (BiasGelu); the automatic layer and the maps stay."""
+    torch = pytest.importorskip("torch")
+    optimize_model = pytest.importorskip("onnxruntime.transformers.optimizer").optimize_model
+
+    from tests.test_torch_patterns import TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT(width=32).eval()
+    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), str(tmp_path / "vit.onnx"), input_names=["input"],
+                      output_names=["output"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "n"}, "output": {0: "n"}})
+    optimize_model(str(tmp_path / "vit.onnx"), model_type="vit", num_heads=2, hidden_size=32,
+                   opt_level=0).save_model_to_file(str(tmp_path / "fused.onnx"))
+    fused = {node.op_type for node in onnx.load(str(tmp_path / "fused.onnx")).graph.node if node.domain == MICROSOFT}
+    assert {"SkipLayerNormalization", "BiasGelu"} <= fused
+    x = RNG.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    want_explainer = Explainer(tmp_path / "vit.onnx", cache=False)
+    got_explainer = Explainer(tmp_path / "fused.onnx", cache=False)
+    assert got_explainer.layer == want_explainer.layer
+    for method in ("gradcam", "smoothgradcampp"):
+        for want, got in zip(want_explainer.explain(x, method=method, samples=4),
+                             got_explainer.explain(x, method=method, samples=4)):
+            assert got.class_index == want.class_index
+            np.testing.assert_allclose(got.raw_map, want.raw_map, rtol=1e-4, atol=1e-5 * np.abs(want.raw_map).max())

@@ -26,10 +26,11 @@ NCHWC = "com.microsoft.nchwc"
 
 class Emitter:
     """Standard nodes standing in for one fused node: unique names from the node's own, and
-    constants as initializers of the graph."""
+    constants as initializers of the graph, in the float type the node computes in."""
 
-    def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto, taken: set[str], opset: int):
-        self.graph, self.node, self.taken, self.opset = graph, node, taken, opset
+    def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto, taken: set[str], opset: int,
+                 dtype=np.float32):
+        self.graph, self.node, self.taken, self.opset, self.dtype = graph, node, taken, opset, dtype
         self.nodes: list[onnx.NodeProto] = []
 
     def fresh(self, hint: str) -> str:
@@ -50,9 +51,10 @@ class Emitter:
         self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(f"{op}_node"), **attrs))
         return outs
 
-    def constant(self, value, dtype=np.float32) -> str:
+    def constant(self, value, dtype=None) -> str:
+        """An initializer holding ``value``, of ``dtype`` or else the node's float type."""
         name = self.fresh("const")
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype or self.dtype), name))
         return name
 
     def attr(self, name: str, default=None):
@@ -98,6 +100,7 @@ def decompose_fused_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(node.domain == MICROSOFT and node.op_type in DECOMPOSITIONS for node in graph.node):
         return model
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
+    types = _float_types(graph)
     taken = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
     taken |= {init.name for init in graph.initializer} | {value.name for value in graph.input}
     nodes = []
@@ -105,7 +108,7 @@ def decompose_fused_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.domain != MICROSOFT or node.op_type not in DECOMPOSITIONS:
             nodes.append(node)
             continue
-        emit = Emitter(graph, node, taken, opset)
+        emit = Emitter(graph, node, taken, opset, types.get(node.input[0], np.float32))
         DECOMPOSITIONS[node.op_type](emit)
         nodes.extend(emit.nodes)
     del graph.node[:]
@@ -115,6 +118,25 @@ def decompose_fused_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         del model.opset_import[:]
         model.opset_import.extend(kept)
     return model
+
+
+def _float_types(graph: onnx.GraphProto) -> dict[str, np.dtype]:
+    """The float type of each tensor that has one, followed through the graph in node order: ONNX
+    shape inference stops at the fused operators, whose outputs have their first input's type."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    types = {value.name: value.type.tensor_type.elem_type for value in (*graph.input, *graph.value_info)}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Cast":
+            made = next((a.i for a in node.attribute if a.name == "to"), None)
+        elif node.op_type == "Constant":
+            made = next((a.t.data_type for a in node.attribute if a.name == "value"), None)
+        else:
+            made = next((types[i] for i in node.input if types.get(i) in floats), None)
+        for out in node.output:
+            types.setdefault(out, made)
+    return {name: helper.tensor_dtype_to_np_dtype(kind) for name, kind in types.items()
+            if kind in floats and kind != onnx.TensorProto.BFLOAT16}
 
 
 # -- activations fused into convolutions and matrix products ---------------------------------

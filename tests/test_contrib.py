@@ -95,6 +95,18 @@ def test_gelu_and_its_approximations(op, inputs, attrs):
     _agrees_with_onnxruntime(model, {"x": RNG.normal(0, 2, (2, 3, 8)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("trans_a,trans_b,alpha,b_shape", [
+    (0, 0, 0.25, [2, 5, 6]), (0, 1, 1.0, [2, 6, 5]), (1, 0, 0.5, [5, 6]), (1, 1, -2.0, [1, 6, 5]),
+])
+def test_fused_matmul_is_a_scaled_product_of_transposes(trans_a, trans_b, alpha, b_shape):
+    a_shape = [2, 5, 4] if trans_a else [2, 4, 5]
+    node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain=MICROSOFT, transA=trans_a, transB=trans_b,
+                            alpha=alpha)
+    model = _model([node], {"a": a_shape, "b": b_shape}, {}, ["y"])
+    _agrees_with_onnxruntime(model, {"a": RNG.normal(0, 1, a_shape).astype(np.float32),
+                                     "b": RNG.normal(0, 1, b_shape).astype(np.float32)})
+
+
 @pytest.mark.parametrize("bias,beta,sum_out", [(True, True, True), (False, True, False), (False, False, True)])
 def test_skip_layer_normalization_is_the_residual_sum_normalized(bias, beta, sum_out):
     inputs = ["x", "s", "gamma", "beta" if beta else "", "bias" if bias else ""]

@@ -11,6 +11,7 @@ Runtime's own kernel (``tests/test_contrib.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -29,8 +30,9 @@ class Emitter:
     constants as initializers of the graph, in the float type the node computes in."""
 
     def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto, taken: set[str], opset: int,
-                 dtype=np.float32):
+                 dtype=np.float32, ranks: Callable[[], dict[str, int]] = dict):
         self.graph, self.node, self.taken, self.opset, self.dtype = graph, node, taken, opset, dtype
+        self.ranks = ranks
         self.nodes: list[onnx.NodeProto] = []
 
     def fresh(self, hint: str) -> str:
@@ -101,6 +103,7 @@ def decompose_fused_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
     types = _float_types(graph)
+    ranks = functools.lru_cache(maxsize=1)(lambda: _ranks(model))  # shape inference, once, if asked
     taken = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
     taken |= {init.name for init in graph.initializer} | {value.name for value in graph.input}
     nodes = []
@@ -108,7 +111,7 @@ def decompose_fused_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.domain != MICROSOFT or node.op_type not in DECOMPOSITIONS:
             nodes.append(node)
             continue
-        emit = Emitter(graph, node, taken, opset, types.get(node.input[0], np.float32))
+        emit = Emitter(graph, node, taken, opset, types.get(node.input[0], np.float32), ranks)
         DECOMPOSITIONS[node.op_type](emit)
         nodes.extend(emit.nodes)
     del graph.node[:]
@@ -180,6 +183,33 @@ def _fused_gemm(emit: Emitter) -> None:
     if kind == "HardSigmoid":
         params = [emit.attr("activation_alpha", 0.2), emit.attr("activation_beta", 0.5)]
     _activation(emit, kind, params, y, emit.output(0))
+
+
+@decomposition("FusedMatMul")
+def _fused_matmul(emit: Emitter) -> None:
+    """alpha op(A) op(B), op swapping the last two axes where transA or transB say: ONNX
+    Runtime's MatMul fused with a Transpose or a scale (attention's Q K^T / sqrt(d))."""
+    if emit.attr("transBatchA", 0) or emit.attr("transBatchB", 0):
+        raise emit.refuse("moves its batch axes (transBatchA or transBatchB)")
+    a, b = emit.input(0), emit.input(1)
+    if emit.attr("transA", 0):
+        a = _swap_last_two(emit, a)
+    if emit.attr("transB", 0):
+        b = _swap_last_two(emit, b)
+    alpha = float(emit.attr("alpha", 1.0))
+    if alpha == 1.0:
+        emit("MatMul", [a, b], emit.output(0))
+    else:
+        emit("Mul", [emit("MatMul", [a, b]), emit.constant(alpha)], emit.output(0))
+
+
+def _swap_last_two(emit: Emitter, name: str) -> str:
+    rank = _rank(emit, name)
+    if rank is None or rank < 2:
+        raise emit.refuse(f"transposes '{name}', whose rank is not known")
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    return emit("Transpose", [name], perm=perm)
 
 
 # -- GELU and its approximations -------------------------------------------------------------
@@ -268,10 +298,19 @@ def _rms_norm(emit: Emitter, x: str, scale: str, y: str, axis: int, epsilon: flo
 
 
 def _rank(emit: Emitter, name: str) -> int | None:
-    for value in (*emit.graph.input, *emit.graph.value_info, *emit.graph.output):
-        if value.name == name and value.type.tensor_type.HasField("shape"):
-            return len(value.type.tensor_type.shape.dim)
-    return None
+    return emit.ranks().get(name)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of each tensor ONNX shape inference can tell, before the fused operators
+    (unknown to it) are rewritten: their inputs usually come from standard ones."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - then no rank is known, and the decomposition that needs one says so
+        return {}
+    return {value.name: len(value.type.tensor_type.shape.dim)
+            for value in (*inferred.input, *inferred.value_info, *inferred.output)
+            if value.type.tensor_type.HasField("shape")}
 
 
 @decomposition("SkipSimplifiedLayerNormalization")

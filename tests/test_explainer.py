@@ -1095,3 +1095,26 @@ def test_clean_images_for_an_integer_input_are_rounded_and_held_to_its_range(tmp
     path = save_model(uint8_pixel_model(), tmp_path / "u8.onnx")
     batch = Explainer(path, layer="a1", cache=False, preprocess="raw", mean=3.2).preprocess([tmp_path / "halves.png"])
     assert batch.dtype == np.uint8 and set(np.unique(batch).tolist()) == {0, 252}
+
+
+@pytest.mark.parametrize("first", ["embedding", "probs"])
+def test_a_model_with_several_outputs_is_explained_from_the_one_named_as_scores(tmp_path, first):
+    """An embedding output before the class scores must not be read as 16 'classes'."""
+    from tests.cli_helpers import run
+
+    single = build_cnn("mlp", seed=5)
+    model = onnx.ModelProto.FromString(single.SerializeToString())
+    embedding = helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 16])  # the pooled features
+    outputs = [embedding, model.graph.output[0]] if first == "embedding" else [model.graph.output[0], embedding]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    path = save_model(model, tmp_path / "two.onnx")
+    x = random_inputs(2)
+    got = Explainer(path, cache=False).explain(x, method="smoothgradcampp", samples=4)
+    want = Explainer(single, cache=False).explain(x, method="smoothgradcampp", samples=4)
+    for a, b in zip(got, want):
+        assert a.class_index == b.class_index and a.probability == pytest.approx(b.probability)
+        np.testing.assert_array_equal(a.raw_map, b.raw_map)
+    shown = run(["inspect", path])
+    assert "10 classes" in shown.output and "the class scores are read from 'probs'" in shown.output
+    assert ("its name says so" if first == "embedding" else "(the first)") in shown.output

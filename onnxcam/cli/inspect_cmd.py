@@ -16,7 +16,7 @@ from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph import external
 from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
-from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits, image_size
+from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits, image_size, score_output
 from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer, class_grid, is_class_score_layer
 from onnxcam.imaging import PRESETS, detect_layout
@@ -84,8 +84,14 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     graph = gs.import_onnx(preparation.model)
     graph.toposort()
     logits = find_logits(graph) if graph.outputs else None
+    if len(graph.outputs) > 1:
+        others = ", ".join(o.name for o in graph.outputs if o is not score_output(graph))
+        notes.append(f"the model has {len(graph.outputs)} outputs: the class scores are read from "
+                     f"'{score_output(graph).name}' ({'its name says so' if score_output(graph) is not graph.outputs[0] else 'the first'}); "
+                     f"not from {others}.")
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
-                         "pre_softmax": logits.name != graph.outputs[0].name,
+                         "output": score_output(graph).name,
+                         "pre_softmax": logits.name != score_output(graph).name,
                          "squashed": _squashed(graph, logits),
                          "argmax": "ArgMax" in _ops_after(graph, logits)} if logits is not None else None)
     grid, class_axis = (class_grid(logits, image_size(graph)) if logits is not None else None) or (None, -1)
@@ -156,8 +162,8 @@ def _squashed(graph: gs.Graph, logits: gs.Tensor) -> bool:
 
 
 def _ops_after(graph: gs.Graph, logits: gs.Tensor) -> list[str]:
-    """The ops from the logits to the model's first output."""
-    tensor = graph.outputs[0]
+    """The ops from the logits to the model's score output."""
+    tensor = score_output(graph)
     seen = []
     while tensor is not logits and len(tensor.inputs) == 1:
         seen.append(tensor.inputs[0].op)

@@ -30,13 +30,33 @@ class Candidate:
     layout: str = "NCHW"  # "NHWC": channels last (Swin's stages, tf2onnx's models); "NLC": ViT tokens
 
 
+#: Ends of output names that say "class scores" (see ``score_output_index``)
+SCORE_NAMES = ("logits", "scores", "probs", "prob", "probabilities", "predictions", "softmax")
+
+
+def score_output_index(names) -> int:
+    """Which of a model's outputs holds its class scores: the first whose name ends in one of
+    SCORE_NAMES when there are several (a model that outputs an embedding, then its logits),
+    else the first."""
+    names = list(names)
+    if len(names) > 1:
+        for index, name in enumerate(names):
+            if name.casefold().rstrip("_0123456789:").endswith(SCORE_NAMES):
+                return index
+    return 0
+
+
+def score_output(graph: gs.Graph) -> gs.Tensor:
+    return graph.outputs[score_output_index(t.name for t in graph.outputs)]
+
+
 def find_logits(graph: gs.Graph) -> gs.Tensor:
-    """The pre-softmax score tensor behind the model's first output, before any quantization of
-    it (a QDQ model's QuantizeLinear -> DequantizeLinear on its logits would clip the score to its
-    calibrated range, and the gradient of a clipped score is 0)."""
+    """The pre-softmax score tensor behind the model's score output (``score_output``), before
+    any quantization of it (a QDQ model's QuantizeLinear -> DequantizeLinear on its logits would
+    clip the score to its calibrated range, and the gradient of a clipped score is 0)."""
     if not graph.outputs:
         raise LayerError("the model has no outputs: nothing to explain")
-    output = _before_argmax(_before_quantization(graph.outputs[0]))
+    output = _before_argmax(_before_quantization(score_output(graph)))
     tensor = output
     while len(tensor.inputs) == 1:
         producer = tensor.inputs[0]

@@ -274,13 +274,26 @@ def test_a_torch_segmenter_that_upsamples_to_the_input_size_matches_autograd():
         assert explanation.to_dict()["region_fraction"] == pytest.approx(region.float().mean().item(), abs=1e-6)
 
 
-def test_evaluate_refuses_a_segmentation_model_in_one_line(tmp_path):
-    from tests.cli_helpers import assert_one_line_error
-    from tests.test_explainer import random_png
+def test_evaluate_scores_the_bundled_segmenter_on_the_localization_set():
+    """The manifest's class names map onto the segmenter's (after its background), its largest
+    regions are the labels, and the maps point into the shapes."""
+    from pathlib import Path
 
-    path = save_model(build_segmenter(), tmp_path / "seg.onnx")
-    random_png(tmp_path / "x.png", size=(16, 16))
-    assert_one_line_error(run(["evaluate", path, tmp_path]), "scores its classes per pixel (a segmentation model)")
+    from onnxcam.evaluation import evaluate, load_dataset
+
+    root = Path(__file__).resolve().parent.parent / "models"
+    explainer = Explainer(root / "shapes_segmenter.onnx")
+    dataset = load_dataset(root / "localization", labels=explainer.labels, num_classes=explainer.num_classes)
+    dataset.samples = dataset.samples[:24]
+    import json
+
+    manifest = json.loads((root / "localization" / "manifest.json").read_text(encoding="utf-8"))
+    assert [s.label for s in dataset.samples] == [entry["label"] + 1 for entry in manifest["images"][:24]]
+    result = evaluate(explainer, dataset, methods=["gradcam"], steps=8)
+    row = result.row("gradcam")
+    assert result.summary["accuracy"] == 1.0
+    assert row["pointing_game"] >= 0.95 and row["energy_pointing_game"] > 0.5
+    assert row["deletion_auc"] < row["insertion_auc"]
 
 
 def test_compare_and_check_predict_the_class_explain_picks(tmp_path):

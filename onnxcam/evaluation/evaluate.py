@@ -15,7 +15,11 @@ All metrics use the maps **at the model's input resolution** (the raw layer map 
 bilinearly to the input size and min-max normalised), the preprocessed inputs, and boxes/masks
 rescaled from the image's pixels to the input size; ``tolerance`` is in input pixels. The class
 explained and scored is the sample's label when it has one (``target="label"``, the default), else
-the model's prediction.
+the model's prediction. A segmentation model is scored as it is explained
+(``onnxcam.explain.regions``): its prediction is the class with the largest region, and a class's
+probability, on the image as on its perturbed copies, is its mean probability over the pixels it
+is predicted at there (over the whole image where it owns none); data set labels map onto its
+classes by name (a manifest's ``classes``), its background included.
 
 Work is bounded: the maps are kept at layer resolution (tiny) and the metrics run over chunks of
 images. Every method of one layer is computed from one set of passes (``Explainer.iter_explain``
@@ -36,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from onnxcam.cams import METHODS, canonical_method_name, normalize, upsample_bilinear
-from onnxcam.errors import DataError, ImageError, ModelError, OptionError
+from onnxcam.errors import DataError, ImageError, OptionError
 from onnxcam.evaluation.datasets import Dataset, Sample
 from onnxcam.evaluation.predictor import Predictor
 from onnxcam.explain.result import METHOD_TITLES
@@ -254,10 +258,6 @@ def evaluate(explainer, dataset: Dataset, methods: str | Sequence[str | MethodSp
     _check_number("tolerance", tolerance, low=0)
     _check_number("coverage threshold", coverage_threshold, low=0, high=1, open_low=True)
     _check_steps(steps)
-    if explainer.gradient_model.class_grid is not None:
-        raise ModelError(f"model '{explainer.model_name}' scores its classes per pixel (a segmentation model): "
-                         "evaluate's localization and faithfulness metrics score classifiers; use onnxcam "
-                         "check (its regions and pointing) or compare for such a model")
     predictor = Predictor(explainer, batch_size)
     bs = predictor.batch_size
     progress = progress or (lambda stage, done, total: None)
@@ -269,6 +269,7 @@ def evaluate(explainer, dataset: Dataset, methods: str | Sequence[str | MethodSp
     t0 = time.perf_counter()
     cache: dict[int, np.ndarray] = {}
     probabilities = np.empty((n, predictor.num_classes), dtype=np.float64)
+    predicted = np.empty(n, dtype=np.int64)
     keep = None
     for start in range(0, n, CHUNK):
         chunk = range(start, min(n, start + CHUNK))
@@ -279,9 +280,8 @@ def evaluate(explainer, dataset: Dataset, methods: str | Sequence[str | MethodSp
         if keep:
             for j, i in enumerate(chunk):
                 cache[i] = x[j]
-        probabilities[chunk.start:chunk.stop] = predictor(x)
+        probabilities[chunk.start:chunk.stop], predicted[chunk.start:chunk.stop] = predictor.predict(x)
         progress("predict", chunk.stop, n)
-    predicted = probabilities.argmax(axis=1)
     labels = [sample.label for sample in dataset.samples]
     classes = np.array([lab if (target == "label" and lab is not None) else int(p)
                         for lab, p in zip(labels, predicted)], dtype=np.int64)

@@ -277,6 +277,7 @@ def test_a_torch_segmenter_that_upsamples_to_the_input_size_matches_autograd():
 def test_evaluate_scores_the_bundled_segmenter_on_the_localization_set():
     """The manifest's class names map onto the segmenter's (after its background), its largest
     regions are the labels, and the maps point into the shapes."""
+    import json
     from pathlib import Path
 
     from onnxcam.evaluation import evaluate, load_dataset
@@ -285,8 +286,6 @@ def test_evaluate_scores_the_bundled_segmenter_on_the_localization_set():
     explainer = Explainer(root / "shapes_segmenter.onnx")
     dataset = load_dataset(root / "localization", labels=explainer.labels, num_classes=explainer.num_classes)
     dataset.samples = dataset.samples[:24]
-    import json
-
     manifest = json.loads((root / "localization" / "manifest.json").read_text(encoding="utf-8"))
     assert [s.label for s in dataset.samples] == [entry["label"] + 1 for entry in manifest["images"][:24]]
     result = evaluate(explainer, dataset, methods=["gradcam"], steps=8)

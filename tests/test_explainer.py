@@ -1117,4 +1117,29 @@ def test_a_model_with_several_outputs_is_explained_from_the_one_named_as_scores(
         np.testing.assert_array_equal(a.raw_map, b.raw_map)
     shown = run(["inspect", path])
     assert "10 classes" in shown.output and "the class scores are read from 'probs'" in shown.output
-    assert ("its name says so" if first == "embedding" else "(the first)") in shown.output
+    assert ("(its name says so" if first == "embedding" else "(the first;") in shown.output
+
+
+def test_the_metadata_names_the_score_output_whose_name_does_not_say_so(tmp_path):
+    from tests.cli_helpers import assert_one_line_error, run
+
+    single = build_cnn("mlp", seed=5)
+    model = onnx.ModelProto.FromString(single.SerializeToString())
+    model.graph.node.append(helper.make_node("Identity", ["probs"], ["out1"]))
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 16]),
+                               helper.make_tensor_value_info("out1", TensorProto.FLOAT, [1, 10])])
+    assert Explainer(model, cache=False).num_classes == 16  # no name says which: the first
+    onnx.helper.set_model_props(model, {"onnxcam.scores": "out1"})
+    path = save_model(model, tmp_path / "named.onnx")
+    x = random_inputs(2)
+    got = Explainer(path, cache=False).explain(x, method="gradcam")
+    want = Explainer(single, cache=False).explain(x, method="gradcam")
+    for a, b in zip(got, want):
+        assert a.class_index == b.class_index and a.probability == pytest.approx(b.probability)
+        np.testing.assert_array_equal(a.raw_map, b.raw_map)
+    assert "read from 'out1' (the metadata onnxcam.scores says so" in run(["inspect", path]).output
+    onnx.helper.set_model_props(model, {"onnxcam.scores": "nowhere"})
+    path = save_model(model, tmp_path / "wrong.onnx")
+    result = run(["explain", path, random_png(tmp_path / "a.png"), "--out", tmp_path / "out"])
+    assert_one_line_error(result, "onnxcam.scores='nowhere' names no output (its outputs: f, out1)")

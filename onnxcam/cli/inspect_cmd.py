@@ -16,7 +16,8 @@ from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph import external
 from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
-from onnxcam.graph.locate import SQUASHING, candidate_layers, find_logits, image_size, score_output
+from onnxcam.graph.locate import (SCORES_KEY, SQUASHING, candidate_layers, find_logits, image_size, score_output,
+                                  scores_named)
 from onnxcam.graph.prepare import load_model, model_opset, prepare
 from onnxcam.graph.rewrite import automatic_layer, class_grid, is_class_score_layer
 from onnxcam.imaging import PRESETS, detect_layout
@@ -83,17 +84,20 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     preparation = prepare(proto)
     graph = gs.import_onnx(preparation.model)
     graph.toposort()
-    logits = find_logits(graph) if graph.outputs else None
+    named = scores_named(proto)
+    logits = find_logits(graph, named) if graph.outputs else None
     if len(graph.outputs) > 1:
-        others = ", ".join(o.name for o in graph.outputs if o is not score_output(graph))
+        chosen = score_output(graph, named)
+        others = ", ".join(o.name for o in graph.outputs if o is not chosen)
+        why = (f"the metadata {SCORES_KEY} says so" if named else
+               "its name says so" if chosen is not graph.outputs[0] else "the first")
         notes.append(f"the model has {len(graph.outputs)} outputs: the class scores are read from "
-                     f"'{score_output(graph).name}' ({'its name says so' if score_output(graph) is not graph.outputs[0] else 'the first'}); "
-                     f"not from {others}.")
+                     f"'{chosen.name}' ({why}; the metadata {SCORES_KEY} can name another); not from {others}.")
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
-                         "output": score_output(graph).name,
-                         "pre_softmax": logits.name != score_output(graph).name,
-                         "squashed": _squashed(graph, logits),
-                         "argmax": "ArgMax" in _ops_after(graph, logits)} if logits is not None else None)
+                         "output": score_output(graph, named).name,
+                         "pre_softmax": logits.name != score_output(graph, named).name,
+                         "squashed": any(op in SQUASHING for op in _ops_after(graph, logits, named)),
+                         "argmax": "ArgMax" in _ops_after(graph, logits, named)} if logits is not None else None)
     grid, class_axis = (class_grid(logits, image_size(graph)) if logits is not None else None) or (None, -1)
     classes = logits.shape[class_axis] if logits is not None and logits.shape else None
     classes = classes if isinstance(classes, int) else None
@@ -156,14 +160,10 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     return report
 
 
-def _squashed(graph: gs.Graph, logits: gs.Tensor) -> bool:
-    """Whether a Softmax, LogSoftmax or Sigmoid lies between the logits and the output."""
-    return any(op in SQUASHING for op in _ops_after(graph, logits))
-
-
-def _ops_after(graph: gs.Graph, logits: gs.Tensor) -> list[str]:
-    """The ops from the logits to the model's score output."""
-    tensor = score_output(graph)
+def _ops_after(graph: gs.Graph, logits: gs.Tensor, named: str | None) -> list[str]:
+    """The ops from the logits to the model's score output (a Softmax, LogSoftmax or Sigmoid
+    among them: the output is squashed)."""
+    tensor = score_output(graph, named)
     seen = []
     while tensor is not logits and len(tensor.inputs) == 1:
         seen.append(tensor.inputs[0].op)

@@ -733,11 +733,11 @@ def _metadata_floats(model: onnx.ModelProto, key: str) -> list[float] | None:
 
 def _squashing(model: onnx.ModelProto) -> str:
     """"sigmoid" when the model's score output is a Sigmoid of its logits, else "softmax"."""
-    from onnxcam.graph.locate import score_output_index
+    from onnxcam.graph.locate import score_output_index, scores_named
 
     producers = {out: node for node in model.graph.node for out in node.output}
     original = [o.name for o in model.graph.output if not o.name.startswith("onnxcam_")]
-    name = original[score_output_index(original)] if original else ""
+    name = original[score_output_index(original, scores_named(model))] if original else ""
     passes = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
     for _ in range(64):
         node = producers.get(name)

@@ -32,13 +32,21 @@ class Candidate:
 
 #: Ends of output names that say "class scores" (see ``score_output_index``)
 SCORE_NAMES = ("logits", "scores", "probs", "prob", "probabilities", "predictions", "softmax")
+#: Model metadata naming the output that holds the class scores, for names that do not say so
+SCORES_KEY = "onnxcam.scores"
 
 
-def score_output_index(names) -> int:
-    """Which of a model's outputs holds its class scores: the first whose name ends in one of
+def score_output_index(names, named: str | None = None) -> int:
+    """Which of a model's outputs holds its class scores: the one the metadata ``named``
+    (ModelError when there is none of that name), else the first whose name ends in one of
     SCORE_NAMES when there are several (a model that outputs an embedding, then its logits),
     else the first."""
     names = list(names)
+    if named is not None:
+        if named not in names:
+            raise ModelError(f"the model's metadata {SCORES_KEY}={named!r} names no output (its outputs: "
+                             f"{', '.join(names)}): fix the metadata")
+        return names.index(named)
     if len(names) > 1:
         for index, name in enumerate(names):
             if name.casefold().rstrip("_0123456789:").endswith(SCORE_NAMES):
@@ -46,17 +54,22 @@ def score_output_index(names) -> int:
     return 0
 
 
-def score_output(graph: gs.Graph) -> gs.Tensor:
-    return graph.outputs[score_output_index(t.name for t in graph.outputs)]
+def scores_named(model) -> str | None:
+    """The output the model's metadata ``onnxcam.scores`` names, if any (a ModelProto)."""
+    return next((prop.value.strip() for prop in model.metadata_props if prop.key == SCORES_KEY), None)
 
 
-def find_logits(graph: gs.Graph) -> gs.Tensor:
+def score_output(graph: gs.Graph, named: str | None = None) -> gs.Tensor:
+    return graph.outputs[score_output_index((t.name for t in graph.outputs), named)]
+
+
+def find_logits(graph: gs.Graph, named: str | None = None) -> gs.Tensor:
     """The pre-softmax score tensor behind the model's score output (``score_output``), before
     any quantization of it (a QDQ model's QuantizeLinear -> DequantizeLinear on its logits would
     clip the score to its calibrated range, and the gradient of a clipped score is 0)."""
     if not graph.outputs:
         raise LayerError("the model has no outputs: nothing to explain")
-    output = _before_argmax(_before_quantization(score_output(graph)))
+    output = _before_argmax(_before_quantization(score_output(graph, named)))
     tensor = output
     while len(tensor.inputs) == 1:
         producer = tensor.inputs[0]

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcam.errors import LayerError, ModelError, UnsupportedOperatorError
-from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, image_size, layer_layout,
+from onnxcam.graph.locate import (Candidate, candidate_layers, find_logits, image_size, layer_layout, scores_named,
                                   resolve_tensor, token_grid)
 from onnxcam.graph.batch_axis import Batch, Lost, Unknown, batch_is_consistent
 from onnxcam.graph.prepare import BATCH_DIM, Prepared, load_model, prepare
@@ -73,7 +73,7 @@ def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str 
     dtype = graph.inputs[0].dtype or np.float32
     _refuse_integer_arithmetic(graph)
 
-    found = find_logits(graph)
+    found = find_logits(graph, scores_named(prepared))
     built_in = _batch_built_in(found, preparation)
     pixel_grid, class_axis = class_grid(found, image_size(graph)) or (None, 1)
     if score is None and pixel_grid is None:

@@ -399,7 +399,7 @@ class Explainer:
             t4 = time.perf_counter()
             timings.update(preprocess_s=preprocess_s, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
                            cam_s=t4 - t3, images=len(chunk))
-            facts = self._target_facts(clean, regions)
+            facts = self._target_facts(clean)
             per_image: dict[int, dict[str, list[Explanation]]] = {row: {} for row in range(len(chunk))}
             for name, cam in cams.items():
                 result = computed[name]
@@ -622,20 +622,21 @@ class Explainer:
     def session_dtype(self) -> np.dtype:
         return self._session(self.gradient_model).input_dtype
 
-    def _target_facts(self, clean: passes.CleanPass, regions: PixelClasses | None) -> list[tuple]:
+    def _target_facts(self, clean: passes.CleanPass) -> list[tuple]:
         """Per (image, target) pair of ``clean``: (score, probability, region, region's share of
         the pixels). A class's logit and probability; a segmentation class's logits summed over
         its region, their mean probability there, the region and its share; Nones for a neuron."""
-        if regions is None:
+        if clean.regions is None:
             scores, probabilities = clean.logits, self._probabilities(clean.logits)
         else:
-            scores, probabilities, fractions, owned = regions.summary(clean.logits)
+            scores, probabilities, fractions, owned = clean.regions.summary()
         facts = []
         for row, cls in zip(clean.pair_image.tolist(), clean.pair_class):
             if cls is None:
                 facts.append((None, None, None, None))
             else:
-                region, fraction = (None, None) if regions is None else (owned[row, cls], float(fractions[row, cls]))
+                region, fraction = ((None, None) if clean.regions is None
+                                    else (owned[row, cls], float(fractions[row, cls])))
                 facts.append((float(scores[row, cls]), float(probabilities[row, cls]), region, fraction))
         return facts
 

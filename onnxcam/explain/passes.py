@@ -20,7 +20,7 @@ import numpy as np
 from onnxcam.explain import targets as tg
 from onnxcam.explain.noise import (NOISE_BANK_MEMORY, chunk_bounds, fill_noisy, noise_sigma, noisy_batches,
                                   standard_normal_stack)
-from onnxcam.explain.regions import PixelClasses
+from onnxcam.explain.regions import PixelClasses, PixelReadout
 from onnxcam.graph import noisy
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, GradientModel
 from onnxcam.runtime.prefetch import prefetched
@@ -37,6 +37,7 @@ class CleanPass:
     activation: np.ndarray      # (R, K, h, w)
     gradient: np.ndarray | None  # (R, K, h, w); None when no method needs the clean gradient
     logits: np.ndarray          # (G, classes)
+    regions: PixelReadout | None = None  # a segmentation model's logits, read once
 
 
 def plan_sessions(session: GradientSession, class_lists, k, neuron_mode, count, batch,
@@ -124,17 +125,18 @@ def region_clean_pass(session: GradientSession, inputs: np.ndarray, class_lists,
     else:
         zero = np.zeros((count, int(np.prod(session.gradient_model.seed_shape[1:]))), dtype=np.float32)
         activation, _, logits = full_runs(session, inputs, zero, batch)
-    lists = class_lists if class_lists is not None else regions.top_classes(logits, k)
+    readout = regions.read(logits)
+    lists = class_lists if class_lists is not None else readout.top_classes(k)
     pair_image = np.array([row for row, cs in enumerate(lists) for _ in cs])
     pair_class = [c for cs in lists for c in cs]
-    seeds = regions.seeds(logits, pair_image, pair_class)
+    seeds = readout.seeds(pair_image, pair_class)
     pair_activation = activation[pair_image]
     gradient = None
     if need_gradient and split:
         (gradient,) = chunked(lambda s: (session.head(pair_activation[s], seeds[s]),), len(pair_image), batch)
     elif need_gradient:
         pair_activation, gradient, _ = full_runs(session, inputs[pair_image], seeds, batch)
-    return CleanPass(pair_image, pair_class, seeds, pair_activation, gradient, logits)
+    return CleanPass(pair_image, pair_class, seeds, pair_activation, gradient, logits, readout)
 
 
 def noisy_passes(session: GradientSession, inputs: np.ndarray, clean: CleanPass,

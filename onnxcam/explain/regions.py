@@ -10,6 +10,7 @@ for every noisy sample of Smooth Grad-CAM++: it is the score being explained.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,24 +63,45 @@ class PixelClasses:
         exp = np.exp(planes - planes.max(axis=1, keepdims=True))
         return exp / exp.sum(axis=1, keepdims=True)
 
+    def read(self, logits: np.ndarray) -> PixelReadout:
+        """``logits`` read once, for every question asked of them (``PixelReadout``)."""
+        return PixelReadout(self, logits)
+
+    # one question each, for callers that ask only one
     def top_classes(self, logits: np.ndarray, k: int) -> list[list[int]]:
-        """Per image the k classes with the largest regions (ties: the more probable, then the
-        lower index), background classes last unless nothing else owns a pixel."""
-        return self._ranked(self.owned(logits), self.probabilities(logits), k)
+        return self.read(logits).top_classes(k)
 
     def predicted(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(G, classes) each class's mean probability over its region and (G,) the top class:
-        what ``compare`` and ``check`` predict, the regions and probabilities made once."""
-        owned, probabilities = self.owned(logits), self.probabilities(logits)
-        where = _region_or_image(owned)
-        mean = (probabilities * where).sum(axis=(2, 3)) / where.sum(axis=(2, 3))
-        return mean, np.array([row[0] for row in self._ranked(owned, probabilities, 1)])
+        return self.read(logits).predicted()
 
-    def _ranked(self, owned: np.ndarray, probabilities: np.ndarray, k: int) -> list[list[int]]:
-        owned = owned.sum(axis=(2, 3))
-        mean_probability = probabilities.mean(axis=(2, 3))
-        index = np.arange(self.classes)
-        background = np.isin(index, self.background)
+    def seeds(self, logits: np.ndarray, rows: Sequence[int], classes: Sequence[int],
+              dtype=np.float32) -> np.ndarray:
+        return self.read(logits).seeds(rows, classes, dtype)
+
+    def summary(self, logits: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self.read(logits).summary()
+
+
+class PixelReadout:
+    """A batch of flattened logits read once: the regions, and the per-pixel probabilities when
+    first asked for, which the targets, the seeds and the records all come from (a DeepLab
+    image's are 5.7 million values; the clean pass asks three questions of them)."""
+
+    def __init__(self, pixel_classes: PixelClasses, logits: np.ndarray):
+        self.pixel_classes, self.logits = pixel_classes, logits
+        self.owned = pixel_classes.owned(logits)
+
+    @functools.cached_property
+    def probabilities(self) -> np.ndarray:
+        return self.pixel_classes.probabilities(self.logits)
+
+    def top_classes(self, k: int) -> list[list[int]]:
+        """Per image the k classes with the largest regions (ties: the more probable, then the
+        lower index), background classes last unless nothing else owns a pixel."""
+        owned = self.owned.sum(axis=(2, 3))
+        mean_probability = self.probabilities.mean(axis=(2, 3))
+        index = np.arange(self.pixel_classes.classes)
+        background = np.isin(index, self.pixel_classes.background)
         chosen = []
         for pixels, probability in zip(owned, mean_probability):
             late = background & (pixels[~background].sum() > 0)
@@ -87,29 +109,34 @@ class PixelClasses:
             chosen.append([int(c) for c in order[:k]])
         return chosen
 
-    def seeds(self, logits: np.ndarray, rows: Sequence[int], classes: Sequence[int],
-              dtype=np.float32) -> np.ndarray:
+    def predicted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(G, classes) each class's mean probability over its region and (G,) the top class:
+        what ``compare``, ``check`` and ``evaluate`` predict."""
+        where = _region_or_image(self.owned)
+        mean = (self.probabilities * where).sum(axis=(2, 3)) / where.sum(axis=(2, 3))
+        return mean, np.array([row[0] for row in self.top_classes(1)])
+
+    def seeds(self, rows: Sequence[int], classes: Sequence[int], dtype=np.float32) -> np.ndarray:
         """(len(classes), classes * H * W): for each (image row, class), the class's region
         (the whole plane where it owns no pixel) on its plane."""
-        owned = self.owned(logits)
-        seeds = np.zeros((len(classes), self.classes, *self.grid), dtype=dtype)
+        pc = self.pixel_classes
+        seeds = np.zeros((len(classes), pc.classes, *pc.grid), dtype=dtype)
         for i, (row, cls) in enumerate(zip(rows, classes)):
-            region = owned[row, cls]
+            region = self.owned[row, cls]
             seeds[i, cls] = region if region.any() else 1
-        if self.channels_last:
+        if pc.channels_last:
             seeds = seeds.transpose(0, 2, 3, 1)
         return np.ascontiguousarray(seeds).reshape(len(classes), -1)
 
-    def summary(self, logits: np.ndarray) -> tuple[np.ndarray, ...]:
+    def summary(self) -> tuple[np.ndarray, ...]:
         """Per image and class, (G, classes) each: the score (the logits summed over the class's
         region, or over the image where it owns no pixel), the probability (their mean there),
         the share of the pixels the region covers; and the regions (G, classes, H, W)."""
-        owned = self.owned(logits)
-        where = _region_or_image(owned)
+        where = _region_or_image(self.owned)
         counts = where.sum(axis=(2, 3))
-        scores = (np.asarray(self.planes(logits), dtype=np.float64) * where).sum(axis=(2, 3))
-        probabilities = (self.probabilities(logits) * where).sum(axis=(2, 3)) / counts
-        return scores, probabilities, owned.mean(axis=(2, 3)), owned
+        scores = (np.asarray(self.pixel_classes.planes(self.logits), dtype=np.float64) * where).sum(axis=(2, 3))
+        probabilities = (self.probabilities * where).sum(axis=(2, 3)) / counts
+        return scores, probabilities, self.owned.mean(axis=(2, 3)), self.owned
 
 
 def _region_or_image(owned: np.ndarray) -> np.ndarray:

@@ -86,18 +86,18 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     graph.toposort()
     named = scores_named(proto)
     logits = find_logits(graph, named) if graph.outputs else None
+    output = score_output(graph, named) if graph.outputs else None
     if len(graph.outputs) > 1:
-        chosen = score_output(graph, named)
-        others = ", ".join(o.name for o in graph.outputs if o is not chosen)
+        others = ", ".join(o.name for o in graph.outputs if o is not output)
         why = (f"the metadata {SCORES_KEY} says so" if named else
-               "its name says so" if chosen is not graph.outputs[0] else "the first")
+               "its name says so" if output is not graph.outputs[0] else "the first")
         notes.append(f"the model has {len(graph.outputs)} outputs: the class scores are read from "
-                     f"'{chosen.name}' ({why}; the metadata {SCORES_KEY} can name another); not from {others}.")
+                     f"'{output.name}' ({why}; the metadata {SCORES_KEY} can name another); not from {others}.")
+    after = _ops_between(logits, output) if logits is not None else []
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
-                         "output": score_output(graph, named).name,
-                         "pre_softmax": logits.name != score_output(graph, named).name,
-                         "squashed": any(op in SQUASHING for op in _ops_after(graph, logits, named)),
-                         "argmax": "ArgMax" in _ops_after(graph, logits, named)} if logits is not None else None)
+                         "output": output.name, "pre_softmax": logits.name != output.name,
+                         "squashed": any(op in SQUASHING for op in after),
+                         "argmax": "ArgMax" in after} if logits is not None else None)
     grid, class_axis = (class_grid(logits, image_size(graph)) if logits is not None else None) or (None, -1)
     classes = logits.shape[class_axis] if logits is not None and logits.shape else None
     classes = classes if isinstance(classes, int) else None
@@ -160,10 +160,10 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     return report
 
 
-def _ops_after(graph: gs.Graph, logits: gs.Tensor, named: str | None) -> list[str]:
+def _ops_between(logits: gs.Tensor, output: gs.Tensor) -> list[str]:
     """The ops from the logits to the model's score output (a Softmax, LogSoftmax or Sigmoid
     among them: the output is squashed)."""
-    tensor = score_output(graph, named)
+    tensor = output
     seen = []
     while tensor is not logits and len(tensor.inputs) == 1:
         seen.append(tensor.inputs[0].op)

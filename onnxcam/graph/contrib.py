@@ -283,7 +283,7 @@ def _skip_sum(emit: Emitter, bias: int) -> str:
 
 def _rms_norm(emit: Emitter, x: str, scale: str, y: str, axis: int, epsilon: float) -> None:
     """x / sqrt(mean(x^2 over the axes from ``axis`` on) + epsilon) * scale."""
-    rank = _rank(emit, x)
+    rank = None if axis == -1 else _rank(emit, x)  # shape inference only for another axis
     if axis == -1 or (rank is not None and axis % rank == rank - 1):
         axes = [-1]
     elif rank is not None:

@@ -8,7 +8,7 @@ import os
 import click
 
 from onnxcam.cli.common import echo_json
-from onnxcam.runtime.cache import DEFAULT_SIZE, cache_budget, cache_dir, cached_models, prune
+from onnxcam.runtime.cache import DEFAULT_SIZE, cache_budget, cache_dir, cached_models, is_remembered_hash, prune
 
 
 @click.command("cache", short_help="Show the cache of rewritten models, or empty it.",
@@ -37,7 +37,7 @@ def cache(clear: bool, as_json: bool) -> None:
         removed = len(before) - len(cached_models()[0])
     entries, others = cached_models()
     weights = [stat.st_size for path, stat in others if path.suffix == ".weights"]
-    digests = sum(1 for path, _ in others if path.suffix == ".sha256" and not path.name.startswith("."))
+    digests = sum(1 for path, _ in others if is_remembered_hash(path))
     unfinished = len(others) - len(weights) - digests
     total = sum(entry.nbytes for entry in entries) + sum(weights)
     if as_json:

@@ -476,7 +476,7 @@ def prune(budget: int, keep: str | None = None) -> int:
         if path.suffix == ".weights":
             if (budget == 0 or now - stat.st_mtime > LEFTOVER_AGE_S) and remove_unless_held(path):
                 total -= stat.st_size
-        elif path.suffix == ".sha256" and _ENTRY.fullmatch(path.name):
+        elif is_remembered_hash(path):
             if budget == 0 or now - stat.st_mtime > DIGEST_AGE_S:
                 _remove(path)
                 total -= stat.st_size
@@ -488,6 +488,12 @@ def prune(budget: int, keep: str | None = None) -> int:
 
 _ENTRY = re.compile(r"(?P<key>[0-9a-f]{64})\.(?:onnx|json|weights|sha256)")
 _TEMPORARY = re.compile(r"\.(?P<key>[0-9a-f]{64})\.[0-9a-f]{8}\.tmp\.(?:onnx|json|weights|sha256)")  # onnxcam.atomic's
+
+
+def is_remembered_hash(path: Path) -> bool:
+    """Whether ``path``, one of ``cached_models``' other files, is a remembered SHA-256 (not the
+    temporary file of one being written)."""
+    return path.suffix == ".sha256" and _ENTRY.fullmatch(path.name) is not None
 
 
 def _ours(path: Path) -> bool:

@@ -111,7 +111,11 @@ class Emitter:
         producer = dy.inputs[0] if dy.inputs else None
         if producer is not None and producer.op == "Expand":
             dy = producer.inputs[0]
-        return self.op("Mul", dy, self.op("Cast", cond, to=int(helper.np_dtype_to_tensor_dtype(self.dtype))))
+        return self.op("Mul", dy, self.to_float(cond))
+
+    def to_float(self, t: Tensor) -> Tensor:
+        """``t`` (a mask, a count) cast to the gradient's float type."""
+        return self.op("Cast", t, to=int(helper.np_dtype_to_tensor_dtype(self.dtype)))
 
     def unbroadcast(self, dy: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Sum ``dy`` (shaped like the broadcast result ``y``) back to the shape of operand ``x``."""

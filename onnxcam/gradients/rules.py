@@ -198,8 +198,7 @@ def _where(em, node, dy):
     carries none (dynamo's attention writes ``Where(IsNaN(p), 0, p)`` after the Softmax)."""
     cond, a, b = node.inputs
     y = _y(node)
-    dtype = int(onnx.helper.np_dtype_to_tensor_dtype(em.dtype))
-    taken = em.op("Cast", cond, to=dtype)
+    taken = em.to_float(cond)
     da = em.unbroadcast(em.op("Mul", dy[0], taken), a, y) if em.wants(a) else None
     db = (em.unbroadcast(em.op("Mul", dy[0], em.op("Sub", em.const(1.0), taken)), b, y)
           if em.wants(b) else None)
@@ -246,8 +245,7 @@ def _leaky_relu(em, node, dy):
     alpha = node.attrs.get("alpha", 0.01)
     positive = em.op("Greater", _x(node), em.const(0.0))
     if 0.0 <= alpha <= 1.0:
-        dtype = int(onnx.helper.np_dtype_to_tensor_dtype(em.dtype))
-        return [em.op("Mul", dy[0], em.op("Max", em.op("Cast", positive, to=dtype), em.const(alpha)))]
+        return [em.op("Mul", dy[0], em.op("Max", em.to_float(positive), em.const(alpha)))]
     return [em.where(positive, dy[0], em.op("Mul", dy[0], em.const(alpha)))]
 
 
@@ -258,8 +256,7 @@ def _prelu(em, node, dy):
     x, slope = node.inputs
     if em.wants(slope):
         _unsupported(node, "the gradient with respect to the slope is not supported")
-    dtype = int(onnx.helper.np_dtype_to_tensor_dtype(em.dtype))
-    positive = em.op("Cast", em.op("Greater", x, em.const(0.0)), to=dtype)
+    positive = em.to_float(em.op("Greater", x, em.const(0.0)))
     local = em.op("Add", em.op("Mul", positive, em.op("Sub", em.const(1.0), slope)), slope)
     return [em.op("Mul", dy[0], local), None]
 
@@ -680,8 +677,7 @@ def _global_average_pool(em, node, dy):
 
 def _size_ratio(em, small, large):
     """Size(small) / Size(large) as a float scalar, for reductions over symbolic axes."""
-    as_float = lambda t: em.op("Cast", em.op("Size", t), to=onnx.helper.np_dtype_to_tensor_dtype(em.dtype))
-    return em.op("Div", as_float(small), as_float(large))
+    return em.op("Div", em.to_float(em.op("Size", small)), em.to_float(em.op("Size", large)))
 
 
 def _reduce_axes(node: gs.Node, rank: int) -> list[int] | None:
@@ -734,7 +730,7 @@ def _reduce_l2(em, node, dy):
 
 def _max_gradient(em, x, y_kept, dy_kept, axes):
     """Route dy to the maxima, shared evenly among ties (as torch.amax does)."""
-    hits = em.op("Cast", em.op("Equal", x, y_kept), to=onnx.helper.np_dtype_to_tensor_dtype(em.dtype))
+    hits = em.to_float(em.op("Equal", x, y_kept))
     ties = em.reduce_sum(hits, axes, keepdims=True)
     return em.op("Mul", hits, em.op("Div", dy_kept, ties))
 
@@ -766,7 +762,7 @@ def _along_quantization_axis(em, node, t, rank):
     is, per axis reshaped to lie along ``axis``; blocked quantization is not supported."""
     if node.attrs.get("block_size", 0):
         _unsupported(node, "blocked quantization (block_size) is not supported")
-    t = em.op("Cast", t, to=int(onnx.helper.np_dtype_to_tensor_dtype(em.dtype)))
+    t = em.to_float(t)
     shape = static_shape(node.inputs[1])
     if len(shape) == 0 or shape == [1]:
         return t

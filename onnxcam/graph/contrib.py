@@ -66,6 +66,10 @@ class Emitter:
                 return value.decode() if isinstance(value, bytes) else value
         return default
 
+    def attrs(self, *names: str) -> dict:
+        """The node's attributes of these names that it has, to pass on to a standard node."""
+        return {a.name: helper.get_attribute_value(a) for a in self.node.attribute if a.name in names}
+
     def input(self, index: int) -> str | None:
         """The node's input ``index``, None where it is absent or left empty."""
         return self.node.input[index] if len(self.node.input) > index and self.node.input[index] else None
@@ -162,10 +166,8 @@ def _activation(emit: Emitter, kind: str | None, params: list[float], x: str, y:
 @decomposition("FusedConv")
 def _fused_conv(emit: Emitter) -> None:
     """act(Conv(X, W, B) + Z)."""
-    conv_attrs = {a.name: helper.get_attribute_value(a) for a in emit.node.attribute
-                  if a.name in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
     inputs = [emit.input(0), emit.input(1)] + ([emit.input(2)] if emit.input(2) else [])
-    y = emit("Conv", inputs, **conv_attrs)
+    y = emit("Conv", inputs, **emit.attrs("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
     if emit.input(3):
         y = emit("Add", [y, emit.input(3)])
     _activation(emit, emit.attr("activation"), list(emit.attr("activation_params", [])), y, emit.output(0))
@@ -174,10 +176,8 @@ def _fused_conv(emit: Emitter) -> None:
 @decomposition("FusedGemm")
 def _fused_gemm(emit: Emitter) -> None:
     """act(Gemm(A, B, C)), the activation's parameters in activation_alpha, _beta."""
-    gemm_attrs = {a.name: helper.get_attribute_value(a) for a in emit.node.attribute
-                  if a.name in ("alpha", "beta", "transA", "transB")}
     inputs = [emit.input(0), emit.input(1)] + ([emit.input(2)] if emit.input(2) else [])
-    y = emit("Gemm", inputs, **gemm_attrs)
+    y = emit("Gemm", inputs, **emit.attrs("alpha", "beta", "transA", "transB"))
     params = [emit.attr("activation_alpha", 0.01), emit.attr("activation_beta", 0.5)]
     kind = emit.attr("activation")
     if kind == "HardSigmoid":

@@ -22,6 +22,7 @@ from PIL import Image
 from onnxcam import Explainer, Explanation
 from onnxcam.cams import get_method
 from onnxcam.errors import ImageError, LayerError, OptionError, TargetError
+from onnxcam.explain import noise as noise_module
 
 ROOT = Path(__file__).resolve().parents[1]
 EFFICIENTNET = ROOT / "models" / "efficientnet_lite0.onnx"
@@ -286,17 +287,26 @@ def test_noise_made_in_the_graph_gives_the_numpy_paths_maps(mlp_head_model, aver
         assert in_graph.session.calls[NOISY] == 1 + math.ceil(3 * 5 / 4)
         assert in_graph.session.calls[FULL] == 0
     assert numpy_noise.session.calls[NOISY] == 0
+    noise_module.BANK.clear()  # another test may have drawn seed 12
+    noise_module.BANK.standard_normals(11, range(5), inputs.shape[1:], np.float32)
+    draws = []
+    real_generator = noise_module.sample_generator
+    monkeypatch.setattr(noise_module, "sample_generator", lambda *a: draws.append(a) or real_generator(*a))
     again = in_graph.explain(inputs[:1], samples=5, seed=11, averaging=averaging)
     np.testing.assert_array_equal(again[0].raw_map, got[0].raw_map)
-    assert len(made) == 1  # the bank stayed bound between the two calls
+    # the bank front stays bound between the two calls; the input front (moments on the CPU)
+    # adds the process bank's own arrays, never a stacked copy
+    assert len(made) == (0 if averaging == "moments" else 1) and draws == []
     in_graph.explain(inputs[:1], samples=5, seed=12, averaging=averaging)
-    assert len(made) == 2
+    assert len(made) == (0 if averaging == "moments" else 2)
+    assert sorted(draws) == [(12, s) for s in range(5)]
 
 
 def test_a_bank_over_the_budget_is_bound_a_run_at_a_time(mlp_head_model, monkeypatch):
     """Where n samples would not fit NOISE_BANK_MEMORY, each run binds only its own samples:
     memory bounded by the batch, and the same maps, bit for bit."""
     import onnxcam.explain.passes as passes_module
+    from onnxcam.runtime.session import NOISY
 
     inputs = random_inputs(2, seed=23)
     whole = Explainer(mlp_head_model, layer="a1", batch_size=4).explain(inputs, samples=9, seed=5)
@@ -305,11 +315,32 @@ def test_a_bank_over_the_budget_is_bound_a_run_at_a_time(mlp_head_model, monkeyp
     monkeypatch.setattr(passes_module, "standard_normal_stack",
                         lambda *a, **k: made.append((a[1], k.get("first", 0))) or real_stack(*a, **k))
     monkeypatch.setattr(passes_module, "NOISE_BANK_MEMORY", 4 * 3 * 32 * 32 * 8)  # 8 samples
+    monkeypatch.setattr(Explainer, "_fused_kind", staticmethod(lambda session: NOISY))  # the CUDA path's
     parts = Explainer(mlp_head_model, layer="a1", batch_size=4).explain(inputs, samples=9, seed=5)
     for a, b in zip(whole, parts):
         assert np.array_equal(a.raw_map, b.raw_map) and a.class_index == b.class_index
     # 10 rows per image in runs of 3, 3, 4: the clean row and samples 0-1, then 2-4, then 5-8
     assert made == [(2, 0), (3, 2), (4, 5)] * 2
+
+
+def test_a_small_noise_bank_keeps_the_maps_and_its_budget(mlp_head_model, monkeypatch):
+    """The CPU's input front reads the process's noise bank: one that holds only some of the n
+    samples keeps its first ones and draws the others again for each image, within its budget,
+    and the maps are the same, bit for bit."""
+    import onnxcam.explain.passes as passes_module
+
+    inputs = random_inputs(2, seed=23)
+    whole = Explainer(mlp_head_model, layer="a1", batch_size=4).explain(inputs, samples=9, seed=6)
+    small = noise_module.NoiseBank(budget=4 * 3 * 32 * 32 * 4)  # 4 samples
+    monkeypatch.setattr(passes_module, "BANK", small)
+    draws = []
+    real_generator = noise_module.sample_generator
+    monkeypatch.setattr(noise_module, "sample_generator", lambda *a: draws.append(a) or real_generator(*a))
+    parts = Explainer(mlp_head_model, layer="a1", batch_size=4).explain(inputs, samples=9, seed=6)
+    for a, b in zip(whole, parts):
+        assert np.array_equal(a.raw_map, b.raw_map) and a.class_index == b.class_index
+    assert small.nbytes == 4 * 3 * 32 * 32 * 4
+    assert sorted(draws) == sorted([(6, s) for s in range(9)] + [(6, s) for s in range(4, 9)])
 
 
 @pytest.mark.parametrize("targets", [None, [4, 0]])

@@ -203,7 +203,7 @@ def test_layer_beside_a_skip_connection_cannot_be_cut_but_still_explains(tmp_pat
 
 
 def test_batch_size_is_bounded_and_overridable(model_path):
-    assert Explainer(model_path, device="cpu").batch_size == MAX_BATCH == 8
+    assert Explainer(model_path, device="cpu").batch_size == MAX_BATCH == 16
     assert Explainer(model_path, batch_size=3).batch_size == 3
     with pytest.raises(OptionError, match="batch size"):
         Explainer(model_path, batch_size=0)
@@ -616,6 +616,21 @@ def test_noise_bank_serves_the_values_it_would_draw_and_keeps_to_its_budget():
     tiny = NoiseBank(budget=one - 1)
     tiny.standard_normal(7, 0, shape, np.float32)
     assert tiny.nbytes == 0
+
+
+def test_noise_bank_serves_several_samples_as_its_own_arrays_kept_in_order():
+    shape = (3, 8, 8)
+    one = 4 * 3 * 8 * 8
+    bank = NoiseBank(budget=3 * one)
+    drawn = bank.standard_normals(7, range(2, 7), shape, np.float32)
+    for s, values in zip(range(2, 7), drawn):
+        assert np.array_equal(values, sample_generator(7, s).standard_normal(shape, dtype=np.float32))
+        assert not values.flags.writeable
+    # drawn on several threads, offered in order: the first three are the ones kept
+    again = bank.standard_normals(7, range(2, 7), shape, np.float32)
+    assert [a is b for a, b in zip(again, drawn)] == [True, True, True, False, False]
+    assert bank.standard_normal(7, 3, shape, np.float32) is drawn[1]
+    assert bank.nbytes == 3 * one and bank.standard_normals(7, [], shape, np.float32) == []
 
 
 def test_noisy_batches_give_the_same_inputs_with_or_without_the_bank():

@@ -80,11 +80,12 @@ from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientS
 
 #: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
 BATCH_MEMORY = 256 * 2**20
-#: Measured on 2 cores (scripts/bench.py's models, 25 inputs through the rewritten model): batch 8
-#: was as fast as 16 or 25 on ResNet-50 and 5-10% faster on MobileNetV2 and EfficientNet-Lite0,
-#: whose activations at batch 16 outgrow the caches; batch 1 was 10-20% slower. A cap of 8 also
-#: keeps peak memory the same for n = 25 and n = 200 samples.
-MAX_BATCH = 8
+#: Measured on 2 cores (scripts/bench.py's models, one image with n = 25 samples: 26 rows with
+#: the clean one): a cap of 16 (two runs of 13) took 3-6% less time than a cap of 8 (four runs
+#: of 6-7) on MobileNetV2, EfficientNet-Lite0 and VGG-16, the same on ResNet-50; Grad-CAM++ of
+#: 25 images took the same time at both. It costs peak memory (ResNet-50 473 -> 562 MiB,
+#: VGG-16 1654 -> 1876 MiB), bounded by the batch whatever the number of samples.
+MAX_BATCH = 16
 #: On a GPU one run of many rows costs little more than one of a few (the kernels are not full
 #: at batch 8): a Smooth Grad-CAM++ image with n = 25 then fits in one run with its clean row.
 CUDA_BATCH_MEMORY = 1024 * 2**20

@@ -85,10 +85,28 @@ class NoiseBank:
             if kept is not None:
                 self._groups.move_to_end(group)
                 return kept
-        values = sample_generator(seed, sample).standard_normal(shape, dtype=dtype)
-        values.flags.writeable = False
+        values = _drawn(seed, sample, shape, dtype)
         self._keep(group, sample, values)
         return values
+
+    def standard_normals(self, seed: int, samples, shape: tuple, dtype) -> list[np.ndarray]:
+        """``z_s`` for each ``s`` of ``samples`` (read-only): the bank's own arrays where kept
+        (no copy), the others drawn on the noise threads (a new seed's draws take half the
+        time) and then offered to the bank in order."""
+        dtype = np.dtype(dtype)
+        group = (seed, tuple(shape), dtype.str)
+        samples = [int(sample) for sample in samples]
+        with self._lock:
+            kept = self._groups.get(group, {})
+            found = [kept.get(sample) for sample in samples]
+            if kept:
+                self._groups.move_to_end(group)
+        missing = [i for i, values in enumerate(found) if values is None]
+        drawn = list(_pool().map(lambda i: _drawn(seed, samples[i], shape, dtype), missing))
+        for i, values in zip(missing, drawn):
+            found[i] = values
+            self._keep(group, samples[i], values)
+        return found
 
     def clear(self) -> None:
         with self._lock:
@@ -107,6 +125,12 @@ class NoiseBank:
                 samples[sample] = values
                 self._bytes += values.nbytes
             self._groups.move_to_end(group)
+
+
+def _drawn(seed: int, sample: int, shape: tuple, dtype) -> np.ndarray:
+    values = sample_generator(seed, sample).standard_normal(shape, dtype=dtype)
+    values.flags.writeable = False
+    return values
 
 
 #: The process-wide bank used by ``noisy_batches``.
@@ -174,10 +198,17 @@ def noisy_batches(images: np.ndarray, samples: int, noise_level: float, seed: in
         yield NoisyBatch(rows=rows, sample=sample, inputs=inputs)
 
 
-def fill_noisy(out: np.ndarray, image: np.ndarray, noise: np.ndarray, scales) -> np.ndarray:
-    """``out[i] = image + scales[i] * noise[i]`` (float32 product, then sum: the noisy model's
-    bank front gives the same bits), the rows shared among the noise threads."""
-    list(_pool().map(lambda i: _add_noise(out[i], image, noise[i], float(scales[i])), range(len(out))))
+def fill_noisy(out: np.ndarray, image: np.ndarray, noise: list[np.ndarray | None], sigma: float) -> np.ndarray:
+    """``out[i] = image + sigma * noise[i]`` (float32 product, then sum: the noisy model's bank
+    front gives the same bits), or the image itself where ``noise[i]`` is None (its clean row),
+    row after row in this thread. Between two runs the noise threads cost more than they share:
+    13 rows of 3x224x224 took 1.3 ms on 2 threads and 0.8 ms on one, and MobileNetV2's n = 25
+    explanation 1-4% less time in all."""
+    for row, values in zip(out, noise):
+        if values is None:
+            row[...] = image
+        else:
+            _add_noise(row, image, values, sigma)
     return out
 
 

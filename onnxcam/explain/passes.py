@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcam.explain import targets as tg
-from onnxcam.explain.noise import (NOISE_BANK_MEMORY, chunk_bounds, fill_noisy, noise_sigma, noisy_batches,
+from onnxcam.explain.noise import (BANK, NOISE_BANK_MEMORY, chunk_bounds, fill_noisy, noise_sigma, noisy_batches,
                                   standard_normal_stack)
 from onnxcam.explain.regions import PixelClasses, PixelReadout
 from onnxcam.graph import noisy
@@ -217,17 +217,16 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
 
     The bank of standard normal samples stays bound between calls when it fits
     ``NOISE_BANK_MEMORY``; a larger one is bound a run's samples at a time, so memory stays
-    bounded by the batch. With ``input_front`` (the CPU) the bank is a host array of the rows in
-    order, a zero row for the clean one first (``noise_rows``), and NumPy makes each run's noisy
-    batch from its slice, in a buffer kept for the call (``fill_noisy``), before the run: the
-    model's input then comes from outside the graph (``noisy.build_noisy_model``).
+    bounded by the batch. With ``input_front`` (the CPU) NumPy makes each run's noisy batch
+    before the run, in a buffer kept for the call (``fill_noisy``), straight from the arrays of
+    the process's noise bank (``NoiseBank.standard_normals``: no stacked copy, which cost a
+    15 MiB copy whenever another seed had come in between): the model's input then comes from
+    outside the graph (``noisy.build_noisy_model``).
     """
     shape = tuple(inputs.shape[1:])
     whole_bank = samples * int(np.prod(shape)) * 4 <= NOISE_BANK_MEMORY
     if input_front:
         batch_inputs = np.empty((min(batch, samples + 1), *shape), dtype=np.float32)
-    if whole_bank and input_front:
-        bank = session.host_bank((seed, samples, shape), lambda: noise_rows(seed, 0, samples + 1, shape))
     elif whole_bank:
         session.bind_noise(inputs, (seed, 0, samples, shape), lambda: standard_normal_stack(seed, samples, shape))
     first_outputs = (*noisy.SUMS, noisy.FIRST_ACTIVATION, noisy.FIRST_LOGITS, noisy.CLASSES)
@@ -244,8 +243,9 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
             scales = weights * sigma
             targets = np.full(stop - start, target)
             if input_front:
-                rows = fill_noisy(batch_inputs[:stop - start], inputs[image],
-                                  bank[start:stop] if whole_bank else noise_rows(seed, start, stop, shape), scales)
+                noise = [None] * int(clean_row) + BANK.standard_normals(seed, range(max(start - 1, 0), stop - 1),
+                                                                        shape, np.float32)
+                rows = fill_noisy(batch_inputs[:stop - start], inputs[image], noise, sigma)
                 feeds = noisy.row_feeds(None, None, None, weights, targets=targets)
                 feeds[session.gradient_model.input_name] = rows
             else:
@@ -275,14 +275,6 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
     return CleanPass(np.arange(len(inputs)), classes, tg.one_hot(classes, num_classes),
                      np.concatenate(activation), np.concatenate(gradient) if need_gradient else None,
                      np.concatenate(logits))
-
-
-def noise_rows(seed: int, start: int, stop: int, shape: tuple) -> np.ndarray:
-    """Rows ``start:stop`` of ``[0, z_0, z_1, ...]``: an image's rows in a fused run, its clean
-    row (zero noise) first."""
-    first = max(start - 1, 0)
-    stack = standard_normal_stack(seed, stop - 1 - first, shape, first=first)
-    return np.concatenate([np.zeros((1, *shape), dtype=stack.dtype), stack]) if start == 0 else stack
 
 
 def picked_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, accumulators: dict,

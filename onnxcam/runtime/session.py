@@ -70,8 +70,6 @@ class GradientSession:
         self._bound_shapes: dict[str, tuple[int, ...]] = {}
         self._bindings: dict[str, tuple[ort.IOBinding, dict[str, ort.OrtValue]]] = {}
         self._noise_key: object = None
-        self._host_bank: np.ndarray | None = None
-        self._host_bank_key: object = None
         graph = gradient_model.model.graph
         dtypes = {value.name: np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
                   for value in [*graph.input, *graph.output]}
@@ -150,15 +148,6 @@ class GradientSession:
         """Keep ``value`` as the device value of ``name``, with its shape."""
         self._bound[name], self._bound_shapes[name] = value, tuple(int(n) for n in shape)
         return value
-
-    def host_bank(self, key: object, make_bank) -> np.ndarray:
-        """The host array ``make_bank()`` gives, kept while ``key`` stays the same (the input
-        front's bank, like the bound bank of ``bind_noise``)."""
-        if self._host_bank_key != key or self._host_bank is None:
-            self._host_bank = None  # free the old bank before making the new one
-            self._host_bank = make_bank()
-            self._host_bank_key = key
-        return self._host_bank
 
     def run_noisy(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = (GRADIENT,),
                   front: str = "bank", pad_to: int | None = None) -> list[np.ndarray]:

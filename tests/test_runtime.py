@@ -203,10 +203,28 @@ def test_layer_beside_a_skip_connection_cannot_be_cut_but_still_explains(tmp_pat
 
 
 def test_batch_size_is_bounded_and_overridable(model_path):
-    assert Explainer(model_path, device="cpu").batch_size == MAX_BATCH == 16
+    assert Explainer(model_path, device="cpu").batch_size == MAX_BATCH == 13
     assert Explainer(model_path, batch_size=3).batch_size == 3
     with pytest.raises(OptionError, match="batch size"):
         Explainer(model_path, batch_size=0)
+
+def test_automatic_batch_counts_the_widest_step(model_path, monkeypatch):
+    """The automatic batch bounds what a run holds at its widest node, not only the input and
+    the layer: the graph's largest inputs-plus-outputs per image, from its shapes."""
+    from onnxcam.explain import explainer as explainer_module
+
+    explainer = Explainer(model_path, device="cpu")
+    gm = explainer.gradient_model
+    weights = {t.name for t in gm.model.graph.initializer}
+    sizes = {v.name: int(np.prod([d.dim_value for d in v.type.tensor_type.shape.dim if d.dim_value]))
+             for v in (*gm.model.graph.input, *gm.model.graph.value_info, *gm.model.graph.output)}
+    widest = max(sum(sizes.get(n, 0) for n in (*node.input, *node.output) if n not in weights)
+                 for node in gm.model.graph.node)
+    assert gm.widest_step == widest > 2 * 3 * 32 * 32  # a conv's input and its wider output
+    per_image = 4 * (3 * 32 * 32 + widest + 2 * int(np.prod(gm.activation_shape[1:])))
+    monkeypatch.setattr(explainer_module, "BATCH_MEMORY", 5 * per_image + 1)
+    assert Explainer(model_path, device="cpu").batch_size == 5
+
 
 
 def test_sessions_stop_spinning_after_each_run():

@@ -99,7 +99,7 @@ device_option = click.option(
     show_default=True, help="auto: CUDA when onnxruntime can really use it, else CPU.")
 batch_size_option = click.option(
     "-b", "--batch-size", type=click.IntRange(min=1), metavar="N",
-    help="Inputs per onnxruntime run (default: from the model's sizes, at most 16 on the CPU and 32 on CUDA).")
+    help="Inputs per onnxruntime run (default: from the model's sizes, at most 13 on the CPU and 32 on CUDA).")
 
 
 def echo_skipped(reasons: list[str], total: int, consequence: str) -> None:

@@ -78,14 +78,16 @@ from onnxcam.runtime.prefetch import prefetched
 from onnxcam.runtime.providers import check_device
 from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientSession
 
-#: Memory bound for one batch's inputs + activations + gradients (automatic batch size).
+#: Memory bound for one batch's inputs, widest step, activations and gradients (automatic batch
+#: size): VGG-16's 25 MiB an image at its first block allows 9 rows.
 BATCH_MEMORY = 256 * 2**20
 #: Measured on 2 cores (scripts/bench.py's models, one image with n = 25 samples: 26 rows with
-#: the clean one): a cap of 16 (two runs of 13) took 3-6% less time than a cap of 8 (four runs
-#: of 6-7) on MobileNetV2, EfficientNet-Lite0 and VGG-16, the same on ResNet-50; Grad-CAM++ of
-#: 25 images took the same time at both. It costs peak memory (ResNet-50 473 -> 562 MiB,
-#: VGG-16 1654 -> 1876 MiB), bounded by the batch whatever the number of samples.
-MAX_BATCH = 16
+#: the clean one): two runs of 13 took 3-6% less time than four runs of 6-7 on MobileNetV2,
+#: EfficientNet-Lite0 and VGG-16, the same on ResNet-50; Grad-CAM++ of 25 images took the same
+#: time at 8 and 16 rows. 13 = the paper's n = 25 in two runs, and no larger: ONNX Runtime's
+#: arena grows in steps, and n = 200 in runs of 16 rows took 1.28x the peak memory of n = 25 in
+#: runs of 13 on MobileNetV2 (runs of 13 for both: 1.07x).
+MAX_BATCH = 13
 #: On a GPU one run of many rows costs little more than one of a few (the kernels are not full
 #: at batch 8): a Smooth Grad-CAM++ image with n = 25 then fits in one run with its clean row.
 CUDA_BATCH_MEMORY = 1024 * 2**20
@@ -586,8 +588,8 @@ class Explainer:
             return 1
         if self._batch_option is not None:
             return self._batch_option
-        per_sample = 4 * (_elements(self._item_shape(gm)) + 2 * _elements(gm.activation_shape[1:],
-                                                                          default=_elements(self._item_shape(gm)))
+        per_sample = 4 * (_elements(self._item_shape(gm)) + gm.widest_step
+                          + 2 * _elements(gm.activation_shape[1:], default=_elements(self._item_shape(gm)))
                           + 2 * _pixel_scores(gm))
         cap, memory = ((CUDA_MAX_BATCH, CUDA_BATCH_MEMORY) if self._session(gm).planned_device == "cuda"
                        else (MAX_BATCH, BATCH_MEMORY))

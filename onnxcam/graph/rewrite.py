@@ -9,6 +9,7 @@ sum of classes). Outputs: the original outputs, then ``onnxcam_activation`` (A),
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -52,6 +53,21 @@ class GradientModel:
     @property
     def is_class_score(self) -> bool:
         return self.score == LOGITS
+
+    @functools.cached_property
+    def widest_step(self) -> int:
+        """Elements per image of the largest node's inputs and outputs together (the fixed dims
+        of their shapes): what ONNX Runtime holds at once at that step, at the least. VGG-16's
+        first block holds 25 MiB an image, MobileNetV2's widest step 9 MiB; the automatic batch
+        size is bounded by it."""
+        graph = self.model.graph
+        weights = {tensor.name for tensor in graph.initializer}
+        sizes = {}
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            dims = value.type.tensor_type.shape.dim
+            sizes[value.name] = int(np.prod([d.dim_value for d in dims if d.HasField("dim_value")]))
+        return max((sum(sizes.get(name, 0) for name in (*node.input, *node.output) if name not in weights)
+                    for node in graph.node), default=0)
 
 
 def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str | None = None,

@@ -79,7 +79,7 @@ from onnxcam.runtime.providers import check_device
 from onnxcam.runtime.session import FULL, NOISY, NOISY_INPUT, PICKING, GradientSession
 
 #: Memory bound for one batch's inputs, widest step, activations and gradients (automatic batch
-#: size): VGG-16's 25 MiB an image at its first block allows 9 rows.
+#: size): VGG-16's 25 MiB an image at its first block allows 9 or 10 rows, by layer.
 BATCH_MEMORY = 256 * 2**20
 #: Measured on 2 cores (scripts/bench.py's models, one image with n = 25 samples: 26 rows with
 #: the clean one): two runs of 13 took 3-6% less time than four runs of 6-7 on MobileNetV2,

@@ -1174,3 +1174,60 @@ def test_the_metadata_names_the_score_output_whose_name_does_not_say_so(tmp_path
     path = save_model(model, tmp_path / "wrong.onnx")
     result = run(["explain", path, random_png(tmp_path / "a.png"), "--out", tmp_path / "out"])
     assert_one_line_error(result, "onnxcam.scores='nowhere' names no output (its outputs: f, out1)")
+
+
+def test_scores_output_names_the_class_scores_in_every_command(tmp_path):
+    """--scores-output (Python: scores_output=) picks the class-score output of a model whose
+    names do not say which, in explain, inspect, rewrite, compare, evaluate and check, and it
+    overrides the metadata; without it, explain says which output it read and how to choose."""
+    import json
+
+    from tests.cli_helpers import assert_one_line_error, run
+
+    single = build_cnn("mlp", seed=5)
+    model = onnx.ModelProto.FromString(single.SerializeToString())
+    model.graph.node.append(helper.make_node("Identity", ["probs"], ["out1"]))
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 16]),
+                               helper.make_tensor_value_info("out1", TensorProto.FLOAT, [1, 10])])
+    path = save_model(model, tmp_path / "two.onnx")
+    x = random_inputs(2)
+    want = Explainer(single, cache=False).explain(x, method="gradcam")
+    first = Explainer(path)  # through the cache: the choice must be part of its key
+    chosen = Explainer(path, scores_output="out1")
+    assert (first.num_classes, chosen.num_classes) == (16, 10)
+    for a, b in zip(chosen.explain(x, method="gradcam"), want):
+        assert a.class_index == b.class_index and a.probability == pytest.approx(b.probability)
+        np.testing.assert_array_equal(a.raw_map, b.raw_map)
+    onnx.helper.set_model_props(model, {"onnxcam.scores": "f"})
+    assert Explainer(model, scores_output="out1", cache=False).num_classes == 10  # over the metadata
+
+    image = random_png(tmp_path / "a.png")
+    plain = run(["explain", path, image, "--out", tmp_path / "plain"])
+    assert plain.exit_code == 0
+    assert "none is named as class scores: the 16 classes were read from the first, 'f'" in plain.output
+    expected = Explainer(single, cache=False).explain([image], method="gradcam")[0]
+    assert Explainer(path).explain([image], method="gradcam")[0].class_index != expected.class_index
+    named = run(["explain", path, image, "--scores-output", "out1", "--out", tmp_path / "named", "--json"])
+    assert named.exit_code == 0, named.output
+    record = json.loads(named.output)["images"][0]["results"][0]
+    assert (record["class_index"], record["probability"]) == pytest.approx((expected.class_index,
+                                                                            expected.probability))
+    shown = run(["inspect", path, "--scores-output", "out1"])
+    assert "10 classes" in shown.output and "read from 'out1' (--scores-output says so)" in shown.output
+    written = tmp_path / "rewritten.onnx"
+    assert run(["rewrite", path, "-o", written, "--scores-output", "out1"]).exit_code == 0
+    logits = [o for o in onnx.load(written).graph.output if o.name == "onnxcam_logits"][0]
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 10
+    compared = run(["compare", path, path, image, "--scores-output", "out1", "--json"])
+    assert compared.exit_code == 0, compared.output
+    pair = json.loads(compared.output)["images"][0]
+    assert pair["predicted_a"] == pair["predicted_b"] == expected.class_index
+    assert_one_line_error(run(["evaluate", path, tmp_path, "--scores-output", "nope", "--out", tmp_path / "e"]),
+                          "--scores-output nope")
+    config = tmp_path / "check.toml"
+    config.write_text(f'model = "{path.name}"\nmethod = "gradcam"\nscores_output = "out1"\n'
+                      f'[[images]]\npath = "a.png"\nclass = {expected.class_index}\n')
+    assert run(["check", config]).exit_code == 0  # the prediction check: out1's class, not f's
+    assert_one_line_error(run(["explain", path, image, "--scores-output", "nope", "--out", tmp_path / "x"]),
+                          "--scores-output nope: the model has no output 'nope' (its outputs: f, out1)")

@@ -116,6 +116,13 @@ input_option = click.option(
          "by commas, or a .npy file (repeat for several inputs).")
 
 
+scores_output_option = click.option(
+    "--scores-output", metavar="NAME",
+    help="The model output that holds the class scores, for a model with several (default: the "
+         "metadata onnxcam.scores, else the first output named like logits, scores or probs, else "
+         "the first; 'onnxcam inspect MODEL' says which).")
+
+
 def resize_options(func):
     """--resize, --crop-fraction and --interpolation: how an image of any size is brought to the
     model's size."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from onnxcam.cli.common import device_option, echo_json, input_option, resize_options, table
+from onnxcam.cli.common import device_option, echo_json, input_option, resize_options, scores_output_option, table
 from onnxcam.graph.fixed_inputs import parse_input_options
 from onnxcam.imaging import find_images
 from onnxcam.imaging.io import display_path
@@ -37,12 +37,13 @@ from onnxcam.imaging.io import display_path
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), metavar="N", help="Inputs per onnxruntime run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON document.")
 @input_option
+@scores_output_option
 @resize_options
 @click.option("--no-cache", is_flag=True, help="Rewrite the models now instead of using the disk cache.")
 @click.pass_context
 def compare(ctx, model_a, model_b, images, method, threshold, min_iou, class_index, layer_a, layer_b,
-            samples, noise_level, seed, device, batch_size, as_json, fixed_inputs, resize, crop_fraction, interpolation,
-            no_cache):
+            samples, noise_level, seed, device, batch_size, as_json, fixed_inputs, scores_output, resize, crop_fraction,
+            interpolation, no_cache):
     """Explain IMAGES with MODEL_A and MODEL_B and compare the maps.
 
     Both models explain the same class (model A's prediction, or --class) with the same method
@@ -61,7 +62,8 @@ def compare(ctx, model_a, model_b, images, method, threshold, min_iou, class_ind
     result = compare_models(model_a, model_b, paths, method, threshold=threshold, min_iou=min_iou,
                             class_index=class_index, layer_a=layer_a, layer_b=layer_b, samples=samples,
                             noise_level=noise_level, seed=seed, device=device, batch_size=batch_size,
-                            cache=not no_cache, inputs=parse_input_options(fixed_inputs), resize=resize,
+                            cache=not no_cache, inputs=parse_input_options(fixed_inputs),
+                            scores_output=scores_output, resize=resize,
                             crop_fraction=crop_fraction, interpolation=interpolation)
     if as_json:
         echo_json(result.to_dict())

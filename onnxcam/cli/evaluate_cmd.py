@@ -12,7 +12,7 @@ import click
 
 from onnxcam.atomic import atomic_path
 from onnxcam.cli.common import (batch_size_option, device_option, echo_json, echo_skipped, input_option,
-                                preprocess_option, resize_options, status_line,
+                                preprocess_option, resize_options, scores_output_option, status_line,
                                 stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import Explainer
@@ -74,6 +74,7 @@ def _baseline(ctx, param, value):
 @click.option("--labels", type=click.Path(path_type=Path), metavar="FILE",
               help="Class names (to map the data set's class names to indices).")
 @input_option
+@scores_output_option
 @click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
 @click.option("--skip-unreadable", is_flag=True,
               help="Leave out the samples whose image cannot be read, instead of stopping: the metrics "
@@ -81,8 +82,8 @@ def _baseline(ctx, param, value):
 @click.pass_context
 def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps, tolerance, coverage_threshold,
              deletion_baseline, insertion_baseline, blur_sigma, target, limit, out, as_json, device,
-             batch_size, preprocess, resize, crop_fraction, interpolation, labels, fixed_inputs, no_cache,
-             skip_unreadable):
+             batch_size, preprocess, resize, crop_fraction, interpolation, labels, fixed_inputs, scores_output,
+             no_cache, skip_unreadable):
     """Score CAM methods on the images of DATA with their ground truth.
 
     DATA is a folder of images with a manifest.json (classes and boxes), a CSV manifest
@@ -115,7 +116,7 @@ def evaluate(ctx, model, data, methods, layer, samples, noise_level, seed, steps
         explainer = Explainer(model, layer=layer, device=device, batch_size=batch_size, preprocess=preprocess,
                               resize=resize, crop_fraction=crop_fraction, interpolation=interpolation,
                               labels=labels, cache=not no_cache,
-                              inputs=parse_input_options(fixed_inputs))
+                              inputs=parse_input_options(fixed_inputs), scores_output=scores_output)
     dataset = load_dataset(data, labels=explainer.labels, num_classes=explainer.num_classes).limit(limit)
     files = {"results": out / "results.json", "csv": out / "results.csv", "curves": out / "curves.png"}
     protected = [model, *(s.image for s in dataset.samples), *(s.mask_path for s in dataset.samples if s.mask_path)]

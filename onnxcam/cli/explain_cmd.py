@@ -13,7 +13,8 @@ import click
 
 from onnxcam.cams import METHODS
 from onnxcam.cli.common import (batch_size_option, comma_numbers, device_option, echo_json, echo_skipped,
-                                input_option, preprocess_option, resize_options, status_line, stderr_is_tty)
+                                input_option, preprocess_option, resize_options, scores_output_option, status_line,
+                                stderr_is_tty)
 from onnxcam.errors import ImageError, OptionError
 from onnxcam.explain import COMPARE_METHODS, METHOD_TITLES, Explainer
 from onnxcam.graph.fixed_inputs import parse_input_options
@@ -79,6 +80,7 @@ def writer_threads() -> int:
 @click.option("--size", callback=comma_numbers(int, 2, "numbers"), metavar="H,W",
               help="Input size to feed a model whose input size is dynamic.")
 @input_option
+@scores_output_option
 @click.option("--labels", type=click.Path(path_type=Path), metavar="FILE",
               help="Class names: one per line, or a JSON list (default: model metadata, or ImageNet "
                    "for 1000 classes).")
@@ -96,8 +98,8 @@ def writer_threads() -> int:
 @click.pass_context
 def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, score, neuron, samples,
             noise_level, seed, numerator, averaging, denominator, out, device, batch_size, preprocess,
-            resize, crop_fraction, interpolation, mean, std, size, fixed_inputs, labels, alpha, colormap, compare,
-            as_json, no_cache, skip_unreadable):
+            resize, crop_fraction, interpolation, mean, std, size, fixed_inputs, scores_output, labels, alpha,
+            colormap, compare, as_json, no_cache, skip_unreadable):
     """Explain IMAGE files (or every image in a folder DIR) with a gradient CAM.
 
     For every image and class it writes into --out, atomically:
@@ -141,7 +143,8 @@ def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, sco
         explainer = Explainer(model, layer=layer, device=device, score=score, batch_size=batch_size,
                               preprocess=preprocess, mean=mean, std=std, size=size, resize=resize,
                               crop_fraction=crop_fraction, interpolation=interpolation,
-                              inputs=parse_input_options(fixed_inputs), labels=labels, cache=not no_cache)
+                              inputs=parse_input_options(fixed_inputs), scores_output=scores_output,
+                              labels=labels, cache=not no_cache)
     main_method = _canonical(method)
     methods = [main_method] + [m for m in COMPARE_METHODS if compare and m != main_method]
     variants = {name: value for name, value in (("numerator", numerator), ("averaging", averaging),
@@ -222,7 +225,7 @@ def explain(ctx, model, images, method, layer, classes, top_k, feature_maps, sco
         raise ImageError(f"none of the {len(paths)} images could be read; the first: {unreadable[0][1]}")
 
     elapsed = time.perf_counter() - started
-    notes = _notes(skipped, explainer.gradient_model.batch_built_in)
+    notes = _notes(skipped, explainer.gradient_model)
     if as_json:
         echo_json({
             "model": str(model), "layer": explainer.layer, "score_tensor": explainer.score,
@@ -327,8 +330,16 @@ def _write_compare(per_method, out: Path, stem: str, alpha: float, colormap: str
     return written
 
 
-def _notes(skipped: bool, batch_built_in: str | None) -> list[str]:
+def _notes(skipped: bool, gm) -> list[str]:
+    from onnxcam.graph.locate import scores_output_by_default
+
     notes = []
+    batch_built_in = gm.batch_built_in
+    first = scores_output_by_default(gm.model) if gm.is_class_score else None
+    if first is not None:
+        notes.append(f"the model has several outputs and none is named as class scores: the {gm.num_classes} "
+                     f"classes were read from the first, '{first}'. If another output holds the class "
+                     "scores, name it with --scores-output.")
     if batch_built_in is not None:
         notes.append(f"the model has a batch of 1 built in (at node {batch_built_in!r}), so every image and "
                      "noisy sample ran alone, which is slower; re-export it with a dynamic batch to run "

@@ -8,17 +8,18 @@ from pathlib import Path
 import click
 import onnx_graphsurgeon as gs
 
-from onnxcam.cli.common import comma_numbers, echo_json, input_option, shape_text, table, value_info_rows
+from onnxcam.cli.common import (comma_numbers, echo_json, input_option, scores_output_option, shape_text, table,
+                                value_info_rows)
 from onnxcam.errors import OnnxCamError
 from onnxcam.graph.input_size import sidecar_size, with_input_size
 from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.explain.labels import metadata_value, resolve_labels
 from onnxcam.gradients.backward import path_is_linear, path_nodes, unsupported_nodes
 from onnxcam.graph import external
-from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
+from onnxcam.graph.fixed_inputs import parse_input_options
 from onnxcam.graph.locate import (SCORES_KEY, SQUASHING, candidate_layers, find_logits, image_size, score_output,
                                   scores_named)
-from onnxcam.graph.prepare import load_model, model_opset, prepare
+from onnxcam.graph.prepare import load_model, model_opset, prepare, with_options
 from onnxcam.graph.rewrite import automatic_layer, class_grid, is_class_score_layer
 from onnxcam.imaging import PRESETS, detect_layout
 from onnxcam.imaging.input_scaling import input_scaling
@@ -37,9 +38,10 @@ METADATA_KEYS = ("onnxcam.mean", "onnxcam.std", "onnxcam.preprocess", "onnxcam.r
               help="Input size to assume for a model whose input size is dynamic (layer shapes, "
                    "and so the candidate layers, depend on it).")
 @input_option
+@scores_output_option
 @click.option("--no-cache", is_flag=True, help="Rewrite the model now instead of using the disk cache.")
 def inspect(model: Path, as_json: bool, size: tuple[int, int] | None, fixed_inputs: tuple[str, ...],
-            no_cache: bool) -> None:
+            scores_output: str | None, no_cache: bool) -> None:
     """Show MODEL's inputs and outputs, the logits onnxcam differentiates, the preprocessing
     found in its metadata, and the candidate target layers (* = the automatic choice).
 
@@ -48,17 +50,17 @@ def inspect(model: Path, as_json: bool, size: tuple[int, int] | None, fixed_inpu
     every input, so Smooth Grad-CAM++ with its default 'moments' averaging equals Grad-CAM++
     there: pick an earlier layer, or --averaging maps, for the noise to matter.
     """
-    report = _report(model, use_cache=not no_cache, size=size, inputs=parse_input_options(fixed_inputs))
+    report = _report(model, use_cache=not no_cache, size=size, inputs=parse_input_options(fixed_inputs),
+                     scores_output=scores_output)
     if as_json:
         echo_json(report)
     else:
         click.echo(_text(report))
 
 
-def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, inputs: dict | None = None) -> dict:
-    proto = load_model(path)
-    if inputs:
-        proto = fix_inputs(proto, inputs)
+def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, inputs: dict | None = None,
+            scores_output: str | None = None) -> dict:
+    proto = load_model(with_options(path, inputs, scores_output))
     sidecar = read_sidecar(path)
     notes = []
     if size is None and (size := sidecar_size(proto, sidecar)) is not None:  # as explain does
@@ -89,10 +91,13 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
     output = score_output(graph, named) if graph.outputs else None
     if len(graph.outputs) > 1:
         others = ", ".join(o.name for o in graph.outputs if o is not output)
-        why = (f"the metadata {SCORES_KEY} says so" if named else
-               "its name says so" if output is not graph.outputs[0] else "the first")
+        other_choice = f"--scores-output or the metadata {SCORES_KEY} can name another"
+        why = ("--scores-output says so" if scores_output is not None else
+               f"the metadata {SCORES_KEY} says so; --scores-output overrides it" if named else
+               f"its name says so; {other_choice}" if output is not graph.outputs[0] else
+               f"the first; {other_choice}")
         notes.append(f"the model has {len(graph.outputs)} outputs: the class scores are read from "
-                     f"'{output.name}' ({why}; the metadata {SCORES_KEY} can name another); not from {others}.")
+                     f"'{output.name}' ({why}); not from {others}.")
     after = _ops_between(logits, output) if logits is not None else []
     report["logits"] = ({"tensor": logits.name, "shape": list(logits.shape) if logits.shape else None,
                          "output": output.name, "pre_softmax": logits.name != output.name,
@@ -135,7 +140,8 @@ def _report(path: Path, use_cache: bool, size: tuple[int, int] | None = None, in
         report["notes"].append(_why_not_later(automatic, candidates, classes if grid else None))
 
     try:
-        gm, _ = load_gradient_model(path if size is None and not inputs else proto, use_cache=use_cache)
+        gm, _ = load_gradient_model(path if size is None and not inputs and scores_output is None else proto,
+                                    use_cache=use_cache)
         report["explainable"] = True
         report["automatic_path_linear"] = gm.path_is_linear
         report["batch_built_in"] = gm.batch_built_in

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from onnxcam.cli.common import input_option, shape_text, value_info_rows
+from onnxcam.cli.common import input_option, scores_output_option, shape_text, value_info_rows
 from onnxcam.errors import OptionError
 from onnxcam.graph import external
 from onnxcam.graph.external import write_model
-from onnxcam.graph.fixed_inputs import fix_inputs, parse_input_options
-from onnxcam.graph.prepare import load_model
+from onnxcam.graph.fixed_inputs import parse_input_options
+from onnxcam.graph.prepare import with_options
 from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED
 from onnxcam.runtime.cache import load_gradient_model
 
@@ -32,7 +32,9 @@ ROLE = {
 @click.option("-l", "--layer", metavar="NAME", help="Target layer (default: the automatic choice).")
 @click.option("--score", metavar="TENSOR", help="Differentiate this tensor instead of the logits.")
 @input_option
-def rewrite(model: Path, out: Path, layer: str | None, score: str | None, fixed_inputs: tuple[str, ...]) -> None:
+@scores_output_option
+def rewrite(model: Path, out: Path, layer: str | None, score: str | None, fixed_inputs: tuple[str, ...],
+            scores_output: str | None) -> None:
     """Write MODEL with the gradient of the score appended, as standard ONNX operators.
 
     The written model keeps MODEL's inputs and outputs and adds:
@@ -50,11 +52,11 @@ def rewrite(model: Path, out: Path, layer: str | None, score: str | None, fixed_
     """
     if out.exists() and _same_file(out, model):
         raise OptionError(f"refusing to overwrite the input model '{model}': give another -o/--output")
-    inputs = parse_input_options(fixed_inputs)
-    source = fix_inputs(load_model(model), inputs) if inputs else model
+    source = with_options(model, parse_input_options(fixed_inputs), scores_output)
     gm, _ = load_gradient_model(source, layer=layer, score=score)
     # a model that came as one file goes out as one file, though the cache keeps its weights apart
-    one_file = not external.has_external_data(source) if inputs else external.data_bytes(model) == 0
+    one_file = (not external.has_external_data(source) if source is not model
+                else external.data_bytes(model) == 0)
     data = write_model(gm.model, out, inline=one_file)
     weights = f", its weights in {data}" if data is not None else ""
     click.echo(f"Wrote {out} (layer {gm.layer}, score {gm.score}{weights})")

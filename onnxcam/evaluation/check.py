@@ -7,7 +7,7 @@ Example ``check.toml`` (relative paths are relative to the TOML file's folder)::
     # layer = "/features/relu4/Relu_output_0"
     # samples = 25, noise_level = 0.15, seed = 0, device = "cpu", batch_size = 16
     # preprocess = "unit", labels = "labels.txt", resize = "crop", crop_fraction = 0.875,
-    # interpolation = "bicubic"
+    # interpolation = "bicubic", scores_output = "logits" (a model with several outputs)
     # [inputs] scale_factor = 1.0   (the model's inputs other than the image: numbers, lists, .npy)
 
     [thresholds]
@@ -54,7 +54,7 @@ __all__ = ["CheckConfig", "CheckImage", "CheckReport", "CheckResult", "junit_xml
 
 TOP_KEYS = {"model", "method", "layer", "samples", "noise_level", "seed", "device", "batch_size",
             "preprocess", "labels", "method_options", "thresholds", "images", "name", "inputs", "resize",
-            "crop_fraction", "interpolation"}
+            "crop_fraction", "interpolation", "scores_output"}
 THRESHOLD_KEYS = {"prediction", "pointing", "tolerance", "min_energy", "max_average_drop"}
 IMAGE_KEYS = {"path", "class", "region", "name", "tolerance", "min_energy"}
 
@@ -92,6 +92,7 @@ class CheckConfig:
     resize: str | None = None                # stretch, crop or pad (None: the model's metadata)
     crop_fraction: float | None = None
     interpolation: str | None = None
+    scores_output: str | None = None         # the output holding the class scores (None: automatic)
 
 
 @dataclass
@@ -267,7 +268,8 @@ def load_check_config(path: str | os.PathLike) -> CheckConfig:
         noise_level=noise_level, seed=seed, device=_string(raw, "device", name), batch_size=batch_size,
         preprocess=_string(raw, "preprocess", name), labels=_resolve(base, labels) if labels else None,
         prediction=prediction, pointing=pointing, max_average_drop=max_drop, images=images, inputs=inputs,
-        resize=resize, crop_fraction=crop_fraction, interpolation=interpolation)
+        resize=resize, crop_fraction=crop_fraction, interpolation=interpolation,
+        scores_output=_string(raw, "scores_output", name))
 
 
 def _inputs(table: Any, base: Path, name: str) -> dict[str, Any]:
@@ -373,7 +375,8 @@ def run_checks(config: CheckConfig, explainer=None) -> CheckReport:
                               batch_size=config.batch_size, preprocess=config.preprocess,
                               resize=config.resize, crop_fraction=config.crop_fraction,
                               interpolation=config.interpolation,
-                              labels=config.labels, inputs=config.inputs or None)
+                              labels=config.labels, inputs=config.inputs or None,
+                              scores_output=config.scores_output)
     name = display_path(config.path)
     expected = []
     for image in config.images:

@@ -128,13 +128,15 @@ def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method
                    noise_level: float = 0.15, seed: int = 0, device: str | None = None,
                    batch_size: int | None = None, fraction: float = 0.2, cache: bool = True,
                    explainers: tuple | None = None, inputs: dict | None = None, resize: str | None = None,
-                   crop_fraction: float | None = None, interpolation: str | None = None) -> ComparisonResult:
+                   crop_fraction: float | None = None, interpolation: str | None = None,
+                   scores_output: str | None = None) -> ComparisonResult:
     """Explain ``images`` with both models (same method, class, noise) and compare the maps.
 
     ``class_index``: the class to explain in every image, an index or a name among model A's labels
     (default: model A's prediction, per image). ``threshold``: minimum rank correlation; ``min_iou``: optional minimum top-20% IoU.
     ``explainers``: ready-made (Explainer A, Explainer B), for callers that already have them.
-    ``inputs``: values of the models' inputs other than the image (both models). ``resize``,
+    ``inputs``: values of the models' inputs other than the image, and ``scores_output`` the output
+    that holds the class scores (both models). ``resize``,
     ``crop_fraction`` and ``interpolation``: how both models fit the images (see :class:`~onnxcam.explain.Explainer`).
     """
     from onnxcam.cams import canonical_method_name, normalize, upsample_bilinear
@@ -146,11 +148,12 @@ def compare_models(model_a, model_b, images: Sequence[str | os.PathLike], method
         _check_fraction("min IoU", min_iou, low=0.0)
     method = canonical_method_name(method)
     if explainers is None:
-        fitting = dict(resize=resize, crop_fraction=crop_fraction, interpolation=interpolation)
+        shared = dict(resize=resize, crop_fraction=crop_fraction, interpolation=interpolation,
+                      scores_output=scores_output)
         explainer_a = Explainer(model_a, layer=layer_a, device=device, batch_size=batch_size, cache=cache,
-                                inputs=inputs, **fitting)
+                                inputs=inputs, **shared)
         explainer_b = Explainer(model_b, layer=layer_b, device=device, batch_size=batch_size, cache=cache,
-                                inputs=inputs, **fitting)
+                                inputs=inputs, **shared)
     else:
         explainer_a, explainer_b = explainers
     if explainer_a.num_classes != explainer_b.num_classes:

@@ -69,6 +69,7 @@ from onnxcam.explain.result import Explanation
 from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.graph import noisy
 from onnxcam.graph.input_size import check_size, require_static_size, sidecar_size, with_input_size
+from onnxcam.graph.prepare import with_options
 from onnxcam.graph.rewrite import GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset
 from onnxcam.imaging.fit import check_interpolation, check_resize
@@ -106,8 +107,8 @@ class Explainer:
     node name (default: the last layer that every path to the logits passes through; see
     ``onnxcam inspect``). ``score``: a tensor name for neuron-level CAMs (then pass ``neuron=`` to
     explain). ``device``: "auto" (default: CUDA when a session really gets it), "cpu" or "cuda".
-    ``batch_size``: images or noisy samples per run (default: chosen from the input and layer
-    sizes under a 256 MiB bound, 1 to 8). ``preprocess``: a preset name (imagenet, caffe, unit,
+    ``batch_size``: images or noisy samples per run (default: chosen from the input, widest step
+    and layer sizes under a 256 MiB bound, 1 to 13 on the CPU; 1 GiB and 32 on CUDA). ``preprocess``: a preset name (imagenet, caffe, unit,
     symmetric, raw; default: the model's metadata onnxcam.mean/std, else imagenet); ``mean``/``std``
     override it; ``size`` = (H, W) for models with a dynamic input size. ``resize``: how an image
     gets to the model's size, "stretch" (the whole image, the default), "crop" (resize so that
@@ -128,7 +129,9 @@ class Explainer:
     more; False makes the noise with NumPy (the same maps for any batch size, bit for bit).
     Memory stays bounded by the batch whatever the number of samples. ``inputs``: values for the
     model's inputs other than the image ({"scale_factor": 1.0}: a number, an array or a .npy
-    path), which become constants before the rewrite.
+    path), which become constants before the rewrite. ``scores_output``: the output that holds the
+    class scores, for a model with several (default: the metadata onnxcam.scores, else the first
+    output named like logits, scores or probabilities, else the first).
 
     The rewrite and the runtime sessions are made once per (layer, score) and reused.
     """
@@ -140,7 +143,8 @@ class Explainer:
                  labels: str | os.PathLike | Sequence[str] | None = None, cache: bool = True,
                  threads: int | None = None, noise_in_graph: bool | None = None,
                  inputs: Mapping[str, Any] | None = None, resize: str | None = None,
-                 crop_fraction: float | None = None, interpolation: str | None = None) -> None:
+                 crop_fraction: float | None = None, interpolation: str | None = None,
+                 scores_output: str | None = None) -> None:
         self.model_source = model
         self.model_name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
         self.requested_device = check_device(device)
@@ -155,11 +159,7 @@ class Explainer:
         self.setup_timings: dict[str, float] = {}
         self._unreported_setup: dict[str, float] = {}
         self._default_key = (layer, score)
-        if inputs:  # the inputs other than the image become constants
-            from onnxcam.graph.fixed_inputs import fix_inputs
-            from onnxcam.graph.prepare import load_model
-
-            self.model_source = fix_inputs(load_model(model), inputs)
+        self.model_source = with_options(model, inputs, scores_output)
         self.sidecar = read_sidecar(model)
         if size is None:
             size = sidecar_size(self.model_source, self.sidecar)

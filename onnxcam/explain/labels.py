@@ -73,6 +73,19 @@ def metadata_value(model: onnx.ModelProto, key: str) -> str | None:
     return None
 
 
+def _outputs_hint(model: onnx.ModelProto | None) -> str:
+    """For a model of several outputs: which one the classes were counted from, and how to name
+    another (the count may be an embedding's)."""
+    from onnxcam.graph.locate import score_output_index, scores_named
+
+    outputs = [o.name for o in model.graph.output if not o.name.startswith("onnxcam_")] if model is not None else []
+    if len(outputs) < 2:
+        return ""
+    chosen = outputs[score_output_index(outputs, scores_named(model))]
+    return (f" (the classes are counted on output '{chosen}' of {len(outputs)}: if another holds the class "
+            "scores, name it with --scores-output)")
+
+
 def resolve_labels(num_classes: int | None, labels: object = None, model: onnx.ModelProto | None = None,
                    sidecar: tuple[list[str], str] | None = None) -> tuple[list[str] | None, str]:
     """(names or None, where they came from). ``labels``: a path, a list of names, or None;
@@ -85,7 +98,7 @@ def resolve_labels(num_classes: int | None, labels: object = None, model: onnx.M
             names, source = [str(name) for name in labels], "given list"  # type: ignore[union-attr]
         if num_classes is not None and len(names) != num_classes:
             raise OptionError(f"labels ({source}) has {len(names)} names but the model has "
-                              f"{num_classes} classes: give one name per class")
+                              f"{num_classes} classes: give one name per class{_outputs_hint(model)}")
         return names, source
     value = metadata_value(model, METADATA_KEY) if model is not None else None
     if value is not None:
@@ -97,7 +110,7 @@ def resolve_labels(num_classes: int | None, labels: object = None, model: onnx.M
             return ["background", *names], f"metadata {METADATA_KEY}=imagenet (+ background)"
         if num_classes is not None and len(names) != num_classes:
             raise ModelError(f"the model's metadata {METADATA_KEY} has {len(names)} names but the model "
-                             f"has {num_classes} classes: fix the metadata, or pass --labels")
+                             f"has {num_classes} classes: fix the metadata, or pass --labels{_outputs_hint(model)}")
         return names, f"metadata {METADATA_KEY}"
     if sidecar is not None and (num_classes is None or len(sidecar[0]) == num_classes):
         return list(sidecar[0]), sidecar[1]

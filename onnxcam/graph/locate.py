@@ -49,14 +49,48 @@ def score_output_index(names, named: str | None = None) -> int:
         return names.index(named)
     if len(names) > 1:
         for index, name in enumerate(names):
-            if name.casefold().rstrip("_0123456789:").endswith(SCORE_NAMES):
+            if _named_like_scores(name):
                 return index
     return 0
+
+
+def _named_like_scores(name: str) -> bool:
+    return name.casefold().rstrip("_0123456789:").endswith(SCORE_NAMES)
+
+
+def scores_output_by_default(model) -> str | None:
+    """The first output of a model whose several outputs none names as class scores (neither the
+    metadata nor a name like logits): the output read only because it comes first; else None."""
+    names = [o.name for o in model.graph.output if not o.name.startswith("onnxcam_")]
+    if len(names) < 2 or scores_named(model) is not None or any(_named_like_scores(n) for n in names):
+        return None
+    return names[0]
 
 
 def scores_named(model) -> str | None:
     """The output the model's metadata ``onnxcam.scores`` names, if any (a ModelProto)."""
     return next((prop.value.strip() for prop in model.metadata_props if prop.key == SCORES_KEY), None)
+
+
+def with_scores_output(model, name: str):
+    """A copy of ``model`` (a ModelProto) whose metadata ``onnxcam.scores`` names output ``name``
+    (``--scores-output``): every later step, and the cache key, then read that choice. OptionError
+    when the model has no output of that name."""
+    import onnx
+
+    from onnxcam.errors import OptionError
+
+    outputs = [output.name for output in model.graph.output]
+    if name not in outputs:
+        raise OptionError(f"--scores-output {name}: the model has no output {name!r} (its outputs: "
+                          f"{', '.join(outputs)})")
+    chosen = onnx.ModelProto()
+    chosen.CopyFrom(model)
+    kept = [prop for prop in chosen.metadata_props if prop.key != SCORES_KEY]
+    del chosen.metadata_props[:]
+    chosen.metadata_props.extend(kept)
+    chosen.metadata_props.add(key=SCORES_KEY, value=name)
+    return chosen
 
 
 def score_output(graph: gs.Graph, named: str | None = None) -> gs.Tensor:

@@ -73,6 +73,24 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def with_options(model: str | os.PathLike | onnx.ModelProto, inputs=None, scores_output: str | None = None):
+    """``model`` as the user's options make it: itself when there are none (a path stays a path,
+    which the cache keys by the file), else a ModelProto with the inputs other than the image
+    fixed (``--input``) and the class-score output named in its metadata (``--scores-output``),
+    so the cache key holds both."""
+    if not inputs and scores_output is None:
+        return model
+    from onnxcam.graph.fixed_inputs import fix_inputs
+    from onnxcam.graph.locate import with_scores_output
+
+    proto = load_model(model)
+    if inputs:
+        proto = fix_inputs(proto, inputs)
+    if scores_output is not None:
+        proto = with_scores_output(proto, scores_output)
+    return proto
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__

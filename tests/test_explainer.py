@@ -1151,15 +1151,22 @@ def test_a_model_with_several_outputs_is_explained_from_the_one_named_as_scores(
     assert ("(its name says so" if first == "embedding" else "(the first;") in shown.output
 
 
-def test_the_metadata_names_the_score_output_whose_name_does_not_say_so(tmp_path):
-    from tests.cli_helpers import assert_one_line_error, run
-
+def _embedding_then_scores() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """A CNN, and a copy whose outputs are its 16 pooled features 'f', then its class
+    probabilities as 'out1': no name says which holds the class scores."""
     single = build_cnn("mlp", seed=5)
     model = onnx.ModelProto.FromString(single.SerializeToString())
     model.graph.node.append(helper.make_node("Identity", ["probs"], ["out1"]))
     del model.graph.output[:]
     model.graph.output.extend([helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 16]),
                                helper.make_tensor_value_info("out1", TensorProto.FLOAT, [1, 10])])
+    return single, model
+
+
+def test_the_metadata_names_the_score_output_whose_name_does_not_say_so(tmp_path):
+    from tests.cli_helpers import assert_one_line_error, run
+
+    single, model = _embedding_then_scores()
     assert Explainer(model, cache=False).num_classes == 16  # no name says which: the first
     onnx.helper.set_model_props(model, {"onnxcam.scores": "out1"})
     path = save_model(model, tmp_path / "named.onnx")
@@ -1184,12 +1191,7 @@ def test_scores_output_names_the_class_scores_in_every_command(tmp_path):
 
     from tests.cli_helpers import assert_one_line_error, run
 
-    single = build_cnn("mlp", seed=5)
-    model = onnx.ModelProto.FromString(single.SerializeToString())
-    model.graph.node.append(helper.make_node("Identity", ["probs"], ["out1"]))
-    del model.graph.output[:]
-    model.graph.output.extend([helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 16]),
-                               helper.make_tensor_value_info("out1", TensorProto.FLOAT, [1, 10])])
+    single, model = _embedding_then_scores()
     path = save_model(model, tmp_path / "two.onnx")
     x = random_inputs(2)
     want = Explainer(single, cache=False).explain(x, method="gradcam")

@@ -1215,6 +1215,7 @@ def test_scores_output_names_the_class_scores_in_every_command(tmp_path):
     record = json.loads(named.output)["images"][0]["results"][0]
     assert (record["class_index"], record["probability"]) == pytest.approx((expected.class_index,
                                                                             expected.probability))
+    assert record["scores_output"] == "out1"  # the record says which output it read
     shown = run(["inspect", path, "--scores-output", "out1"])
     assert "10 classes" in shown.output and "read from 'out1' (--scores-output says so)" in shown.output
     written = tmp_path / "rewritten.onnx"

@@ -403,6 +403,7 @@ class Explainer:
             timings.update(preprocess_s=preprocess_s, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
                            cam_s=t4 - t3, images=len(chunk))
             facts = self._target_facts(clean)
+            scores_output = {"scores_output": _scores_output(gm.model)} if gm.is_class_score else {}
             per_image: dict[int, dict[str, list[Explanation]]] = {row: {} for row in range(len(chunk))}
             for name, cam in cams.items():
                 result = computed[name]
@@ -424,6 +425,7 @@ class Explainer:
                         device=session.device or "cpu", batch_size=batch,
                         noisy_passes_skipped=bool(skip_noise[name]), timings=dict(timings),
                         extra={"preprocessing": self.preprocessing_info(preprocessor),
+                               **scores_output,
                                "labels": self.labels_source,
                                "target": ("neuron" if neuron_mode else
                                           "given" if chunk_classes is not None else f"top-{k} predicted"),
@@ -735,13 +737,18 @@ def _metadata_floats(model: onnx.ModelProto, key: str) -> list[float] | None:
     return numbers
 
 
-def _squashing(model: onnx.ModelProto) -> str:
-    """"sigmoid" when the model's score output is a Sigmoid of its logits, else "softmax"."""
+def _scores_output(model: onnx.ModelProto) -> str:
+    """The name of the model output the class scores are read from ("" for none)."""
     from onnxcam.graph.locate import score_output_index, scores_named
 
-    producers = {out: node for node in model.graph.node for out in node.output}
     original = [o.name for o in model.graph.output if not o.name.startswith("onnxcam_")]
-    name = original[score_output_index(original, scores_named(model))] if original else ""
+    return original[score_output_index(original, scores_named(model))] if original else ""
+
+
+def _squashing(model: onnx.ModelProto) -> str:
+    """"sigmoid" when the model's score output is a Sigmoid of its logits, else "softmax"."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    name = _scores_output(model)
     passes = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
     for _ in range(64):
         node = producers.get(name)

@@ -215,15 +215,22 @@ def test_automatic_batch_counts_the_widest_step(model_path, monkeypatch):
 
     explainer = Explainer(model_path, device="cpu")
     gm = explainer.gradient_model
-    weights = {t.name for t in gm.model.graph.initializer}
-    sizes = {v.name: int(np.prod([d.dim_value for d in v.type.tensor_type.shape.dim if d.dim_value]))
-             for v in (*gm.model.graph.input, *gm.model.graph.value_info, *gm.model.graph.output)}
-    widest = max(sum(sizes.get(n, 0) for n in (*node.input, *node.output) if n not in weights)
-                 for node in gm.model.graph.node)
+    rows = {v.name: int(np.prod([d.dim_value for d in v.type.tensor_type.shape.dim if d.dim_value]))
+            for v in (*gm.model.graph.input, *gm.model.graph.value_info, *gm.model.graph.output)
+            if any(not d.dim_value for d in v.type.tensor_type.shape.dim)}  # those with the batch
+    widest = max(sum(rows.get(n, 0) for n in (*node.input, *node.output)) for node in gm.model.graph.node)
     assert gm.widest_step == widest > 2 * 3 * 32 * 32  # a conv's input and its wider output
     per_image = 4 * (3 * 32 * 32 + widest + 2 * int(np.prod(gm.activation_shape[1:])))
     monkeypatch.setattr(explainer_module, "BATCH_MEMORY", 5 * per_image + 1)
     assert Explainer(model_path, device="cpu").batch_size == 5
+    # a large constant (a weight made by a Constant node) does not grow with the batch
+    model = onnx.load(model_path)
+    big = onnx.helper.make_tensor("big", onnx.TensorProto.FLOAT, [64, 64, 64], np.zeros(64 ** 3, np.float32))
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["big_value"], value=big))
+    model.graph.node.append(onnx.helper.make_node("ReduceSum", ["big_value"], ["big_sum"], keepdims=0))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("big_sum", onnx.TensorProto.FLOAT, []))
+    with_constant = Explainer(model, device="cpu", cache=False).gradient_model
+    assert with_constant.widest_step == widest
 
 
 

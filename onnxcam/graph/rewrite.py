@@ -56,18 +56,19 @@ class GradientModel:
 
     @functools.cached_property
     def widest_step(self) -> int:
-        """Elements per image of the largest node's inputs and outputs together (the fixed dims
-        of their shapes): what ONNX Runtime holds at once at that step, at the least. VGG-16's
+        """Elements per image of the largest node's inputs and outputs together: what ONNX Runtime
+        holds at once at that step, at the least. Only tensors with a dynamic dim (the batch)
+        count, by their fixed dims: weights and constants do not grow with the batch. VGG-16's
         first block holds 25 MiB an image, MobileNetV2's widest step 9 MiB; the automatic batch
         size is bounded by it."""
         graph = self.model.graph
-        weights = {tensor.name for tensor in graph.initializer}
         sizes = {}
         for value in (*graph.input, *graph.value_info, *graph.output):
             dims = value.type.tensor_type.shape.dim
-            sizes[value.name] = int(np.prod([d.dim_value for d in dims if d.HasField("dim_value")]))
-        return max((sum(sizes.get(name, 0) for name in (*node.input, *node.output) if name not in weights)
-                    for node in graph.node), default=0)
+            if dims and not all(d.HasField("dim_value") for d in dims):
+                sizes[value.name] = int(np.prod([d.dim_value for d in dims if d.HasField("dim_value")]))
+        return max((sum(sizes.get(name, 0) for name in (*node.input, *node.output)) for node in graph.node),
+                   default=0)
 
 
 def build_gradient_model(model: str | os.PathLike | onnx.ModelProto, layer: str | None = None,

@@ -400,6 +400,37 @@ def test_rerun_into_the_image_folder_skips_previous_outputs(work):
     assert "a_gradcam_c1.png:" not in second.stdout and "a.png:" in second.stdout
 
 
+def test_image_format_jpg_writes_jpeg_overlays_and_figures_and_the_same_maps(work):
+    """--image-format jpg: the overlay and the --compare figure are JPEG files named .jpg, no
+    .png is written, the record lists the .jpg and the raw map is the PNG run's; a later run into
+    the image folder skips them as earlier outputs."""
+    y, x = np.mgrid[0:80, 0:96]
+    smooth = np.stack([x * 2.5, y * 3.0, 128 + 100 * np.sin(x / 9.0) * np.cos(y / 7.0)], axis=-1)
+    Image.fromarray(smooth.clip(0, 255).astype(np.uint8)).save(work / "a.png")  # a photo, not noise
+    base = ["explain", work / "cnn.onnx", work / "a.png", "--class", "1", "--compare"]
+    assert run([*base, "--out", work / "png"]).exit_code == 0
+    result = run([*base, "--image-format", "JPG", "--out", work / "jpg"])
+    assert result.exit_code == 0, result.output
+    written = sorted(path.name for path in (work / "jpg").iterdir())
+    assert written == ["a_compare.jpg", "a_smoothgradcampp_c1.jpg", "a_smoothgradcampp_c1.json",
+                       "a_smoothgradcampp_c1.npy"]
+    for name in ("a_compare.jpg", "a_smoothgradcampp_c1.jpg"):
+        with Image.open(work / "jpg" / name) as picture:
+            assert picture.format == "JPEG" and picture.mode == "RGB"
+    with Image.open(work / "jpg" / "a_smoothgradcampp_c1.jpg") as jpeg, \
+            Image.open(work / "png" / "a_smoothgradcampp_c1.png") as png:
+        assert jpeg.size == png.size
+        correlation = np.corrcoef(np.asarray(jpeg, np.float64).ravel(), np.asarray(png, np.float64).ravel())[0, 1]
+        assert correlation > 0.98  # lossy, but the same overlay
+    np.testing.assert_array_equal(np.load(work / "jpg" / "a_smoothgradcampp_c1.npy"),
+                                  np.load(work / "png" / "a_smoothgradcampp_c1.npy"))
+    record = json.loads((work / "jpg" / "a_smoothgradcampp_c1.json").read_text())
+    assert record["files"]["overlay"] == "a_smoothgradcampp_c1.jpg"
+    again = run(["explain", work / "cnn.onnx", work / "jpg", "--class", "1", "--out", work / "jpg",
+                 "--image-format", "jpg"])
+    assert again.exit_code != 0 and "the only images found are onnxcam outputs" in again.output
+
+
 def test_same_stem_in_two_folders_gets_two_names(work):
     other = work / "other"
     other.mkdir()

@@ -882,6 +882,11 @@ def test_save_writes_three_files_atomically(linear_model, tmp_path, monkeypatch)
     assert record["method"] == "gradcampp" and record["class_index"] == r.class_index
     assert record["device"] in ("cpu", "cuda") and record["layer"] == "a2"
     assert image_size(paths["overlay"]) == (32, 32)
+    jpeg = r.save(tmp_path / "jpg", stem="pic", image_format="jpg")["overlay"]
+    assert jpeg.name == f"{stem}.jpg" and Image.open(jpeg).format == "JPEG"
+    with pytest.raises(OptionError, match="image format 'gif': give one of png, jpg"):
+        r.save(tmp_path / "gif", stem="pic", image_format="gif")
+    assert not (tmp_path / "gif").exists()
 
     # a failure while writing leaves neither the files nor temporaries behind
     fresh = tmp_path / "fresh"

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from onnxcam.atomic import atomic_path
-from onnxcam.imaging.io import OVERLAY_PNG_OPTIONS
+from onnxcam.imaging.io import save_options
 from onnxcam.cams import footprint_mask, normalize, upsample_bilinear
 from onnxcam.errors import OptionError
 from onnxcam.imaging import load_image, outline, overlay as blend
@@ -180,13 +180,15 @@ class Explanation:
         return to_jsonable(record)
 
     def save(self, out_dir: str | os.PathLike, stem: str | None = None, *, alpha: float = 0.5,
-             colormap: str = "turbo", protected: tuple = ()) -> dict[str, Path]:
-        """Write ``<stem>_<method>_<target>.png`` (overlay), ``.npy`` (raw_map) and ``.json``
-        (the record) into ``out_dir`` (created if needed) and return their paths.
+             colormap: str = "turbo", protected: tuple = (), image_format: str = "png") -> dict[str, Path]:
+        """Write ``<stem>_<method>_<target>.png`` (overlay; ``.jpg`` with ``image_format="jpg"``),
+        ``.npy`` (raw_map) and ``.json`` (the record) into ``out_dir`` (created if needed) and
+        return their paths.
 
         The three files are written to temporary names first and renamed only once all three are
         complete. The image file itself and any path in ``protected`` are never overwritten.
         """
+        options = save_options(image_format)
         folder = Path(out_dir)
         if folder.exists() and not folder.is_dir():
             raise OptionError(f"output folder '{folder}' is a file: give a folder for the outputs")
@@ -196,7 +198,7 @@ class Explanation:
             raise OptionError(f"cannot create the output folder '{folder}' ({exc.strerror or exc}): "
                               "choose another one") from None
         base = self.file_stem(stem)
-        paths = {"overlay": folder / f"{base}.png", "raw_map": folder / f"{base}.npy",
+        paths = {"overlay": folder / f"{base}.{image_format}", "raw_map": folder / f"{base}.npy",
                  "record": folder / f"{base}.json"}
         check_not_protected(paths.values(), [self.source, *protected] if self.source else protected)
         picture = self.overlay(alpha=alpha, colormap=colormap)
@@ -204,10 +206,10 @@ class Explanation:
         record["files"] = {key: path.name for key, path in paths.items()}
         data = json.dumps(record, indent=2, allow_nan=False).encode("utf-8") + b"\n"
         with contextlib.ExitStack() as stack:
-            png = stack.enter_context(atomic_path(paths["overlay"]))
+            picture_file = stack.enter_context(atomic_path(paths["overlay"]))
             npy = stack.enter_context(atomic_path(paths["raw_map"]))
             meta = stack.enter_context(atomic_path(paths["record"]))
-            picture.save(png, **OVERLAY_PNG_OPTIONS)
+            picture.save(picture_file, **options)
             np.save(npy, np.asarray(self.raw_map, dtype=np.float32))
             meta.write_bytes(data)
         return paths

@@ -30,6 +30,21 @@ PNG_SAVE_OPTIONS = {"format": "PNG", "compress_level": 1}
 #: them in 16% less time than PNG_SAVE_OPTIONS, into 10% smaller files. Not for the figures, whose
 #: flat areas it left 24% bigger, for no gain in time.
 OVERLAY_PNG_OPTIONS = {**PNG_SAVE_OPTIONS, "compress_type": zlib.Z_RLE}
+#: JPEG for the overlays and figures of large photos (``--image-format jpg``): a 12-megapixel
+#: overlay encoded in 42 ms into 3.4 MB, against 978 ms and 25 MB as PNG; lossy, so the raw maps
+#: stay in the .npy files.
+JPEG_SAVE_OPTIONS = {"format": "JPEG", "quality": 90}
+#: Pillow options per output format: (overlays, figures).
+IMAGE_FORMATS = {"png": (OVERLAY_PNG_OPTIONS, PNG_SAVE_OPTIONS), "jpg": (JPEG_SAVE_OPTIONS, JPEG_SAVE_OPTIONS)}
+
+
+def save_options(image_format: str, figure: bool = False) -> dict:
+    """Pillow's save options for an overlay (or a figure) in ``image_format`` (png or jpg)."""
+    if image_format not in IMAGE_FORMATS:
+        from onnxcam.errors import OptionError
+
+        raise OptionError(f"image format {image_format!r}: give one of {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[image_format][1 if figure else 0]
 
 # What Pillow's decoders raise on a damaged file (on top of OSError): the PNG plugin uses
 # SyntaxError, others struct.error, EOFError, ValueError or IndexError on short/garbled headers.

@@ -271,8 +271,8 @@ def _options_per_method(methods: list[str], variants: dict[str, str]) -> dict[st
     return {m: options for m, options in per_method.items() if options}
 
 
-_OUTPUT_NAME = re.compile(r".+_(?:%s)_(?:c\d+|n[\d+-].*)\.(?:png|jpg)$|.+_compare(?:_(?:c\d+|n.+))?\.(?:png|jpg)$"
-                          % "|".join(METHODS))
+_OUTPUT_NAME = re.compile(r".+_(?:%s)_(?:c\d+|n[\d+-].*)\.(?:%s)$|.+_compare(?:_(?:c\d+|n.+))?\.(?:%s)$"
+                          % ("|".join(METHODS), "|".join(IMAGE_FORMATS), "|".join(IMAGE_FORMATS)))
 
 
 def _without_previous_outputs(paths: list[Path], given: tuple[Path, ...], out: Path) -> list[Path]:

@@ -108,8 +108,9 @@ class Explainer:
     ``onnxcam inspect``). ``score``: a tensor name for neuron-level CAMs (then pass ``neuron=`` to
     explain). ``device``: "auto" (default: CUDA when a session really gets it), "cpu" or "cuda".
     ``batch_size``: images or noisy samples per run (default: chosen from the input, widest step
-    and layer sizes under a 256 MiB bound, 1 to 13 on the CPU; 1 GiB and 32 on CUDA). ``preprocess``: a preset name (imagenet, caffe, unit,
-    symmetric, raw; default: the model's metadata onnxcam.mean/std, else imagenet); ``mean``/``std``
+    and layer sizes under a 256 MiB bound, 1 to 13 on the CPU; 1 GiB and 32 on CUDA).
+    ``preprocess``: a preset name (imagenet, caffe, unit, symmetric, raw; default: the model's
+    metadata onnxcam.mean/std, else imagenet); ``mean``/``std``
     override it; ``size`` = (H, W) for models with a dynamic input size. ``resize``: how an image
     gets to the model's size, "stretch" (the whole image, the default), "crop" (resize so that
     size / ``crop_fraction``, 0.875 by default, covers it, and take the centre: torchvision's

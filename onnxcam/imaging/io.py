@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from onnxcam.errors import ImageError
+from onnxcam.errors import ImageError, OptionError
 
 #: Colour that transparent pixels are composited onto. White, because images with alpha are mostly
 #: logos, icons and cut-outs drawn for white pages; a model sees them the way a person does.
@@ -41,8 +41,6 @@ IMAGE_FORMATS = {"png": (OVERLAY_PNG_OPTIONS, PNG_SAVE_OPTIONS), "jpg": (JPEG_SA
 def save_options(image_format: str, figure: bool = False) -> dict:
     """Pillow's save options for an overlay (or a figure) in ``image_format`` (png or jpg)."""
     if image_format not in IMAGE_FORMATS:
-        from onnxcam.errors import OptionError
-
         raise OptionError(f"image format {image_format!r}: give one of {', '.join(IMAGE_FORMATS)}")
     return IMAGE_FORMATS[image_format][1 if figure else 0]
 

@@ -69,6 +69,7 @@ from onnxcam.explain.result import Explanation
 from onnxcam.explain.sidecar import read_sidecar
 from onnxcam.graph import noisy
 from onnxcam.graph.input_size import check_size, require_static_size, sidecar_size, with_input_size
+from onnxcam.graph.locate import scores_output_name
 from onnxcam.graph.prepare import with_options
 from onnxcam.graph.rewrite import GradientModel
 from onnxcam.imaging import Preprocessor, detect_layout, get_preset
@@ -404,7 +405,7 @@ class Explainer:
             timings.update(preprocess_s=preprocess_s, clean_pass_s=t2 - t1, noisy_passes_s=t3 - t2,
                            cam_s=t4 - t3, images=len(chunk))
             facts = self._target_facts(clean)
-            scores_output = {"scores_output": _scores_output(gm.model)} if gm.is_class_score else {}
+            scores_output = {"scores_output": scores_output_name(gm.model)} if gm.is_class_score else {}
             per_image: dict[int, dict[str, list[Explanation]]] = {row: {} for row in range(len(chunk))}
             for name, cam in cams.items():
                 result = computed[name]
@@ -738,18 +739,10 @@ def _metadata_floats(model: onnx.ModelProto, key: str) -> list[float] | None:
     return numbers
 
 
-def _scores_output(model: onnx.ModelProto) -> str:
-    """The name of the model output the class scores are read from ("" for none)."""
-    from onnxcam.graph.locate import score_output_index, scores_named
-
-    original = [o.name for o in model.graph.output if not o.name.startswith("onnxcam_")]
-    return original[score_output_index(original, scores_named(model))] if original else ""
-
-
 def _squashing(model: onnx.ModelProto) -> str:
     """"sigmoid" when the model's score output is a Sigmoid of its logits, else "softmax"."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    name = _scores_output(model)
+    name = scores_output_name(model)
     passes = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
     for _ in range(64):
         node = producers.get(name)

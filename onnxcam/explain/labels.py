@@ -76,14 +76,13 @@ def metadata_value(model: onnx.ModelProto, key: str) -> str | None:
 def _outputs_hint(model: onnx.ModelProto | None) -> str:
     """For a model of several outputs: which one the classes were counted from, and how to name
     another (the count may be an embedding's)."""
-    from onnxcam.graph.locate import score_output_index, scores_named
+    from onnxcam.graph.locate import own_outputs, scores_output_name
 
-    outputs = [o.name for o in model.graph.output if not o.name.startswith("onnxcam_")] if model is not None else []
-    if len(outputs) < 2:
+    count = len(own_outputs(model)) if model is not None else 0
+    if count < 2:
         return ""
-    chosen = outputs[score_output_index(outputs, scores_named(model))]
-    return (f" (the classes are counted on output '{chosen}' of {len(outputs)}: if another holds the class "
-            "scores, name it with --scores-output)")
+    return (f" (the classes are counted on output '{scores_output_name(model)}' of {count}: if another "
+            "holds the class scores, name it with --scores-output)")
 
 
 def resolve_labels(num_classes: int | None, labels: object = None, model: onnx.ModelProto | None = None,

@@ -240,7 +240,6 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
         for start, stop in bounds:
             clean_row = start == 0
             weights = (np.arange(start, stop) > 0).astype(np.float64)  # 0 for the clean row
-            scales = weights * sigma
             targets = np.full(stop - start, target)
             if input_front:
                 noise = [None] * int(clean_row) + BANK.standard_normals(seed, range(max(start - 1, 0), stop - 1),
@@ -257,7 +256,7 @@ def fused_passes(session: GradientSession, inputs: np.ndarray, chunk_classes, ac
                                        lambda: standard_normal_stack(seed, int(ids[-1]) + 1 - first, shape,
                                                                      first=first))
                     ids = ids - first
-                feeds = noisy.row_feeds(np.full(stop - start, image), ids, scales, weights, targets=targets)
+                feeds = noisy.row_feeds(np.full(stop - start, image), ids, weights * sigma, weights, targets=targets)
             fetched = session.run_noisy(feeds, first_outputs if clean_row else noisy.SUMS,
                                         front="input" if input_front else "bank", pad_to=run_rows)
             if clean_row:

@@ -58,10 +58,21 @@ def _named_like_scores(name: str) -> bool:
     return name.casefold().rstrip("_0123456789:").endswith(SCORE_NAMES)
 
 
+def own_outputs(model) -> list[str]:
+    """The names of a ModelProto's own outputs (a rewritten model's onnxcam_ ones left out)."""
+    return [output.name for output in model.graph.output if not output.name.startswith("onnxcam_")]
+
+
+def scores_output_name(model) -> str:
+    """The name of the output a ModelProto's class scores are read from ("" for none)."""
+    names = own_outputs(model)
+    return names[score_output_index(names, scores_named(model))] if names else ""
+
+
 def scores_output_by_default(model) -> str | None:
     """The first output of a model whose several outputs none names as class scores (neither the
     metadata nor a name like logits): the output read only because it comes first; else None."""
-    names = [o.name for o in model.graph.output if not o.name.startswith("onnxcam_")]
+    names = own_outputs(model)
     if len(names) < 2 or scores_named(model) is not None or any(_named_like_scores(n) for n in names):
         return None
     return names[0]

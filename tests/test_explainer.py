@@ -1029,6 +1029,72 @@ def test_the_noisy_models_keep_the_rewritten_models_node_order(mlp_head_model):
             produced.update(node.output)
 
 
+def _head_variant(head: str) -> onnx.ModelProto:
+    """``build_cnn("linear")`` with its Gemm head written another way: ``gemm`` as built (torch's
+    Linear, transB=1), ``gemm_alpha`` (weights stored (16, classes), transB=0, alpha=0.5),
+    ``matmul`` (MatMul then Add, as tf2onnx writes Dense), ``scaled`` (the logits times 2: the
+    seed meets a Mul first)."""
+    model = build_cnn("linear", seed=5, softmax=False)
+    graph = model.graph
+    fc = next(node for node in graph.node if node.name == "fc")
+    weights = next(i for i in graph.initializer if i.name == "W3")
+    values = numpy_helper.to_array(weights)
+    if head in ("gemm_alpha", "matmul"):
+        weights.CopyFrom(_init("W3", values.T * (2.0 if head == "gemm_alpha" else 1.0)))
+        position = list(graph.node).index(fc)
+        graph.node.remove(fc)
+        replacement = ([helper.make_node("Gemm", ["f", "W3", "B3"], ["logits"], name="fc", alpha=0.5)]
+                       if head == "gemm_alpha" else
+                       [helper.make_node("MatMul", ["f", "W3"], ["fc_out"], name="fc"),
+                        helper.make_node("Add", ["fc_out", "B3"], ["logits"], name="fc_bias")])
+        for offset, node in enumerate(replacement):
+            graph.node.insert(position + offset, node)
+    elif head == "scaled":
+        fc.output[0] = "unscaled"
+        graph.initializer.append(_init("two", 2.0))
+        graph.node.append(helper.make_node("Mul", ["unscaled", "two"], ["logits"], name="scale"))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("head,gathered", [("gemm", True), ("gemm_alpha", True), ("matmul", True),
+                                           ("scaled", False)])
+def test_the_seeds_product_with_the_head_weights_is_a_gather_of_the_classes_rows(
+        tmp_path, monkeypatch, head, gathered):
+    """In the models that pick classes in the graph, ``one_hot(class) @ W`` (the gradient of a
+    Gemm or MatMul head) is read as W's row of the class, not computed as a product: no node
+    reads the one-hot seed any more, and A, g and the logits are the same bits as with the
+    product, for given and predicted classes. A head whose gradient meets the seed some other
+    way keeps the product."""
+    from onnxcam.graph import noisy
+    from onnxcam.graph.rewrite import ACTIVATION, GRADIENT, LOGITS, SEED
+
+    path = save_model(_head_variant(head), tmp_path / f"{head}.onnx")
+    gm = Explainer(path, layer="a2").gradient_model
+    inputs = random_inputs(4, seed=50)
+    feeds = {"x": inputs, noisy.TARGETS: np.array([3, -1, 7, -1]), noisy.PICKS: np.array([0, 1, 2, 0])}
+    outputs = [ACTIVATION, GRADIENT, LOGITS, noisy.CLASSES]
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(outputs, feeds)
+
+    picking = noisy.build_picking_model(gm)
+    reads_seed = any(SEED in node.input for node in picking.graph.node)
+    assert reads_seed is not gathered
+    got = run(picking)
+    monkeypatch.setattr(noisy, "_seed_products_gathered", lambda graph: True)  # the product kept
+    expected = run(noisy.build_picking_model(gm))
+    for a, b in zip(expected, got):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert got[3].tolist()[0] == 3 and got[3].tolist()[2] == 7
+    weights = numpy_helper.to_array(next(i for i in gm.model.graph.initializer if i.name == "W3"))
+    rows = weights if head in ("gemm", "scaled") else weights.T
+    scale = {"gemm_alpha": 0.5, "scaled": 2.0}.get(head, 1.0) / (32 * 32)  # GAP over 32 x 32
+    np.testing.assert_allclose(got[1], (scale * rows[got[3]])[:, :, None, None] * np.ones((1, 1, 32, 32)),
+                               rtol=1e-6)
+
+
 def test_the_bound_images_are_refilled_in_place_and_the_callers_arrays_kept(mlp_head_model):
     """The noisy model's images live in one buffer of ONNX Runtime's own, refilled for each call
     and kept bound (rebinding cost ~0.2 ms a run on a GPU host): the next call's maps are those

@@ -121,7 +121,7 @@ def build_noisy_model(gm: GradientModel, front: str = "bank") -> onnx.ModelProto
                                     (LOGITS, FIRST_LOGITS))]
     kept_inputs = [i for i in graph.input if i.name != gm.input_name]
     if targets_in_graph(gm):
-        kept_inputs, picking_inputs, picking_initializers, picking_nodes = _targets_picked(gm, graph, kept_inputs)
+        kept_inputs, picking_inputs, picking_initializers, picking_nodes = _targets_picked(gm, kept_inputs)
         inputs += picking_inputs
         initializers += picking_initializers
         nodes += picking_nodes
@@ -149,99 +149,33 @@ def build_picking_model(gm: GradientModel) -> onnx.ModelProto:
         raise OptionError("classes picked in the graph need class scores with a fixed number of classes")
     model = onnx.ModelProto()
     model.CopyFrom(gm.model)
-    kept_inputs, inputs, initializers, nodes = _targets_picked(gm, model.graph, list(model.graph.input))
+    kept_inputs, inputs, initializers, nodes = _targets_picked(gm, list(model.graph.input))
     extra = [helper.make_tensor_value_info(CLASSES, TensorProto.INT64, ["N"])]
     return _finished(model, kept_inputs + inputs, initializers, nodes, extra)
 
 
-def _targets_picked(gm: GradientModel, graph: onnx.GraphProto, kept_inputs: list):
+def _targets_picked(gm: GradientModel, kept_inputs: list):
     """The graph inputs, initializers and nodes that make the seed from ``targets`` and
-    ``picks`` (module docstring), and the graph inputs left once the seed input is gone. The
-    seed's products with a weight matrix in ``graph`` become gathers of the classes' rows
-    (``_seed_products_gathered``); the one-hot seed itself is made only if something else
-    still reads it."""
+    ``picks`` (module docstring), and the graph inputs left once the seed input is gone."""
     p = _PREFIX
     seed_input = next(i for i in kept_inputs if i.name == SEED)
     kept_inputs = [i for i in kept_inputs if i.name != SEED]
     inputs = [helper.make_tensor_value_info(TARGETS, TensorProto.INT64, ["N"]),
               helper.make_tensor_value_info(PICKS, TensorProto.INT64, ["N"])]
-    initializers = [helper.make_tensor(p + "zero", TensorProto.INT64, [], [0])]
+    initializers = [helper.make_tensor(p + "classes", TensorProto.INT64, [1, gm.num_classes],
+                                       list(range(gm.num_classes))),
+                    helper.make_tensor(p + "zero", TensorProto.INT64, [], [0]),
+                    helper.make_tensor(p + "class_axis", TensorProto.INT64, [1], [1])]
     nodes = [
         helper.make_node("ArgMax", [LOGITS], [p + "predicted"], axis=1, keepdims=0),
         helper.make_node("Gather", [p + "predicted", PICKS], [p + "picked"], axis=0),
         helper.make_node("GreaterOrEqual", [TARGETS, p + "zero"], [p + "given"]),
         helper.make_node("Where", [p + "given", TARGETS, p + "picked"], [CLASSES]),
+        helper.make_node("Unsqueeze", [CLASSES, p + "class_axis"], [p + "class_column"]),
+        helper.make_node("Equal", [p + "class_column", p + "classes"], [p + "hot"]),
+        helper.make_node("Cast", [p + "hot"], [SEED], to=seed_input.type.tensor_type.elem_type),
     ]
-    one_hot_rows = len(seed_input.type.tensor_type.shape.dim) == 2  # (N, classes)
-    if not one_hot_rows or _seed_products_gathered(graph):
-        initializers += [helper.make_tensor(p + "classes", TensorProto.INT64, [1, gm.num_classes],
-                                            list(range(gm.num_classes))),
-                         helper.make_tensor(p + "class_axis", TensorProto.INT64, [1], [1])]
-        nodes += [
-            helper.make_node("Unsqueeze", [CLASSES, p + "class_axis"], [p + "class_column"]),
-            helper.make_node("Equal", [p + "class_column", p + "classes"], [p + "hot"]),
-            helper.make_node("Cast", [p + "hot"], [SEED], to=seed_input.type.tensor_type.elem_type),
-        ]
     return kept_inputs, inputs, initializers, nodes
-
-
-def _seed_products_gathered(graph: onnx.GraphProto) -> bool:
-    """Replace each product of the one-hot seed with a weight matrix (the gradient of a Gemm or
-    MatMul head: ``seed @ W``) by the rows of ``W`` for the row's class: ``Gather(W, classes)``,
-    times the Gemm's alpha. The same bits (a one-hot row times a matrix sums one product and
-    zeros), and no product of the whole weight matrix per run: on ONNX Runtime's CPU provider
-    that Gemm cost MobileNetV2 4% of each run of 13 rows. Returns whether some node still reads
-    the seed."""
-    weights = {tensor.name: (list(tensor.dims), tensor.data_type) for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
-    still_read = any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                     for node in graph.node for attribute in node.attribute)  # may read it from inside
-    for node in [node for node in graph.node if SEED in node.input]:
-        rows = _seed_product_rows(node, weights, producers)
-        if rows is None:
-            still_read = True
-            continue
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, made in enumerate(rows):
-            graph.node.insert(position + offset, made)
-    return still_read
-
-
-def _seed_product_rows(node, weights: dict[str, tuple[list[int], int]], producers: dict) -> list | None:
-    """The nodes that give ``node``'s output as gathered rows (``_seed_products_gathered``), or
-    None when ``node`` is not ``seed @ W`` with a constant two-dimensional ``W``."""
-    attrs = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-    if list(node.input[:1]) != [SEED] or len(node.input) != 2:
-        return None
-    if node.op_type == "Gemm" and not attrs.get("transA", 0):
-        matrix, transposed, alpha = node.input[1], bool(attrs.get("transB", 0)), attrs.get("alpha", 1.0)
-    elif node.op_type == "MatMul":
-        matrix, transposed, alpha = node.input[1], False, 1.0
-        source = producers.get(matrix)  # the MatMul rule's Transpose of the forward weight
-        if source is not None and source.op_type == "Transpose" and source.input[0] in weights:
-            perm = next((helper.get_attribute_value(a) for a in source.attribute if a.name == "perm"), None)
-            if list(perm or [1, 0]) == [1, 0]:
-                matrix, transposed = source.input[0], True
-    else:
-        return None
-    if matrix not in weights or len(weights[matrix][0]) != 2:
-        return None
-    out = node.output[0]
-    name = _PREFIX + out.replace("/", "_")
-    made = []
-    if transposed:  # seed @ W^T: W's columns of the classes, as rows
-        made += [helper.make_node("Gather", [matrix, CLASSES], [name + "/columns"], axis=1),
-                 helper.make_node("Transpose", [name + "/columns"], [name + "/rows"], perm=[1, 0])]
-    else:
-        made.append(helper.make_node("Gather", [matrix, CLASSES], [name + "/rows"], axis=0))
-    if alpha != 1.0:
-        made += [helper.make_node("Constant", [], [name + "/alpha"],
-                                  value=helper.make_tensor("alpha", weights[matrix][1], [], [alpha])),
-                 helper.make_node("Mul", [name + "/rows", name + "/alpha"], [out])]
-    else:
-        made[-1].output[0] = out
-    return made
 
 
 def _finished(model: onnx.ModelProto, inputs: list, initializers: list, nodes: list, extra: list) -> onnx.ModelProto:

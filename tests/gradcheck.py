@@ -15,6 +15,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ReferenceConvTranspose
 import onnx_graphsurgeon as gs
 
 from onnxcam.graph.prepare import prepare_model
@@ -76,7 +77,21 @@ class Pad(OpRun):
         return (np.pad(data[tuple(crop)], width, mode=mode, **extra).astype(data.dtype),)
 
 
-FLOAT64_OPS = [Erf, LRN, Gelu, Pad]
+class ConvTranspose(_ReferenceConvTranspose):
+    """The reference ConvTranspose miscounts the channels of a grouped one (onnx 1.23: it
+    reshapes the weights as if there were one group): each group runs alone here and the outputs
+    are joined; ``test_conv_transpose_reference_matches_onnxruntime`` checks it."""
+
+    def _run(self, X, W, B=None, group=None, **attrs):
+        if not group or group == 1:
+            return super()._run(X, W, B, group=group, **attrs)
+        biases = np.split(B, group) if B is not None else [None] * group
+        parts = [super(ConvTranspose, self)._run(x, w, b, group=1, **attrs)[0]
+                 for x, w, b in zip(np.split(X, group, axis=1), np.split(W, group, axis=0), biases)]
+        return (np.concatenate(parts, axis=1),)
+
+
+FLOAT64_OPS = [Erf, LRN, Gelu, Pad, ConvTranspose]
 
 
 def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:

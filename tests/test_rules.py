@@ -76,6 +76,13 @@ for op, attrs, gen in [
     case(label, one_op(op, [2, 3, 4], **attrs), gen([2, 3, 4]))
 
 case("Dropout", one_op("Dropout", [2, 5], opset=17), normal([2, 5]))
+case("Mish", one_op("Mish", [2, 3, 4], opset=18), normal([2, 3, 4]) * 2)
+case("Selu", one_op("Selu", [2, 3, 4]), distinct([2, 3, 4]))
+case("Selu-attrs", one_op("Selu", [2, 3, 4], alpha=1.2, gamma=0.8), distinct([2, 3, 4]))
+case("Celu-alpha", one_op("Celu", [2, 3, 4], alpha=0.6), distinct([2, 3, 4]))
+case("Softsign", one_op("Softsign", [2, 3, 4]), distinct([2, 3, 4]))
+case("ThresholdedRelu", one_op("ThresholdedRelu", [2, 3, 4], alpha=0.4), distinct([2, 3, 4]))
+
 case("Cast-float", one_op("Cast", [2, 5], to=TensorProto.FLOAT), normal([2, 5]))
 case("PRelu-channel", one_op("PRelu", [2, 3, 4, 4], ["s"], [_const("s", [[[0.1]], [[0.2]], [[-0.3]]])]),
      distinct([2, 3, 4, 4]))
@@ -104,6 +111,21 @@ for op in ["Add", "Sub", "Mul", "Div"]:
 case("Sum-three", make_model([helper.make_node("Tanh", ["x"], ["t"]),
                               helper.make_node("Sum", ["x", "t", "c"], ["y"])], [2, 3],
                              [_const("c", [1.0, 2.0, 3.0])]), normal([2, 3]))
+
+# Max / Min / Mean: constants broadcast, both operands on the path, ties shared (Max(x, x) is x)
+for op in ("Max", "Min"):
+    case(f"{op}-const-broadcast", one_op(op, [2, 3, 4], ["c"], [_const("c", [[0.3], [-0.2], [0.1]])]),
+         distinct([2, 3, 4]))
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Mul", ["x", "half"], ["h"]),
+             helper.make_node(op, ["x", "t", "h"], ["y"])]
+    case(f"{op}-three-on-path", make_model(nodes, [2, 3, 4], [_const("half", 0.5)]), distinct([2, 3, 4]))
+    case(f"{op}-tie-shared", make_model([helper.make_node(op, ["x", "x"], ["y"])], [2, 5]), normal([2, 5]))
+nodes = [helper.make_node("Max", ["x", "zero"], ["r"]), helper.make_node("Min", ["r", "six"], ["y"])]
+case("Min-relu6-as-max-min", make_model(nodes, [2, 6], [_const("zero", 0.0), _const("six", 6.0)]),
+     distinct([2, 6]) * 4)
+nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),
+         helper.make_node("Mean", ["x", "m", "c"], ["y"])]
+case("Mean-broadcast", make_model(nodes, [2, 3, 4], [_const("c", 1.5)], opset=17), normal([2, 3, 4]))
 
 # Where: both branches on the path with a condition from the values; dynamo's NaN guard after a
 # Softmax; a condition broadcast against the branches
@@ -193,6 +215,22 @@ for name, attrs, xs in pool_cases:
     for cip in (0, 1):
         case(f"AveragePool-{name}-cip{cip}", one_op("AveragePool", xs, count_include_pad=cip, **attrs),
              normal(xs))
+# ConvTranspose: W is [C, M/g, k]; the torch exports' explicit pads and output_padding
+conv_transpose_cases = [
+    ("plain", [2, 3, 4, 4], [3, 2, 3, 3], {}),
+    ("stride2-pad1-outpad1", [1, 3, 4, 5], [3, 4, 3, 3], {"strides": [2, 2], "pads": [1, 1, 1, 1],
+                                                            "output_padding": [1, 1]}),
+    ("stride2-k2", [2, 4, 3, 3], [4, 2, 2, 2], {"strides": [2, 2]}),
+    ("groups-asym-pads", [1, 4, 4, 4], [4, 3, 3, 3], {"group": 2, "strides": [2, 1], "pads": [0, 1, 1, 2]}),
+    ("dilation2", [1, 2, 4, 4], [2, 3, 3, 3], {"dilations": [2, 2], "pads": [1, 0, 1, 2]}),
+    ("stride3-outpad2", [1, 2, 3, 2], [2, 2, 3, 2], {"strides": [3, 2], "output_padding": [2, 1]}),
+    ("valid", [1, 2, 3, 3], [2, 2, 3, 3], {"auto_pad": "VALID", "strides": [2, 2]}),
+    ("1d", [2, 3, 5], [3, 2, 3], {"strides": [2], "pads": [1, 0]}),
+]
+for name, xs, ws, attrs in conv_transpose_cases:
+    case(f"ConvTranspose-{name}", one_op("ConvTranspose", xs, ["W", "B"],
+                                         [_const("W", weights(*ws)), _const("B", weights(ws[1] * attrs.get("group", 1)))],
+                                         **attrs), normal(xs))
 case("GlobalAveragePool", one_op("GlobalAveragePool", [2, 3, 4, 5]), normal([2, 3, 4, 5]))
 case("GlobalMaxPool", one_op("GlobalMaxPool", [2, 3, 4, 5]), distinct([2, 3, 4, 5]))
 case("MaxPool-indices-output", make_model([helper.make_node("MaxPool", ["x"], ["y", "idx"], kernel_shape=[2, 2],
@@ -208,6 +246,10 @@ for op, gen in [("ReduceMean", normal), ("ReduceSum", normal), ("ReduceMax", dis
     case(f"{op}-opset13-attr", one_op(op, [2, 3, 4], opset=13 if op != "ReduceSum" else 11, axes=[2]),
          gen([2, 3, 4]))
 case("ReduceMean-all-axes", one_op("ReduceMean", [2, 3, 4], keepdims=1), normal([2, 3, 4]))
+case("ReduceMin-axes23-keep", one_op("ReduceMin", [2, 3, 4, 5], ["axes"], [_const("axes", [2, 3], np.int64)]),
+     distinct([2, 3, 4, 5]))
+case("ReduceMin-axis1-drop", one_op("ReduceMin", [2, 3, 4], ["axes"], [_const("axes", [1], np.int64)], keepdims=0),
+     distinct([2, 3, 4]))
 
 # -- normalisation ---------------------------------------------------------------------------
 bn = [_const("s", positive([3])), _const("b", weights(3)), _const("m", weights(3)), _const("v", positive([3]))]
@@ -259,6 +301,11 @@ for mode in ["constant", "edge"]:
     case(f"Pad-{mode}-negative", one_op("Pad", [2, 3, 4, 5], ["p"],
                                         [_const("p", [0, 0, -1, 2, 0, 0, 1, -2], np.int64)], mode=mode),
          normal([2, 3, 4, 5]))
+case("Tile", one_op("Tile", [2, 3, 2], ["r"], [_const("r", [1, 2, 3], np.int64)]), normal([2, 3, 2]))
+case("Tile-batch", one_op("Tile", [1, 2, 3], ["r"], [_const("r", [3, 1, 2], np.int64)]), normal([1, 2, 3]))
+case("DepthToSpace-DCR", one_op("DepthToSpace", [2, 8, 2, 3], blocksize=2), normal([2, 8, 2, 3]))
+case("DepthToSpace-CRD", one_op("DepthToSpace", [2, 8, 2, 3], blocksize=2, mode="CRD"), normal([2, 8, 2, 3]))
+case("SpaceToDepth", one_op("SpaceToDepth", [2, 2, 4, 6], blocksize=2), normal([2, 2, 4, 6]))
 case("Expand", one_op("Expand", [2, 3, 1], ["s"], [_const("s", [2, 3, 4], np.int64)]), normal([2, 3, 1]))
 case("Expand-rank-up", one_op("Expand", [2, 1, 4], ["s"], [_const("s", [3, 2, 5, 4], np.int64)]), normal([2, 1, 4]))
 for mode, extra in [("nearest", {}), ("linear", {}),
@@ -310,6 +357,21 @@ def test_pad_reference_matches_onnxruntime():
             expected = runtime.run(None, {"x": x})[0]
             ours = reference_evaluator(model).run(None, {"x": x.astype(np.float64)})[0]
             np.testing.assert_allclose(ours, expected, rtol=1e-6, err_msg=f"{mode} {pads}")
+
+
+def test_conv_transpose_reference_matches_onnxruntime():
+    """The float64 ConvTranspose the checker uses (grouped ones a group at a time) is checked
+    against the runtime's forward."""
+    import onnxruntime as ort
+
+    for name, xs, ws, attrs in conv_transpose_cases:
+        bias = weights(ws[1] * attrs.get("group", 1))
+        model = one_op("ConvTranspose", xs, ["W", "B"], [_const("W", weights(*ws)), _const("B", bias)], **attrs)
+        x = normal(xs)
+        runtime = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        expected = runtime.run(None, {"x": x})[0]
+        ours = reference_evaluator(model).run(None, {"x": x.astype(np.float64)})[0]
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 #: Rules that are not the derivative of their op, by design: quantization is flat almost
@@ -388,7 +450,7 @@ REQUIRED_OPS = """Conv Gemm MatMul Add Sub Mul Div Sum Neg Relu LeakyRelu PRelu 
 HardSwish Tanh Softplus Erf Gelu Exp Log Sqrt Pow Softmax LogSoftmax MaxPool AveragePool
 GlobalAveragePool GlobalMaxPool ReduceMean ReduceSum ReduceMax BatchNormalization
 InstanceNormalization LayerNormalization LRN Dropout Identity Cast Reshape Flatten Squeeze Unsqueeze
-Transpose Concat Split Slice Gather Pad Expand Resize""".split()
+Transpose Concat Split Slice Gather Pad Expand Resize ConvTranspose Max Min Mean Tile DepthToSpace""".split()
 
 
 def test_rule_table_covers_the_heads_of_common_architectures():

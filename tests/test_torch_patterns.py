@@ -154,6 +154,24 @@ def size_view_flatten():
                       nn.Sequential(conv_bn(8, 8), nn.AdaptiveAvgPool2d(2), SizeView(), nn.Linear(32, 10)))
 
 
+class Maximum(nn.Module):
+    """``torch.maximum`` of two tensors on the path (an ONNX Max), then a clamp into [0, 6] by
+    ``torch.minimum``/``torch.maximum`` with constants, as TensorFlow-style ReLU6 exports."""
+
+    def forward(self, x):
+        return torch.minimum(torch.maximum(torch.maximum(x, 0.2 * x), torch.zeros(())), torch.full((), 6.0))
+
+
+def decoder_upsampling():
+    """A decoder's upsampling: ConvTranspose2d (grouped, stride 2, output_padding), Mish (exported
+    as Softplus, Tanh, Mul), PixelShuffle (DepthToSpace, CRD), PixelUnshuffle (Reshape and
+    Transpose), Max and Min."""
+    return Classifier(conv_bn(3, 16, stride=2),
+                      nn.Sequential(nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1, groups=2),
+                                    nn.Mish(), nn.PixelShuffle(2), nn.PixelUnshuffle(4), Maximum(),
+                                    gap_linear(32)))
+
+
 PATTERNS = {
     "squeeze-excitation": (squeeze_excitation, 17),
     "inverted-residual-hardswish": (inverted_residual_hardswish, 17),
@@ -163,6 +181,7 @@ PATTERNS = {
     "densenet-concat": (densenet_concat, 17),
     "size-view-flatten": (size_view_flatten, 17),
     "multihead-attention": (multihead_attention, 17),
+    "decoder-upsampling": (decoder_upsampling, 17),
 }
 
 

@@ -128,9 +128,31 @@ def _index_probe(em: Emitter, node: gs.Node, dy, pad_value: bool = False):
     return [em.reshape_like(scattered, x)] + [None] * (len(node.inputs) - 1)
 
 
-@rule("Slice", "Gather")
+@rule("Slice", "Gather", "Tile")
 def _selection(em, node, dy):
     return _index_probe(em, node, dy)
+
+
+@rule("SpaceToDepth")
+def _space_to_depth(em, node, dy):
+    """A permutation whose inverse is DepthToSpace in DCR order."""
+    return [em.op("DepthToSpace", dy[0], blocksize=node.attrs["blocksize"], mode="DCR")]
+
+
+@rule("DepthToSpace")
+def _depth_to_space(em, node, dy):
+    """A permutation: DCR's inverse is SpaceToDepth; CRD's (PixelShuffle) is its own reshape and
+    transpose undone."""
+    b = int(node.attrs["blocksize"])
+    mode = node.attrs.get("mode", "DCR")
+    if (mode.decode() if isinstance(mode, bytes) else mode) == "DCR":
+        return [em.op("SpaceToDepth", dy[0], blocksize=b)]
+    _, c, h, w = static_shape(_x(node))
+    if not all(isinstance(d, int) for d in (c, h, w)):
+        _unsupported(node, f"CRD mode needs static channels and sizes, got {static_shape(_x(node))}")
+    # forward: [N, C/b^2, b, b, H, W] -> perm (0, 1, 4, 2, 5, 3) -> [N, C/b^2, H, b, W, b]
+    blocks = em.op("Reshape", dy[0], em.ints([0, c // (b * b), h, b, w, b]))
+    return [em.op("Reshape", em.op("Transpose", blocks, perm=[0, 1, 3, 5, 2, 4]), em.ints([0, c, h, w]))]
 
 
 @rule("Pad")
@@ -229,6 +251,24 @@ def _pow(em, node, dy):
     return [dx, dp]
 
 
+@rule("Max", "Min")
+def _max_min(em, node, dy):
+    """dy goes to the operands equal to the output, shared evenly among ties (as torch.maximum
+    and torch.amax share it); TensorFlow's Relu6 and clamps export as Max and Min."""
+    y = _y(node)
+    hits = [em.to_float(em.op("Equal", t, y)) for t in node.inputs]
+    share = em.op("Div", dy[0], em.sum_all(hits)) if len(hits) > 1 else dy[0]
+    return [em.unbroadcast(em.op("Mul", share, hit), t, y) if em.wants(t) else None
+            for t, hit in zip(node.inputs, hits)]
+
+
+@rule("Mean")
+def _mean(em, node, dy):
+    y = _y(node)
+    share = em.op("Mul", dy[0], em.const(1.0 / len(node.inputs)))
+    return [em.unbroadcast(share, t, y) if em.wants(t) else None for t in node.inputs]
+
+
 # ---------------------------------------------------------------------------------------------
 # Activations
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +358,42 @@ def _tanh(em, node, dy):
 @rule("Softplus")
 def _softplus(em, node, dy):
     return [em.op("Mul", dy[0], em.op("Sigmoid", _x(node)))]
+
+
+@rule("Mish")
+def _mish(em, node, dy):
+    """y = x tanh(softplus(x)): y' = t + x sigmoid(x) (1 - t^2) with t = tanh(softplus(x))."""
+    x = _x(node)
+    t = em.op("Tanh", em.op("Softplus", x))
+    slope = em.op("Mul", em.op("Mul", x, em.op("Sigmoid", x)), em.op("Sub", em.const(1.0), em.op("Mul", t, t)))
+    return [em.op("Mul", dy[0], em.op("Add", t, slope))]
+
+
+@rule("Selu")
+def _selu(em, node, dy):
+    """gamma above 0, y + gamma alpha (= gamma alpha e^x) below."""
+    alpha, gamma = node.attrs.get("alpha", 1.67326319217681884765625), node.attrs.get("gamma", 1.05070102214813232421875)
+    negative = em.op("Mul", dy[0], em.op("Add", _y(node), em.const(gamma * alpha)))
+    return [em.where(em.op("Greater", _x(node), em.const(0.0)), em.op("Mul", dy[0], em.const(gamma)), negative)]
+
+
+@rule("Celu")
+def _celu(em, node, dy):
+    """1 above 0, y / alpha + 1 (= e^(x / alpha)) below."""
+    alpha = node.attrs.get("alpha", 1.0)
+    negative = em.op("Mul", dy[0], em.op("Add", em.op("Mul", _y(node), em.const(1.0 / alpha)), em.const(1.0)))
+    return [em.where(em.op("Greater", _x(node), em.const(0.0)), dy[0], negative)]
+
+
+@rule("Softsign")
+def _softsign(em, node, dy):
+    root = em.op("Add", em.op("Abs", _x(node)), em.const(1.0))
+    return [em.op("Div", dy[0], em.op("Mul", root, root))]
+
+
+@rule("ThresholdedRelu")
+def _thresholded_relu(em, node, dy):
+    return [em.mask(em.op("Greater", _x(node), em.const(node.attrs.get("alpha", 1.0))), dy[0])]
 
 
 @rule("Erf")
@@ -618,6 +694,36 @@ def _flipped_in_graph(em, w, group, m, c_per_group, kernel):
                  em.ints(axes), em.ints([-1] * n))
 
 
+@rule("ConvTranspose")
+def _conv_transpose(em, node, dy):
+    """dx of a transposed convolution is the convolution it transposes: a Conv of dy with the
+    same weights ([C, M/g, k] is a Conv's layout), strides, dilations, groups and begin pads;
+    the end pads make dx the input's size (output_padding only added rows that read nothing).
+    Needs explicit pads (or VALID): pads derived from output_shape or SAME are placed
+    differently by different runtimes."""
+    x, w = node.inputs[:2]
+    if em.wants(w):
+        _unsupported(node, "the gradient with respect to the weights is not supported")
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if "output_shape" in node.attrs or auto_pad not in ("NOTSET", "", "VALID"):
+        _unsupported(node, "needs explicit pads (output_shape and SAME padding are not supported); "
+                           "re-export it with explicit pads")
+    spatial, out_spatial = static_shape(x)[2:], static_shape(_y(node))[2:]
+    if not all(isinstance(s, int) for s in spatial + out_spatial):
+        _unsupported(node, f"needs static spatial sizes, got {spatial} -> {out_spatial}")
+    n = len(spatial)
+    kernel = list(node.attrs.get("kernel_shape", static_shape(w)[2:]))
+    strides = list(node.attrs.get("strides", [1] * n))
+    dilations = list(node.attrs.get("dilations", [1] * n))
+    begin = list(node.attrs.get("pads", [0] * (2 * n)))[:n] if auto_pad != "VALID" else [0] * n
+    end = [max(s * (size - 1) + d * (k - 1) + 1 - out - b, 0)
+           for size, out, k, s, d, b in zip(spatial, out_spatial, kernel, strides, dilations, begin)]
+    dx = em.op("Conv", dy[0], w, group=node.attrs.get("group", 1), kernel_shape=kernel, strides=strides,
+               dilations=dilations, pads=begin + end)
+    return [dx] + [None] * (len(node.inputs) - 1)
+
+
 @rule("MaxPool")
 def _max_pool(em, node, dy):
     x = _x(node)
@@ -729,13 +835,13 @@ def _reduce_l2(em, node, dy):
 
 
 def _max_gradient(em, x, y_kept, dy_kept, axes):
-    """Route dy to the maxima, shared evenly among ties (as torch.amax does)."""
+    """Route dy to the maxima (or minima), shared evenly among ties (as torch.amax does)."""
     hits = em.to_float(em.op("Equal", x, y_kept))
     ties = em.reduce_sum(hits, axes, keepdims=True)
     return em.op("Mul", hits, em.op("Div", dy_kept, ties))
 
 
-@rule("ReduceMax")
+@rule("ReduceMax", "ReduceMin")
 def _reduce_max(em, node, dy):
     x = _x(node)
     axes = _reduce_axes(node, len(static_shape(x)))

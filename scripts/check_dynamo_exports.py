@@ -9,6 +9,7 @@ made batch-free by preparation), and attention reshapes that build the batch of 
 
     python -m venv .cache/dvenv && .cache/dvenv/bin/pip install torch torchvision onnxscript -e .
     .cache/dvenv/bin/python scripts/check_dynamo_exports.py mobilenet_v3_small convnext_tiny
+    .cache/dvenv/bin/python scripts/check_dynamo_exports.py vit_b_16 --opset 23  # ONNX's Attention
 
 Prints, per model, where a batch of 1 is built in (or that the batch is free), the relative
 error of the gradient, and, when the batch is free, how far a run of 3 inputs is from each
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 
-def check(name: str, folder: Path, tolerance: float) -> bool:
+def check(name: str, folder: Path, tolerance: float, opset: int | None = None) -> bool:
     import onnxruntime as ort
     import torch
     import torchvision
@@ -39,7 +40,8 @@ def check(name: str, folder: Path, tolerance: float) -> bool:
             if parameter.dim() > 1 and not parameter.any():
                 parameter.normal_(0, 0.02)
     path = folder / f"{name}.onnx"
-    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), dynamo=True).save(str(path))
+    extra = {"opset_version": opset} if opset else {}
+    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), dynamo=True, **extra).save(str(path))
     gm = build_gradient_model(path)
     session = ort.InferenceSession(gm.model.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -89,9 +91,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="torchvision.models names (with .features, ResNets, Swins or ViTs)")
     parser.add_argument("--tolerance", type=float, default=1e-5)
+    parser.add_argument("--opset", type=int, default=None,
+                        help="export at this opset (23 and above write ONNX's Attention operator)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        results = [check(name, Path(folder), args.tolerance) for name in args.models]
+        results = [check(name, Path(folder), args.tolerance, args.opset) for name in args.models]
     sys.exit(0 if all(results) else 1)
 
 

@@ -1,4 +1,5 @@
-"""ONNX Runtime's own fused operators (the com.microsoft domain) rewritten as standard ONNX.
+"""ONNX Runtime's own fused operators (the com.microsoft domain) rewritten as standard ONNX, and
+the standard Attention operator (opset 23) as the primitives it is defined by.
 
 A model saved after ONNX Runtime's graph optimizations (``optimized_model_filepath``, its
 transformers optimizer, Olive) holds fused operators -- FusedConv, FusedGemm,
@@ -7,6 +8,10 @@ gradient rule covers. Each is replaced by the standard operators it fuses, so th
 sees an ordinary export: the candidate layers, the gradient rules and their finite-difference
 tests all apply. One table, one small function per operator; each is checked against ONNX
 Runtime's own kernel (``tests/test_contrib.py``).
+
+The standard Attention (torch's dynamo exporter writes one per scaled_dot_product_attention from
+opset 23 on) is an ONNX function whose body handles every case in dynamic shape arithmetic; the
+common case is rewritten here as a few MatMuls and a Softmax, which the gradient rules cover.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ class Emitter:
     constants as initializers of the graph, in the float type the node computes in."""
 
     def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto, taken: set[str], opset: int,
-                 dtype=np.float32, ranks: Callable[[], dict[str, int]] = dict):
+                 dtype=np.float32, inferred: Callable[[], dict[str, onnx.TypeProto.Tensor]] = dict):
         self.graph, self.node, self.taken, self.opset, self.dtype = graph, node, taken, opset, dtype
-        self.ranks = ranks
+        self.inferred = inferred
         self.nodes: list[onnx.NodeProto] = []
 
     def fresh(self, hint: str) -> str:
@@ -78,45 +83,52 @@ class Emitter:
         return self.node.output[index] if len(self.node.output) > index and self.node.output[index] else None
 
     def refuse(self, why: str) -> ModelError:
+        if self.node.domain in STANDARD:
+            return ModelError(f"node '{self.node.name}' ({self.node.op_type}) {why}: explain a layer after it, "
+                              "or re-export the model with an opset below 23 (attention as MatMul and Softmax)")
         return ModelError(f"node '{self.node.name}' ({self.node.op_type}, ONNX Runtime's fused operator) {why}: "
                           "explain the model as exported, before ONNX Runtime's optimizations")
 
 
 Decomposition = Callable[[Emitter], None]
-DECOMPOSITIONS: dict[str, Decomposition] = {}
+#: (domain, operator) -> its decomposition
+DECOMPOSITIONS: dict[tuple[str, str], Decomposition] = {}
+STANDARD = ("", "ai.onnx")
 
 
-def decomposition(*ops: str):
+def decomposition(*ops: str, domain: str = MICROSOFT):
     def register(fn: Decomposition) -> Decomposition:
         for op in ops:
-            DECOMPOSITIONS[op] = fn
+            for name in (STANDARD if domain in STANDARD else (domain,)):
+                DECOMPOSITIONS[(name, op)] = fn
         return fn
     return register
 
 
 def decompose_fused_ops(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (changed in place) with every com.microsoft node of ``DECOMPOSITIONS`` replaced
-    by standard operators; others are left for the gradient rules to name. Needs opset >= 17."""
+    """``model`` (changed in place) with every node of ``DECOMPOSITIONS`` (com.microsoft ones,
+    the standard Attention) replaced by standard operators; others are left for the gradient
+    rules to name. Needs opset >= 17."""
     graph = model.graph
     blocked = next((node for node in graph.node if node.domain == NCHWC), None)
     if blocked is not None:
         raise ModelError(f"the model holds ONNX Runtime's NCHWc operators (node '{blocked.name}', "
                          f"{blocked.op_type} of domain {NCHWC}), a layout of the machine it was optimized on: "
                          "save it at ORT_ENABLE_EXTENDED or below, or explain the model as exported")
-    if not any(node.domain == MICROSOFT and node.op_type in DECOMPOSITIONS for node in graph.node):
+    if not any((node.domain, node.op_type) in DECOMPOSITIONS for node in graph.node):
         return model
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
     types = _float_types(graph)
-    ranks = functools.lru_cache(maxsize=1)(lambda: _ranks(model))  # shape inference, once, if asked
+    inferred = functools.lru_cache(maxsize=1)(lambda: _inferred(model))  # shape inference, once, if asked
     taken = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
     taken |= {init.name for init in graph.initializer} | {value.name for value in graph.input}
     nodes = []
     for node in graph.node:
-        if node.domain != MICROSOFT or node.op_type not in DECOMPOSITIONS:
+        if (node.domain, node.op_type) not in DECOMPOSITIONS:
             nodes.append(node)
             continue
-        emit = Emitter(graph, node, taken, opset, types.get(node.input[0], np.float32), ranks)
-        DECOMPOSITIONS[node.op_type](emit)
+        emit = Emitter(graph, node, taken, opset, types.get(node.input[0], np.float32), inferred)
+        DECOMPOSITIONS[(node.domain, node.op_type)](emit)
         nodes.extend(emit.nodes)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -298,19 +310,27 @@ def _rms_norm(emit: Emitter, x: str, scale: str, y: str, axis: int, epsilon: flo
 
 
 def _rank(emit: Emitter, name: str) -> int | None:
-    return emit.ranks().get(name)
+    tensor = emit.inferred().get(name)
+    return len(tensor.shape.dim) if tensor is not None and tensor.HasField("shape") else None
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """The rank of each tensor ONNX shape inference can tell, before the fused operators
-    (unknown to it) are rewritten: their inputs usually come from standard ones."""
+def _elem_type(emit: Emitter, name: str) -> int | None:
+    tensor = emit.inferred().get(name)
+    return tensor.elem_type if tensor is not None and tensor.elem_type else None
+
+
+def _inferred(model: onnx.ModelProto) -> dict[str, onnx.TypeProto.Tensor]:
+    """The type (and shape, where known) of each tensor ONNX shape inference can tell, before
+    the fused operators (unknown to it) are rewritten: their inputs usually come from standard
+    ones."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - then no rank is known, and the decomposition that needs one says so
+    except Exception:  # noqa: BLE001 - then nothing is known, and the decomposition that needs it says so
         return {}
-    return {value.name: len(value.type.tensor_type.shape.dim)
-            for value in (*inferred.input, *inferred.value_info, *inferred.output)
-            if value.type.tensor_type.HasField("shape")}
+    known = {value.name: value.type.tensor_type for value in (*inferred.input, *inferred.value_info, *inferred.output)}
+    known.update({init.name: onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims)).tensor_type
+                  for init in inferred.initializer})
+    return known
 
 
 @decomposition("SkipSimplifiedLayerNormalization")
@@ -373,6 +393,54 @@ def _multi_head_attention(emit: Emitter) -> None:
     if not scale and not hidden:
         raise emit.refuse("has no scale, and its query's size is not known from a bias or weights")
     _scaled_dot_product(emit, q, k, v, heads, scale or 1 / math.sqrt(hidden // heads))
+
+
+@decomposition("Attention", domain="")
+def _standard_attention(emit: Emitter) -> None:
+    """ONNX's Attention (opset 23): softmax(Q K^T scale + mask) V, Q, K, V either [N, heads,
+    tokens, size] or [N, tokens, heads * size] with ``q_num_heads`` and ``kv_num_heads``; the
+    mask boolean (False: not attended) or added. No causal masking, past state, soft cap, extra
+    outputs, or fewer key/value heads than query heads (grouped-query attention)."""
+    if any(emit.input(i) for i in range(4, len(emit.node.input))) or any(emit.output(i) for i in (1, 2, 3)):
+        raise emit.refuse("has past key/value state or extra outputs, which onnxcam does not rewrite")
+    if emit.attr("is_causal", 0) or emit.attr("softcap", 0.0):
+        raise emit.refuse("has causal masking or a soft cap, which onnxcam does not rewrite")
+    q, k, v = emit.input(0), emit.input(1), emit.input(2)
+    rank = _rank(emit, q)
+    q_heads, kv_heads = emit.attr("q_num_heads"), emit.attr("kv_num_heads")
+    if rank is None:
+        rank = 3 if q_heads else 4
+    if rank == 3:
+        if not q_heads or not kv_heads or q_heads != kv_heads:
+            raise emit.refuse("has 3-D inputs without equal q_num_heads and kv_num_heads (grouped-query attention)")
+
+        def heads_first(t: str) -> str:
+            return emit("Transpose", [emit("Reshape", [t, emit.constant([0, 0, q_heads, -1], np.int64)])],
+                        perm=[0, 2, 1, 3])
+        q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    elif rank != 4:
+        raise emit.refuse(f"has {rank}-D inputs (3-D or 4-D expected)")
+    scores = emit("MatMul", [q, emit("Transpose", [k], perm=[0, 1, 3, 2])])
+    scale = emit.attr("scale", None)
+    if scale is None:  # 1 / sqrt(head size), the size read off the query at run time
+        size = emit("Cast", [emit("Shape", [q], start=-1)], to=helper.np_dtype_to_tensor_dtype(np.dtype(emit.dtype)))
+        scaled = emit("Div", [scores, emit("Sqrt", [size])])
+    else:
+        scaled = emit("Mul", [scores, emit.constant(scale)])
+    mask = emit.input(3)
+    if mask is not None:
+        kind = _elem_type(emit, mask)
+        if kind is None:
+            raise emit.refuse("has a mask of unknown type (boolean or added?)")
+        if kind == onnx.TensorProto.BOOL:
+            scaled = emit("Where", [mask, scaled, emit.constant(-np.inf)])
+        else:
+            scaled = emit("Add", [scaled, mask])
+    context = emit("MatMul", [emit("Softmax", [scaled], axis=-1), v])
+    if rank == 3:
+        context = emit("Reshape", [emit("Transpose", [context], perm=[0, 2, 1, 3]),
+                                   emit.constant([0, 0, -1], np.int64)])
+    emit("Identity", [context], emit.output(0))
 
 
 def _hidden_size(emit: Emitter, name: str) -> int | None:

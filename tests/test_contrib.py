@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import Explainer
 from onnxcam.errors import ModelError
-from onnxcam.graph.contrib import MICROSOFT, decompose_fused_ops
+from onnxcam.graph.contrib import DECOMPOSITIONS, MICROSOFT, decompose_fused_ops
 from onnxcam.graph.prepare import prepare_model
 from tests.gradcheck import check_gradient
 
@@ -44,7 +44,8 @@ def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 def _agrees_with_onnxruntime(model: onnx.ModelProto, feeds: dict, rtol: float = 1e-5) -> None:
     want = _run(model, feeds)
     standard = decompose_fused_ops(onnx.ModelProto.FromString(model.SerializeToString()))
-    assert not [n.op_type for n in standard.graph.node if n.domain or n.op_type == "Attention"], "fused nodes left"
+    left = [n.op_type for n in standard.graph.node if n.domain or (n.domain, n.op_type) in DECOMPOSITIONS]
+    assert not left, f"fused nodes left: {left}"
     got = _run(standard, feeds)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(np.abs(b).max())))
@@ -168,6 +169,29 @@ def test_float16_fused_nodes_become_float16_standard_ones(op, inputs, attrs, ini
     node = helper.make_node(op, inputs, ["y"], domain=MICROSOFT, **attrs)
     model = _model([node], {"x": shape}, inits, ["y"], dtype=np.float16)
     _agrees_with_onnxruntime(model, {"x": RNG.normal(0, 1, shape).astype(np.float16)}, rtol=2e-3)
+
+
+@pytest.mark.parametrize("opset,shape", [(21, [2, 6, 3, 4]), (18, [2, 6, 3, 4]), (21, [2, 6, 5])])
+def test_onnx_group_normalization_is_normalized_groups_scaled(opset, shape):
+    """Scale and bias per channel from opset 21 on, per group before; 1-D and 2-D maps; and its
+    gradient through the primitives against finite differences."""
+    size = shape[1] if opset >= 21 else 3
+    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=3, epsilon=1e-3)
+    model = _model([node], {"x": shape}, {"s": RNG.normal(1, 0.3, size), "b": RNG.normal(0, 0.5, size)}, ["y"],
+                   opset=opset)
+    x = RNG.normal(0.5, 2, shape).astype(np.float32)
+    _agrees_with_onnxruntime(model, {"x": x})
+    check_gradient(model, x, layer="x", score="y")
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_onnx_rms_normalization_is_a_root_mean_square_norm(axis):
+    node = helper.make_node("RMSNormalization", ["x", "s"], ["y"], axis=axis, epsilon=1e-4)
+    scale = RNG.normal(1, 0.3, (4, 5) if axis == 1 else 5)
+    model = _model([node], {"x": [2, 4, 5]}, {"s": scale}, ["y"], opset=23)
+    x = RNG.normal(0, 1, (2, 4, 5)).astype(np.float32)
+    _agrees_with_onnxruntime(model, {"x": x})
+    check_gradient(model, x, layer="x", score="y")
 
 
 def _standard_attention(attrs: dict, rank: int = 4, mask=None) -> tuple[onnx.ModelProto, dict]:

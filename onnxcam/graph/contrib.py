@@ -347,6 +347,43 @@ def _rms_norm_node(emit: Emitter) -> None:
               float(emit.attr("epsilon", 1e-5)))
 
 
+@decomposition("RMSNormalization", domain="")
+def _standard_rms_norm(emit: Emitter) -> None:
+    """ONNX's RMSNormalization (opset 23, torch's nn.RMSNorm from the dynamo exporter)."""
+    _rms_norm(emit, emit.input(0), emit.input(1), emit.output(0), int(emit.attr("axis", -1)),
+              float(emit.attr("epsilon", 1e-5)))
+
+
+@decomposition("GroupNormalization", domain="")
+def _group_norm(emit: Emitter) -> None:
+    """ONNX's GroupNormalization (torch's nn.GroupNorm from the dynamo exporter at opset 21 and
+    above): each image's channels in ``num_groups`` groups, each normalized over its channels and
+    positions, then scaled and shifted per channel (per group before opset 21)."""
+    x, scale, bias = emit.input(0), emit.input(1), emit.input(2)
+    groups, epsilon = int(emit.attr("num_groups")), float(emit.attr("epsilon", 1e-5))
+    grouped = emit("Reshape", [x, emit.constant([0, groups, -1], np.int64)])
+    axes = emit.constant([2], np.int64)
+
+    def mean(t: str) -> str:
+        return (emit("ReduceMean", [t, axes], keepdims=1) if emit.opset >= 18
+                else emit("ReduceMean", [t], axes=[2], keepdims=1))
+    centered = emit("Sub", [grouped, mean(grouped)])
+    normed = emit("Div", [centered, emit("Sqrt", [emit("Add", [mean(emit("Mul", [centered, centered])),
+                                                               emit.constant(epsilon)])])])
+    if emit.opset >= 21:  # per channel, on the input's own shape
+        rank = _rank(emit, x)
+        if rank is None:
+            raise emit.refuse("normalizes an input of unknown rank")
+        column = emit.constant([-1] + [1] * (rank - 2), np.int64)
+        normed = emit("Reshape", [normed, emit("Shape", [x])])
+        scale, bias = emit("Reshape", [scale, column]), emit("Reshape", [bias, column])
+        emit("Add", [emit("Mul", [normed, scale]), bias], emit.output(0))
+        return
+    column = emit.constant([-1, 1], np.int64)  # per group, on the grouped view
+    shifted = emit("Add", [emit("Mul", [normed, emit("Reshape", [scale, column])]), emit("Reshape", [bias, column])])
+    emit("Reshape", [shifted, emit("Shape", [x])], emit.output(0))
+
+
 # -- attention -------------------------------------------------------------------------------
 @decomposition("Attention")
 def _attention(emit: Emitter) -> None:

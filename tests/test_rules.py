@@ -84,6 +84,9 @@ case("Softsign", one_op("Softsign", [2, 3, 4]), distinct([2, 3, 4]))
 case("ThresholdedRelu", one_op("ThresholdedRelu", [2, 3, 4], alpha=0.4), distinct([2, 3, 4]))
 
 case("Cast-float", one_op("Cast", [2, 5], to=TensorProto.FLOAT), normal([2, 5]))
+nodes = [helper.make_node("Cast", ["x"], ["x64"], to=TensorProto.DOUBLE), helper.make_node("Tanh", ["x64"], ["t"]),
+         helper.make_node("CastLike", ["t", "x"], ["y"])]
+case("CastLike-through-double", make_model(nodes, [2, 5]), normal([2, 5]))
 case("PRelu-channel", one_op("PRelu", [2, 3, 4, 4], ["s"], [_const("s", [[[0.1]], [[0.2]], [[-0.3]]])]),
      distinct([2, 3, 4, 4]))
 case("Clip-both", one_op("Clip", [2, 6], ["lo", "hi"], [_const("lo", -0.5), _const("hi", 0.7)]),

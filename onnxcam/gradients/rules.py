@@ -66,12 +66,14 @@ def _reshape(em, node, dy):
     return [em.reshape_like(dy[0], _x(node))] + [None] * (len(node.inputs) - 1)
 
 
-@rule("Cast")
+@rule("Cast", "CastLike")
 def _cast(em, node, dy):
+    """dy cast back to the input's float type (CastLike's second input only lends its type)."""
     dtype = _x(node).dtype
+    rest = [None] * (len(node.inputs) - 1)
     if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
-        return [None]
-    return [em.op("Cast", dy[0], to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))]
+        return [None] + rest
+    return [em.op("Cast", dy[0], to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))] + rest
 
 
 @rule("Transpose")

@@ -201,6 +201,13 @@ def _standard_attention(attrs: dict, rank: int = 4, mask=None) -> tuple[onnx.Mod
     shapes = {"x": [2, 5, 8]}
     nodes = [helper.make_node("MatMul", ["x", f"W{t}"], [f"{t}3"]) for t in "qkv"]
     inputs = ["q3", "k3", "v3"]
+    if rank == "gqa":  # 4 query heads of size 2 against 2 key/value heads of size 2
+        nodes += [helper.make_node("Reshape", [f"{t}3", "heads4" if t == "q" else "heads2"], [f"{t}s"])
+                  for t in "qkv"]
+        nodes += [helper.make_node("Slice", [f"{t}s", "zero", "two", "two"], [f"{t}h"]) for t in "kv"]
+        nodes += [helper.make_node("Transpose", [f"{t}{'s' if t == 'q' else 'h'}"], [f"{t}4"], perm=[0, 2, 1, 3])
+                  for t in "qkv"]
+        inputs = ["q4", "k4", "v4"]
     if rank == 4:
         nodes += [helper.make_node("Reshape", [f"{t}3", "heads"], [f"{t}s"]) for t in "qkv"]
         nodes += [helper.make_node("Transpose", [f"{t}s"], [f"{t}4"], perm=[0, 2, 1, 3]) for t in "qkv"]
@@ -213,7 +220,8 @@ def _standard_attention(attrs: dict, rank: int = 4, mask=None) -> tuple[onnx.Mod
     nodes.append(helper.make_node("Attention", inputs, ["y"], name="att", **attrs))
     inits = {f"W{t}": RNG.normal(0, 0.5, (8, 8)) for t in "qkv"}
     model = _model(nodes, {"x": shapes["x"]}, inits, ["y"], opset=23)
-    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 2, 4], np.int64), "heads"))
+    model.graph.initializer.extend(numpy_helper.from_array(np.array(values, np.int64), name) for name, values in (
+        ("heads", [0, 0, 2, 4]), ("heads4", [0, 0, 4, 2]), ("heads2", [0, 0, 4, 2]), ("zero", [0]), ("two", [2])))
     if mask is not None:
         kind = TensorProto.BOOL if mask.dtype == np.bool_ else TensorProto.FLOAT
         model.graph.input.append(helper.make_tensor_value_info("mask", kind, list(mask.shape)))
@@ -236,11 +244,12 @@ def test_onnx_attention_is_softmax_of_scaled_query_key_products_times_values(att
 
 @pytest.mark.parametrize("attrs,rank,why", [
     ({"is_causal": 1}, 4, "causal masking"), ({"softcap": 2.0}, 4, "soft cap"),
-    ({"q_num_heads": 2, "kv_num_heads": 1}, 3, "grouped-query"),
+    ({"q_num_heads": 2, "kv_num_heads": 1}, 3, "grouped-query"), ({}, "gqa", "grouped-query"),
 ])
 def test_onnx_attention_that_cannot_be_rewritten_is_a_one_line_model_error(attrs, rank, why):
     model, _ = _standard_attention(attrs, rank)
-    with pytest.raises(ModelError, match=rf"node 'att' \(Attention\) has .*{why}.*opset below 23") as error:
+    with pytest.raises(ModelError, match=rf"node 'att' \(Attention\) has .*{why}.*re-export the model at an "
+                                         "opset that writes it as primitive operators") as error:
         decompose_fused_ops(model)
     assert "\n" not in str(error.value)
 

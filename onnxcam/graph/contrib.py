@@ -1,5 +1,6 @@
 """ONNX Runtime's own fused operators (the com.microsoft domain) rewritten as standard ONNX, and
-the standard Attention operator (opset 23) as the primitives it is defined by.
+the newer standard function operators (Attention, GroupNormalization, RMSNormalization) as the
+primitives they are defined by.
 
 A model saved after ONNX Runtime's graph optimizations (``optimized_model_filepath``, its
 transformers optimizer, Olive) holds fused operators -- FusedConv, FusedGemm,
@@ -11,7 +12,8 @@ Runtime's own kernel (``tests/test_contrib.py``).
 
 The standard Attention (torch's dynamo exporter writes one per scaled_dot_product_attention from
 opset 23 on) is an ONNX function whose body handles every case in dynamic shape arithmetic; the
-common case is rewritten here as a few MatMuls and a Softmax, which the gradient rules cover.
+common case is rewritten here as a few MatMuls and a Softmax, which the gradient rules cover. The
+same exporter writes GroupNormalization (opset 21 on) and RMSNormalization (opset 23 on).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class Emitter:
     def refuse(self, why: str) -> ModelError:
         if self.node.domain in STANDARD:
             return ModelError(f"node '{self.node.name}' ({self.node.op_type}) {why}: explain a layer after it, "
-                              "or re-export the model with an opset below 23 (attention as MatMul and Softmax)")
+                              "or re-export the model at an opset that writes it as primitive operators")
         return ModelError(f"node '{self.node.name}' ({self.node.op_type}, ONNX Runtime's fused operator) {why}: "
                           "explain the model as exported, before ONNX Runtime's optimizations")
 
@@ -314,6 +316,15 @@ def _rank(emit: Emitter, name: str) -> int | None:
     return len(tensor.shape.dim) if tensor is not None and tensor.HasField("shape") else None
 
 
+def _dim(emit: Emitter, name: str, axis: int) -> int | None:
+    """Dim ``axis`` of ``name`` where shape inference knows it as a number."""
+    tensor = emit.inferred().get(name)
+    if tensor is None or not tensor.HasField("shape") or len(tensor.shape.dim) <= axis:
+        return None
+    dim = tensor.shape.dim[axis]
+    return dim.dim_value if dim.HasField("dim_value") else None
+
+
 def _elem_type(emit: Emitter, name: str) -> int | None:
     tensor = emit.inferred().get(name)
     return tensor.elem_type if tensor is not None and tensor.elem_type else None
@@ -457,6 +468,8 @@ def _standard_attention(emit: Emitter) -> None:
         q, k, v = heads_first(q), heads_first(k), heads_first(v)
     elif rank != 4:
         raise emit.refuse(f"has {rank}-D inputs (3-D or 4-D expected)")
+    elif _dim(emit, k, 1) not in (None, 1, _dim(emit, q, 1)) and _dim(emit, q, 1) is not None:
+        raise emit.refuse("has fewer key/value heads than query heads (grouped-query attention)")
     scores = emit("MatMul", [q, emit("Transpose", [k], perm=[0, 1, 3, 2])])
     scale = emit.attr("scale", None)
     if scale is None:  # 1 / sqrt(head size), the size read off the query at run time

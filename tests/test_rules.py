@@ -249,6 +249,18 @@ for op, gen in [("ReduceMean", normal), ("ReduceSum", normal), ("ReduceMax", dis
     case(f"{op}-opset13-attr", one_op(op, [2, 3, 4], opset=13 if op != "ReduceSum" else 11, axes=[2]),
          gen([2, 3, 4]))
 case("ReduceMean-all-axes", one_op("ReduceMean", [2, 3, 4], keepdims=1), normal([2, 3, 4]))
+for op, gen in [("ReduceL1", distinct), ("ReduceLogSumExp", normal)]:
+    case(f"{op}-axis1-keep", one_op(op, [2, 3, 4], ["axes"], [_const("axes", [1], np.int64)]), gen([2, 3, 4]))
+    case(f"{op}-last-drop", one_op(op, [2, 3, 4], ["axes"], [_const("axes", [-1], np.int64)], keepdims=0),
+         gen([2, 3, 4]))
+for exclusive in (0, 1):
+    for reverse in (0, 1):
+        case(f"CumSum-ex{exclusive}-rev{reverse}", one_op("CumSum", [2, 5, 3], ["ax"], [_const("ax", 1, np.int64)],
+                                                           exclusive=exclusive, reverse=reverse), normal([2, 5, 3]))
+case("GatherElements", one_op("GatherElements", [2, 4, 3], ["i"],
+                              [_const("i", RNG.integers(0, 4, (2, 6, 3)), np.int64)], axis=1), normal([2, 4, 3]))
+case("GatherND", one_op("GatherND", [2, 4, 3], ["i"], [_const("i", [[[1], [3], [1]], [[0], [2], [2]]], np.int64)],
+                        batch_dims=1), normal([2, 4, 3]))
 case("ReduceMin-axes23-keep", one_op("ReduceMin", [2, 3, 4, 5], ["axes"], [_const("axes", [2, 3], np.int64)]),
      distinct([2, 3, 4, 5]))
 case("ReduceMin-axis1-drop", one_op("ReduceMin", [2, 3, 4], ["axes"], [_const("axes", [1], np.int64)], keepdims=0),

@@ -130,7 +130,7 @@ def _index_probe(em: Emitter, node: gs.Node, dy, pad_value: bool = False):
     return [em.reshape_like(scattered, x)] + [None] * (len(node.inputs) - 1)
 
 
-@rule("Slice", "Gather", "Tile")
+@rule("Slice", "Gather", "GatherElements", "GatherND", "Tile")
 def _selection(em, node, dy):
     return _index_probe(em, node, dy)
 
@@ -834,6 +834,27 @@ def _reduce_l2(em, node, dy):
         return [em.op("Mul", em.op("Mul", dy_kept, em.const(2.0)), x)] + [None] * (len(node.inputs) - 1)
     norm = em.op("Max", y_kept, em.const(np.finfo(em.dtype).tiny))
     return [em.op("Mul", em.op("Div", dy_kept, norm), x)] + [None] * (len(node.inputs) - 1)
+
+
+@rule("ReduceL1", "ReduceLogSumExp")
+def _reduce_l1_logsumexp(em, node, dy):
+    """``sum |x|``: ``dy * sign(x)``; ``log sum exp x``: ``dy * exp(x - y)`` (the softmax)."""
+    x = _x(node)
+    axes = _reduce_axes(node, len(static_shape(x)))
+    y_kept, dy_kept = _y(node), dy[0]
+    if axes is not None:
+        y_kept, dy_kept = _keepdims_gradient(em, node, y_kept, axes), _keepdims_gradient(em, node, dy_kept, axes)
+    local = em.op("Sign", x) if node.op == "ReduceL1" else em.op("Exp", em.op("Sub", x, y_kept))
+    return [em.op("Mul", dy_kept, local)] + [None] * (len(node.inputs) - 1)
+
+
+@rule("CumSum")
+def _cumsum(em, node, dy):
+    """Each input reaches the sums after it (before it, reversed): the gradient is the cumulative
+    sum of dy the other way, exclusive where the forward is."""
+    reverse = int(node.attrs.get("reverse", 0))
+    return [em.op("CumSum", dy[0], node.inputs[1], exclusive=int(node.attrs.get("exclusive", 0)),
+                  reverse=1 - reverse), None]
 
 
 def _max_gradient(em, x, y_kept, dy_kept, axes):

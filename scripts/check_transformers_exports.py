@@ -21,6 +21,7 @@ has the models. Needs torch, transformers, timm and onnxscript, so it is a scrip
     python -m venv .cache/tvenv && .cache/tvenv/bin/pip install torch transformers timm onnxscript -e .
     .cache/tvenv/bin/python scripts/check_transformers_exports.py                 # all, both exporters
     .cache/tvenv/bin/python scripts/check_transformers_exports.py hf_vit timm_regnetx_002 --exporter dynamo
+    .cache/tvenv/bin/python scripts/check_transformers_exports.py --exporter dynamo23   # opset 23
 
 Prints one line per model and exporter: ok or FAIL, the layer's layout (NCHW, NHWC, NLC), the
 relative error of the gradient max|G - G_torch| / max|G_torch| ("grad err"), the relative

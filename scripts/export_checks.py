@@ -69,7 +69,8 @@ def well_scaled(model):
 
 
 def export(model, x, path: Path, exporter: str, input_name: str = "input") -> None:
-    """Classic: opset 17 with a dynamic batch axis; dynamo: the batch of ``x`` (onnxcam frees it)."""
+    """Classic: opset 17 with a dynamic batch axis; dynamo: the batch of ``x`` (onnxcam frees it);
+    dynamo23: the same at opset 23 (ONNX's Attention, GroupNormalization, RMSNormalization)."""
     import torch
 
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -79,7 +80,8 @@ def export(model, x, path: Path, exporter: str, input_name: str = "input") -> No
                               output_names=["logits"],
                               dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}})
         else:
-            torch.onnx.export(model, (x,), dynamo=True, verbose=False).save(str(path))
+            extra = {"opset_version": 23} if exporter == "dynamo23" else {}
+            torch.onnx.export(model, (x,), dynamo=True, verbose=False, **extra).save(str(path))
 
 
 def views(shape: tuple, t):
@@ -262,7 +264,8 @@ def main(suite: Suite, argv=None) -> None:
     opt_in = f"; only when named: {' '.join(suite.opt_in)}" if suite.opt_in else ""
     parser.add_argument("models", nargs="*", default=models, metavar="MODEL",
                         help=f"models to check (default: all): {' '.join(models)}{opt_in}")
-    parser.add_argument("--exporter", choices=("classic", "dynamo", "both"), default="both")
+    parser.add_argument("--exporter", choices=("classic", "dynamo", "dynamo23", "both"), default="both",
+                        help="both: classic and dynamo; dynamo23: dynamo at opset 23")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest relative gradient error and batch-of-3 difference (default 1e-4)")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ test::
     python -m venv .cache/tvenv && .cache/tvenv/bin/pip install torch torchvision onnxscript -e .
     .cache/tvenv/bin/python scripts/check_torchvision_exports.py                 # all, both exporters
     .cache/tvenv/bin/python scripts/check_torchvision_exports.py convnext_tiny swin_t --exporter dynamo
+    .cache/tvenv/bin/python scripts/check_torchvision_exports.py --exporter dynamo23   # opset 23
 
 Prints one line per model and exporter: ok or FAIL, the layer's layout (NCHW, NHWC, NLC), the
 relative error of the gradient max|G - G_torch| / max|G_torch| ("grad err"), the relative

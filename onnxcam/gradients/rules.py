@@ -718,7 +718,7 @@ def _conv_transpose(em, node, dy):
     kernel = list(node.attrs.get("kernel_shape", static_shape(w)[2:]))
     strides = list(node.attrs.get("strides", [1] * n))
     dilations = list(node.attrs.get("dilations", [1] * n))
-    begin = list(node.attrs.get("pads", [0] * (2 * n)))[:n] if auto_pad != "VALID" else [0] * n
+    begin, _ = _explicit_pads(node, spatial, kernel, strides, dilations)
     end = [max(s * (size - 1) + d * (k - 1) + 1 - out - b, 0)
            for size, out, k, s, d, b in zip(spatial, out_spatial, kernel, strides, dilations, begin)]
     dx = em.op("Conv", dy[0], w, group=node.attrs.get("group", 1), kernel_shape=kernel, strides=strides,
@@ -808,6 +808,15 @@ def _keepdims_gradient(em, node, dy, axes):
     return em.op("Unsqueeze", dy, em.ints(axes))
 
 
+def _kept_reduction(em, node, dy):
+    """(y, dy) of a reduction, shaped to broadcast against its input (as they are where it
+    reduces nothing)."""
+    axes = _reduce_axes(node, len(static_shape(_x(node))))
+    if axes is None:
+        return _y(node), dy[0]
+    return _keepdims_gradient(em, node, _y(node), axes), _keepdims_gradient(em, node, dy[0], axes)
+
+
 @rule("ReduceSum", "ReduceMean")
 def _reduce_sum_mean(em, node, dy):
     x = _x(node)
@@ -825,11 +834,7 @@ def _reduce_l2(em, node, dy):
     """``sqrt(sum x^2)``: ``dy * x / y`` (0 where the norm is 0, as torch's ``norm`` gives; the
     Max keeps 0 / 0 out); ``sum x^2``: ``2 * dy * x``. F.normalize exports as ReduceL2."""
     x = _x(node)
-    axes = _reduce_axes(node, len(static_shape(x)))
-    if axes is None:  # no reduction: |x| and x^2
-        y_kept, dy_kept = _y(node), dy[0]
-    else:
-        y_kept, dy_kept = _keepdims_gradient(em, node, _y(node), axes), _keepdims_gradient(em, node, dy[0], axes)
+    y_kept, dy_kept = _kept_reduction(em, node, dy)  # no reduction: |x| and x^2
     if node.op == "ReduceSumSquare":
         return [em.op("Mul", em.op("Mul", dy_kept, em.const(2.0)), x)] + [None] * (len(node.inputs) - 1)
     norm = em.op("Max", y_kept, em.const(np.finfo(em.dtype).tiny))
@@ -840,10 +845,7 @@ def _reduce_l2(em, node, dy):
 def _reduce_l1_logsumexp(em, node, dy):
     """``sum |x|``: ``dy * sign(x)``; ``log sum exp x``: ``dy * exp(x - y)`` (the softmax)."""
     x = _x(node)
-    axes = _reduce_axes(node, len(static_shape(x)))
-    y_kept, dy_kept = _y(node), dy[0]
-    if axes is not None:
-        y_kept, dy_kept = _keepdims_gradient(em, node, y_kept, axes), _keepdims_gradient(em, node, dy_kept, axes)
+    y_kept, dy_kept = _kept_reduction(em, node, dy)
     local = em.op("Sign", x) if node.op == "ReduceL1" else em.op("Exp", em.op("Sub", x, y_kept))
     return [em.op("Mul", dy_kept, local)] + [None] * (len(node.inputs) - 1)
 

@@ -304,11 +304,16 @@ def _rms_norm(emit: Emitter, x: str, scale: str, y: str, axis: int, epsilon: flo
         axes = list(range(axis % rank, rank))
     else:
         raise emit.refuse(f"normalizes from axis {axis} of an input of unknown rank")
-    square = emit("Mul", [x, x])
-    mean = (emit("ReduceMean", [square, emit.constant(axes, np.int64)], keepdims=1) if emit.opset >= 18
-            else emit("ReduceMean", [square], axes=axes, keepdims=1))
+    mean = _reduce_mean(emit, emit("Mul", [x, x]), axes)
     norm = emit("Div", [x, emit("Sqrt", [emit("Add", [mean, emit.constant(epsilon)])])])
     emit("Mul", [norm, scale], y)
+
+
+def _reduce_mean(emit: Emitter, t: str, axes: list[int]) -> str:
+    """ReduceMean over ``axes``, keeping them: an input from opset 18 on, an attribute before."""
+    if emit.opset >= 18:
+        return emit("ReduceMean", [t, emit.constant(axes, np.int64)], keepdims=1)
+    return emit("ReduceMean", [t], axes=axes, keepdims=1)
 
 
 def _rank(emit: Emitter, name: str) -> int | None:
@@ -373,14 +378,9 @@ def _group_norm(emit: Emitter) -> None:
     x, scale, bias = emit.input(0), emit.input(1), emit.input(2)
     groups, epsilon = int(emit.attr("num_groups")), float(emit.attr("epsilon", 1e-5))
     grouped = emit("Reshape", [x, emit.constant([0, groups, -1], np.int64)])
-    axes = emit.constant([2], np.int64)
-
-    def mean(t: str) -> str:
-        return (emit("ReduceMean", [t, axes], keepdims=1) if emit.opset >= 18
-                else emit("ReduceMean", [t], axes=[2], keepdims=1))
-    centered = emit("Sub", [grouped, mean(grouped)])
-    normed = emit("Div", [centered, emit("Sqrt", [emit("Add", [mean(emit("Mul", [centered, centered])),
-                                                               emit.constant(epsilon)])])])
+    centered = emit("Sub", [grouped, _reduce_mean(emit, grouped, [2])])
+    variance = _reduce_mean(emit, emit("Mul", [centered, centered]), [2])
+    normed = emit("Div", [centered, emit("Sqrt", [emit("Add", [variance, emit.constant(epsilon)])])])
     if emit.opset >= 21:  # per channel, on the input's own shape
         rank = _rank(emit, x)
         if rank is None:
